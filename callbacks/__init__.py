@@ -1,0 +1,4 @@
+"""Callbacks usable in any Lightning ``Trainer`` (no Hydra needed)."""
+from lit_robust.callbacks.metrics_file import MetricsFile
+
+__all__ = ["MetricsFile"]

@@ -1,0 +1,107 @@
+"""The base of every image DataModule: splits held as datasets of [0, 1] images, loaders that are correct under DDP.
+
+Contract used by the wrappers (poisoned, shifted) and by data-changing callbacks (purification, filtering):
+``train_dataset``, ``val_dataset`` and ``test_dataset`` are plain attributes after ``setup()``; the loaders read them
+each time they are built, so replacing ``train_dataset`` before the train loader exists changes the whole fit.
+Every item is ``(image, target, ...)`` with the image a float tensor in [0, 1], shape (C, H, W).
+"""
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+
+class TensorImageDataset(Dataset):
+    """Images (N, C, H, W) in [0, 1] with one target tensor per image (a class index, or factors)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.targets[index]
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
+    """Indices (train, val, test) of a fixed split stratified by class; the same seed gives the same split."""
+    indices = np.arange(len(labels))
+    rest, test = (indices, indices[:0]) if test_fraction == 0 else train_test_split(
+        indices, test_size=test_fraction, stratify=labels, random_state=seed)
+    val_share = val_fraction / (1.0 - test_fraction)
+    train, val = (rest, rest[:0]) if val_fraction == 0 else train_test_split(
+        rest, test_size=val_share, stratify=labels[rest], random_state=seed)
+    return np.sort(train), np.sort(val), np.sort(test)
+
+
+def stack_dataset(dataset: Dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (images, targets) of a dataset as two tensors (for crafting poisons, purifying, filtering)."""
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.images, dataset.targets
+    images, targets = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        images.append(batch[0])
+        targets.append(torch.as_tensor(batch[1]))
+    return torch.cat(images), torch.cat(targets)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Loaders over ``train_dataset`` / ``val_dataset`` / ``test_dataset``; subclasses fill them in ``setup``.
+
+    Under DDP the evaluation loaders use an unpadded distributed sampler: Lightning's default pads every rank to the
+    same length by repeating samples, which would count those samples twice in validation and test metrics.
+    """
+
+    num_classes: int = 10
+    in_chans: int = 1
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
+                 seed: int = 0):
+        super().__init__()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    @property
+    def img_size(self) -> int:
+        return int(self._first_image().shape[-1])
+
+    def _first_image(self) -> torch.Tensor:
+        if self.train_dataset is None:
+            self.setup("fit")
+        return self.train_dataset[0][0]
+
+    def _loader(self, dataset: Dataset | None, name: str, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__} has no {name} split; call setup() first")
+        sampler = None
+        trainer = self.trainer
+        if not train and trainer is not None and trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
+                          shuffle=train, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, "train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, "val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

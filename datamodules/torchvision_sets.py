@@ -1,0 +1,89 @@
+"""Real datasets read from ``data_dir`` through torchvision's own classes (downloaded only when ``download=True``).
+
+CIFAR-10 (``cifar-10-batches-py``), MNIST and Fashion-MNIST (``<Name>/raw`` idx files), SVHN (``train_32x32.mat``,
+``test_32x32.mat``) and CINIC-10 (an ImageFolder tree ``cinic-10/{train,valid,test}/<class>/*.png``, no download).
+A validation split is carved out of the training set with a fixed seed (CINIC-10 has its own ``valid``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets, transforms
+
+from lit_robust.datamodules.base import ImageDataModule
+
+TO_TENSOR = transforms.ToTensor()
+
+# name -> (dataset class, channels, what must exist under data_dir, how the train/test split is chosen)
+TORCHVISION_SETS = {
+    "cifar10": (datasets.CIFAR10, 3, "cifar-10-batches-py", "train"),
+    "mnist": (datasets.MNIST, 1, "MNIST/raw", "train"),
+    "fashion_mnist": (datasets.FashionMNIST, 1, "FashionMNIST/raw", "train"),
+    "svhn": (datasets.SVHN, 3, "train_32x32.mat", "split"),
+    "cinic10": (datasets.ImageFolder, 3, "cinic-10", "folder"),
+}
+
+
+def open_torchvision_split(name: str, data_dir: str, train: bool, download: bool) -> Dataset:
+    """One split of a torchvision dataset with images as [0, 1] tensors; a clear error if the files are missing."""
+    if name not in TORCHVISION_SETS:
+        raise ValueError(f"data.name={name!r}: use one of {sorted(TORCHVISION_SETS)}")
+    cls, _, expected, split_kind = TORCHVISION_SETS[name]
+    root = Path(data_dir).expanduser()
+    if split_kind == "folder":
+        folder = root / expected / ("train" if train else "test")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data_dir {root} has no CINIC-10 folder {folder}; CINIC-10 is not downloadable "
+                                    "through torchvision: unpack it there or set data.data_dir")
+        return cls(str(folder), transform=TO_TENSOR)
+    split = {"split": "train" if train else "test"} if split_kind == "split" else {"train": train}
+    try:
+        return cls(str(root), download=download, transform=TO_TENSOR, **split)
+    except RuntimeError as error:
+        raise FileNotFoundError(f"data_dir {root} has no readable {name} files (expected {root / expected}): "
+                                f"pass data.download=true or set data.data_dir ({error})") from error
+
+
+def dataset_labels(dataset: Dataset) -> np.ndarray:
+    """Class labels of a torchvision dataset without decoding its images."""
+    for attribute in ("targets", "labels"):
+        if hasattr(dataset, attribute):
+            return np.asarray(getattr(dataset, attribute))
+    raise TypeError(f"{type(dataset).__name__} exposes no targets/labels")
+
+
+class TorchvisionDataModule(ImageDataModule):
+    """A torchvision classification dataset as a DataModule of [0, 1] images."""
+
+    num_classes = 10
+
+    def __init__(self, name: str = "cifar10", data_dir: str = "data", download: bool = False,
+                 val_size: int = 5000, **loader_kwargs):
+        super().__init__(**loader_kwargs)
+        if name not in TORCHVISION_SETS:
+            raise ValueError(f"data.name={name!r}: use one of {sorted(TORCHVISION_SETS)}")
+        self.name, self.data_dir, self.download, self.val_size = name, data_dir, download, val_size
+        self.in_chans = TORCHVISION_SETS[name][1]
+
+    def prepare_data(self) -> None:
+        if self.download:
+            open_torchvision_split(self.name, self.data_dir, True, True)
+            open_torchvision_split(self.name, self.data_dir, False, True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        full_train = open_torchvision_split(self.name, self.data_dir, True, False)
+        self.test_dataset = open_torchvision_split(self.name, self.data_dir, False, False)
+        if self.name == "cinic10":
+            self.train_dataset = full_train
+            self.val_dataset = datasets.ImageFolder(str(Path(self.data_dir) / "cinic-10" / "valid"),
+                                                    transform=TO_TENSOR)
+            return
+        order = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(self.seed)).numpy()
+        val_size = min(self.val_size, len(full_train) // 5)
+        self.val_dataset = Subset(full_train, np.sort(order[:val_size]).tolist())
+        self.train_dataset = Subset(full_train, np.sort(order[val_size:]).tolist())

@@ -1,0 +1,27 @@
+"""Batched, on-device image augmentations (no per-sample Python loops): the CIFAR-style random crop with padding
+(RandomCrop(size, padding)) and horizontal flips, applied to a whole batch of [0, 1] images at once."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate every image by its own integer offset in [-max_shift, max_shift]² with zero fill
+    (RandomCrop(size, padding=max_shift) done as one gather over the padded batch)."""
+    if max_shift <= 0:
+        return images
+    n, _, h, w = images.shape
+    padded = F.pad(images, [max_shift] * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), device=images.device, generator=generator)
+    rows = offsets[:, 0, None] + torch.arange(h, device=images.device)  # (n, h)
+    cols = offsets[:, 1, None] + torch.arange(w, device=images.device)  # (n, w)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    shifted = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
+    return shifted.permute(0, 3, 1, 2).contiguous()
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip a random half of the batch left-right."""
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)

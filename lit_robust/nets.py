@@ -1,0 +1,83 @@
+"""Backbone networks shared by the methods, all built with timm's keywords (`num_classes`, `in_chans`).
+
+`create_backbone(name, num_classes, in_chans, **kwargs)` returns
+- ``small_cnn``: three conv blocks (32-64-128 channels) and a linear head; the fast CPU default on digits;
+- ``resnet18_cifar`` / ``preact_resnet18_cifar``: timm's ResNet-18 / pre-activation ResNet-18 with the CIFAR stem
+  (one 3×3 stride-1 convolution, no max-pool), the classifiers of the purification and poisoning papers;
+- any other name: ``timm.create_model(name, pretrained=False, ...)`` (weights come from a path, never a download).
+"""
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks with 2× max-pooling, global average pooling and a linear classifier."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple[int, ...] = (32, 64, 128),
+                 drop_rate: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_chans
+        for width in widths:
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                       nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            channels = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = channels
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(channels, num_classes))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _with_cifar_stem(model: nn.Module, conv_name: str, pool_name: str, in_chans: int) -> nn.Module:
+    """Replace an ImageNet stem (7×7 stride 2 + max-pool) by one 3×3 stride-1 conv, as CIFAR ResNets do."""
+    parent_conv, conv_attr = _resolve(model, conv_name)
+    old = getattr(parent_conv, conv_attr)
+    setattr(parent_conv, conv_attr, nn.Conv2d(in_chans, old.out_channels, 3, 1, 1, bias=False))
+    parent_pool, pool_attr = _resolve(model, pool_name)
+    setattr(parent_pool, pool_attr, nn.Identity())
+    return model
+
+
+def _resolve(model: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    *path, attr = dotted.split(".")
+    for part in path:
+        model = getattr(model, part)
+    return model, attr
+
+
+CIFAR_STEMS = {
+    "resnet18_cifar": ("resnet18", "conv1", "maxpool"),
+    "preact_resnet18_cifar": ("resnetv2_18", "stem.conv", "stem.pool"),
+}
+
+
+def create_backbone(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
+    """Build a classifier backbone by name (see the module docstring for the names)."""
+    if name == "small_cnn":
+        return SmallCNN(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if name in CIFAR_STEMS:
+        timm_name, conv, pool = CIFAR_STEMS[name]
+        model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return _with_cifar_stem(model, conv, pool, in_chans)
+    if name not in timm.list_models():
+        raise ValueError(f"unknown backbone '{name}': use small_cnn, {', '.join(CIFAR_STEMS)} or a timm model name "
+                         f"(timm.list_models())")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def load_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+    """Load a state dict (or a Lightning checkpoint's ``state_dict``) from ``path``; the paper's pretrained weights
+    enter this way, since nothing is downloaded at run time."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    model.load_state_dict(state, strict=strict)
+    return model

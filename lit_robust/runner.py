@@ -1,0 +1,43 @@
+"""What ``train.py`` and ``evaluate.py`` share: config → datamodule, model, callbacks, loggers, trainer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from lit_robust.callbacks.metrics_file import MetricsFile
+
+
+def instantiate_group(group: DictConfig | None) -> list:
+    """Instantiate every entry of a config group mapping name → {_target_: ...} (null entries are skipped)."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(spec, _convert_="all") for spec in group.values() if spec is not None and "_target_" in spec]
+
+
+def check_compatible(datamodule: L.LightningDataModule, model: L.LightningModule) -> None:
+    """Fail early, naming the config keys, when the data and the model disagree on channels or classes."""
+    hparams = getattr(model, "hparams", {})
+    for key in ("in_chans", "num_classes"):
+        data_value, model_value = getattr(datamodule, key, None), hparams.get(key)
+        if data_value is not None and model_value is not None and data_value != model_value:
+            raise ValueError(f"model.{key}={model_value} but the data ({type(datamodule).__name__}) has "
+                             f"{key}={data_value}: set model.{key}={data_value}")
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Seed, instantiate the run's objects, and save the resolved config in the output dir."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")  # plain types in checkpoints
+    check_compatible(datamodule, model)
+    callbacks = instantiate_group(cfg.get("callbacks")) + [MetricsFile(str(output_dir))]
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero:
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return datamodule, model, trainer
