@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lit_robust.cache import fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.metrics_file import write_json_atomic
 from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset, stack_dataset
+from lit_robust.datamodules.wrapper import WrappedDataModule
 from lit_robust.poisons import ATTACKS, CraftingData, Poisons, apply_trigger, attack_defaults
 
 
@@ -29,7 +30,7 @@ def _jsonable(value):
     return value
 
 
-class PoisonedDataModule(ImageDataModule):
+class PoisonedDataModule(WrappedDataModule):
     """Wrap ``base`` (never edited) and poison its training split with ``attack`` (``badnets``, ``narcissus``,
     ``gradient_matching``, ``bullseye_polytope``; see ``lit_robust.poisons``).
 
@@ -56,23 +57,18 @@ class PoisonedDataModule(ImageDataModule):
 
     def __init__(self, base: ImageDataModule, attack: str = "badnets", params: dict | None = None,
                  seed: int | None = None, cache_dir: str = "data/poisons", progress: bool = True):
-        super().__init__(batch_size=base.batch_size, eval_batch_size=base.eval_batch_size,
-                         num_workers=base.num_workers, seed=base.seed if seed is None else seed)
+        super().__init__(base, seed)
         defaults = attack_defaults(attack)
         unknown = set(params or {}) - set(defaults)
         if unknown:
             raise ValueError(f"data.params has {sorted(unknown)}, which attack {attack!r} does not take; "
                              f"its parameters are {sorted(defaults)}")
-        self.base, self.attack, self.progress = base, attack, progress
+        self.attack, self.progress = attack, progress
         self.params = {**defaults, **(params or {})}
-        self.num_classes, self.in_chans = base.num_classes, base.in_chans
         self.cache_dir = Path(cache_dir)
         self.poisons: Poisons | None = None
         self.manifest: dict | None = None
         self.poison_mask: torch.Tensor | None = None
-
-    def prepare_data(self) -> None:
-        self.base.prepare_data()
 
     def cache_path(self, train_images: torch.Tensor, train_labels: torch.Tensor, test_labels: torch.Tensor) -> Path:
         key = fingerprint(self.attack, _jsonable(self.params), self.seed, type(self.base).__name__,
@@ -169,7 +165,3 @@ class PoisonedDataModule(ImageDataModule):
         images, _ = self._test
         index = torch.as_tensor([p.target_index])
         return TensorImageDataset(images[index], torch.full((1,), p.target_class, dtype=torch.long))
-
-    def eval_dataloader(self, dataset: Dataset) -> DataLoader:
-        """An evaluation loader over ``dataset`` (unpadded sharding under DDP)."""
-        return self._loader(dataset, "evaluation", train=False)
