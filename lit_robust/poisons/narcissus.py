@@ -29,15 +29,31 @@ def logit_margin_loss(logits: torch.Tensor, target_class: int) -> torch.Tensor:
 
 
 def public_ood_images(name: str, image_shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """The public out-of-distribution set resized to the victim's image shape: ``sklearn8x8`` (scikit-learn's 8×8
-    digits, the digits stand-in for the paper's Tiny-ImageNet POOD)."""
+    """The public out-of-distribution set, resized to the victim's image shape, with its own labels:
+    ``sklearn8x8`` (scikit-learn's 8×8 digits, the embedded stand-in for the paper's POOD on MNIST-like data) or a
+    folder of class sub-folders (e.g. Tiny-ImageNet's ``train/``, the paper's POOD for CIFAR-10)."""
+    from pathlib import Path
+
     from lit_robust.datamodules.digits import load_digits_source, resize_images
 
-    if name != "sklearn8x8":
-        raise ValueError(f"public={name!r}: the embedded public OOD set is 'sklearn8x8'")
-    images, labels = load_digits_source(name)
     channels, height, _ = image_shape
-    return resize_images(images, height).expand(-1, channels, -1, -1).contiguous(), labels
+    if name == "sklearn8x8":
+        images, labels = load_digits_source(name)
+    elif Path(name).expanduser().is_dir():
+        from torchvision import datasets, transforms
+
+        from lit_robust.datamodules.base import stack_dataset
+
+        folder = datasets.ImageFolder(str(Path(name).expanduser()), transform=transforms.Compose(
+            [transforms.Resize((height, height)), transforms.ToTensor()]))
+        images, labels = stack_dataset(folder)
+    else:
+        raise ValueError(f"public={name!r}: use 'sklearn8x8' or an existing folder of class sub-folders "
+                         "(e.g. tiny-imagenet-200/train)")
+    images = resize_images(images, height)
+    if images.shape[1] != channels:
+        images = images.mean(1, keepdim=True) if channels == 1 else images.expand(-1, channels, -1, -1)
+    return images.contiguous(), labels
 
 
 def synthesize_trigger(model: torch.nn.Module, images: torch.Tensor, target_class: int, eps: float, steps: int,
