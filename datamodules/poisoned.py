@@ -53,17 +53,19 @@ class PoisonedDataModule(WrappedDataModule):
         base: the clean DataModule (its ``num_classes``/``in_chans``/loader settings are forwarded).
         attack: the attack name; ``params``: overrides of its defaults (unknown keys are an error).
         seed: crafting seed (default: the base's seed). ``cache_dir``: where poisons and manifests live.
+        device: where crafting runs: ``auto`` (CUDA when available), ``cpu``, ``cuda``; training is the Trainer's.
     """
 
     def __init__(self, base: ImageDataModule, attack: str = "badnets", params: dict | None = None,
-                 seed: int | None = None, cache_dir: str = "data/poisons", progress: bool = True):
+                 seed: int | None = None, cache_dir: str = "data/poisons", progress: bool = True,
+                 device: str = "auto"):
         super().__init__(base, seed)
         defaults = attack_defaults(attack)
         unknown = set(params or {}) - set(defaults)
         if unknown:
             raise ValueError(f"data.params has {sorted(unknown)}, which attack {attack!r} does not take; "
                              f"its parameters are {sorted(defaults)}")
-        self.attack, self.progress = attack, progress
+        self.attack, self.progress, self.device = attack, progress, device
         self.params = {**defaults, **(params or {})}
         self.cache_dir = Path(cache_dir)
         self.poisons: Poisons | None = None
@@ -75,12 +77,23 @@ class PoisonedDataModule(WrappedDataModule):
                           train_images, train_labels, test_labels)
         return self.cache_dir / f"{self.attack}-{key}.pt"
 
+    def crafting_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
     def craft(self, data: CraftingData) -> Poisons:
-        """Run the attack with a generator seeded by ``seed``; the global RNG is left as it was."""
-        generator = torch.Generator().manual_seed(int(self.seed))
-        with torch.random.fork_rng():
+        """Run the attack on ``crafting_device()`` (data, models and the seeded generator all live there, through
+        ``torch.device`` as the default-device context) and bring the result back to the CPU; the global RNG is left
+        as it was. The same seed gives the same poisons on the same device type."""
+        device = self.crafting_device()
+        generator = torch.Generator(device=device).manual_seed(int(self.seed))
+        data = CraftingData(*(t.to(device) for t in (data.train_images, data.train_labels, data.test_images,
+                                                      data.test_labels)), data.num_classes)
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else None), device:
             torch.manual_seed(int(self.seed))
-            return ATTACKS[self.attack](data, generator=generator, progress=self.progress, **self.params)
+            poisons = ATTACKS[self.attack](data, generator=generator, progress=self.progress, **self.params)
+        return poisons.to("cpu")
 
     def _load_or_craft(self, path: Path, data: CraftingData) -> tuple[Poisons, bool]:
         """Rank zero loads or crafts and saves; other ranks wait at a barrier, then load the verified cache."""

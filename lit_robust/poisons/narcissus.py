@@ -96,7 +96,8 @@ def craft_narcissus(data: CraftingData, *, target_class: int = 0, eps: float = 1
         raise ValueError(f"target_class={target_class} is not a class of this data (0..{data.num_classes - 1})")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction} must be in [0, 1] (a fraction of the target class)")
-    pood_images, pood_labels = public_ood_images(public, data.train_images.shape[1:])
+    pood_images, pood_labels = (t.to(data.train_images.device)
+                                for t in public_ood_images(public, data.train_images.shape[1:]))
     target_images = data.train_images[data.train_labels == target_class]
     extra = int(pood_labels.max()) + 1
     surrogate = load_or_train_surrogate(surrogate_path, torch.cat([pood_images, target_images]),
