@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 
 from lit_robust.classifier import ImageClassifier
 from lit_robust.nets import SmallCNN
-from lit_robust.poisons.crafted import CraftingData, Poisons, choose_indices, project_linf
-from lit_robust.poisons.surrogate import load_or_train_surrogate, penultimate_features, pick_target
+from lit_robust.poisons.crafted import CraftingData, Poisons, project_linf
+from lit_robust.poisons.surrogate import penultimate_features, prepare_targeted_attack, targeted_poisons
 
 THREAT_MODELS = ("linear", "finetune")
 
@@ -83,17 +83,11 @@ def craft_bullseye_polytope(data: CraftingData, *, eps: float = 16 / 255, budget
     target's feature. The feature extractor is loaded from ``surrogate_path`` or trained on the clean training split;
     its weights are stored in ``Poisons.tensors["extractor_state"]`` so the transfer-learning victim starts from the
     same extractor (``TransferClassifier``)."""
-    target_index, adversarial_class = pick_target(data.test_labels, data.num_classes, generator, target_index,
-                                                  adversarial_class)
-    extractor = load_or_train_surrogate(surrogate_path, data.train_images, data.train_labels, data.num_classes,
-                                        backbone=backbone, epochs=surrogate_epochs, seed=surrogate_seed,
-                                        progress=progress, desc="bullseye feature extractor")
-    count = int(round(budget * len(data.train_labels)))
-    indices = choose_indices(data.train_labels, adversarial_class, count, generator)
-    images, labels = data.train_images[indices], data.train_labels[indices]
-    delta, info = collide_features(extractor, images, data.test_images[target_index], eps, threat_model, steps, lr,
-                                   progress)
-    return Poisons(indices=indices, images=(images + delta).clamp(0, 1), labels=labels.clone(),
-                   target_class=adversarial_class, target_index=target_index,
-                   info={**info, "target_true_class": int(data.test_labels[target_index])},
-                   tensors={"extractor_state": extractor.state_dict()})
+    extractor, target_index, adversarial_class, indices = prepare_targeted_attack(
+        data, budget=budget, target_index=target_index, adversarial_class=adversarial_class, backbone=backbone,
+        surrogate_epochs=surrogate_epochs, surrogate_seed=surrogate_seed, surrogate_path=surrogate_path,
+        generator=generator, progress=progress, desc="bullseye feature extractor")
+    delta, info = collide_features(extractor, data.train_images[indices], data.test_images[target_index], eps,
+                                   threat_model, steps, lr, progress)
+    return targeted_poisons(data, indices, delta, target_index, adversarial_class, info,
+                            {"extractor_state": extractor.state_dict()})

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lit_robust.augment import random_hflip, random_shift
-from lit_robust.poisons.crafted import CraftingData, Poisons, choose_indices, project_linf
-from lit_robust.poisons.surrogate import load_or_train_surrogate, pick_target
+from lit_robust.poisons.crafted import CraftingData, Poisons, project_linf
+from lit_robust.poisons.surrogate import prepare_targeted_attack, targeted_poisons
 
 
 def parameter_gradient(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -98,16 +98,11 @@ def craft_gradient_matching(data: CraftingData, *, eps: float = 16 / 255, budget
     Defaults are the paper's CIFAR-10 settings (ε = 16/255, 1 %, 8 restarts × 250 steps). The surrogate is trained on
     the clean training split with its own seed (shared by all trials) or loaded from ``surrogate_path``.
     """
-    target_index, adversarial_class = pick_target(data.test_labels, data.num_classes, generator, target_index,
-                                                  adversarial_class)
-    surrogate = load_or_train_surrogate(surrogate_path, data.train_images, data.train_labels, data.num_classes,
-                                        backbone=backbone, epochs=surrogate_epochs, seed=surrogate_seed,
-                                        progress=progress, desc="gradient-matching surrogate")
-    count = int(round(budget * len(data.train_labels)))
-    indices = choose_indices(data.train_labels, adversarial_class, count, generator)
+    surrogate, target_index, adversarial_class, indices = prepare_targeted_attack(
+        data, budget=budget, target_index=target_index, adversarial_class=adversarial_class, backbone=backbone,
+        surrogate_epochs=surrogate_epochs, surrogate_seed=surrogate_seed, surrogate_path=surrogate_path,
+        generator=generator, progress=progress, desc="gradient-matching surrogate")
     images, labels = data.train_images[indices], data.train_labels[indices]
     delta, info = match_gradients(surrogate, images, labels, data.test_images[target_index], adversarial_class, eps,
                                   restarts, steps, lr, max_shift, hflip, generator, progress)
-    return Poisons(indices=indices, images=(images + delta).clamp(0, 1), labels=labels.clone(),
-                   target_class=adversarial_class, target_index=target_index,
-                   info={**info, "target_true_class": int(data.test_labels[target_index])})
+    return targeted_poisons(data, indices, delta, target_index, adversarial_class, info)

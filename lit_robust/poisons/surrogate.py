@@ -79,7 +79,8 @@ def load_or_train_surrogate(path: str | None, images: torch.Tensor, labels: torc
             return model.eval()
     with torch.random.fork_rng():
         model = train_surrogate(images, labels, num_classes, backbone=backbone, epochs=epochs,
-                                generator=torch.Generator().manual_seed(seed), progress=progress, desc=desc)
+                                generator=torch.Generator(device=images.device).manual_seed(seed), progress=progress,
+                                desc=desc)
     if path is not None:
         save_atomic(path, model.state_dict())
     return model
@@ -101,3 +102,32 @@ def pick_target(test_labels: torch.Tensor, num_classes: int, generator: torch.Ge
         raise ValueError(f"adversarial_class={adversarial_class} must be a class other than the target's own "
                          f"({true}) in 0..{num_classes - 1}")
     return target_index, adversarial_class
+
+
+def prepare_targeted_attack(data, *, budget: float, target_index: int | None, adversarial_class: int | None,
+                            backbone: str, surrogate_epochs: int, surrogate_seed: int, surrogate_path: str | None,
+                            generator: torch.Generator, progress: bool, desc: str):
+    """What GM and BP share before optimising: the target and adversarial class, the clean surrogate, and the
+    ``round(budget × N_train)`` poison bases drawn from the adversarial class.
+    Returns (surrogate, target_index, adversarial_class, poison indices)."""
+    from lit_robust.poisons.crafted import choose_indices
+
+    target_index, adversarial_class = pick_target(data.test_labels, data.num_classes, generator, target_index,
+                                                  adversarial_class)
+    surrogate = load_or_train_surrogate(surrogate_path, data.train_images, data.train_labels, data.num_classes,
+                                        backbone=backbone, epochs=surrogate_epochs, seed=surrogate_seed,
+                                        progress=progress, desc=desc)
+    count = int(round(budget * len(data.train_labels)))
+    return surrogate, target_index, adversarial_class, choose_indices(data.train_labels, adversarial_class, count,
+                                                                      generator)
+
+
+def targeted_poisons(data, indices: torch.Tensor, delta: torch.Tensor, target_index: int, adversarial_class: int,
+                     info: dict, tensors: dict | None = None):
+    """The ``Poisons`` record of a clean-label targeted attack (labels unchanged, bases + δ)."""
+    from lit_robust.poisons.crafted import Poisons
+
+    return Poisons(indices=indices, images=(data.train_images[indices] + delta).clamp(0, 1),
+                   labels=data.train_labels[indices].clone(), target_class=adversarial_class,
+                   target_index=target_index, info={**info, "target_true_class": int(data.test_labels[target_index])},
+                   tensors=tensors or {})
