@@ -5,5 +5,7 @@ data; ``lit_robust.callbacks`` the defences (purification, certification, filter
 Lightning ``Trainer``.
 """
 from lit_robust.classifier import ImageClassifier
+from lit_robust.ebm import EBM
+from lit_robust.ddpm import DDPM
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "EBM", "DDPM"]
