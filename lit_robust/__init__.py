@@ -7,5 +7,6 @@ Lightning ``Trainer``.
 from lit_robust.classifier import ImageClassifier
 from lit_robust.ebm import EBM
 from lit_robust.ddpm import DDPM
+from lit_robust.transfer_classifier import TransferClassifier
 
-__all__ = ["ImageClassifier", "EBM", "DDPM"]
+__all__ = ["ImageClassifier", "EBM", "DDPM", "TransferClassifier"]
