@@ -26,7 +26,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from lit_robust.cache import fingerprint, load_verified, save_atomic
+from lit_robust.callbacks.metrics_file import update_metrics_file
 from lit_robust.datamodules.base import stack_dataset
+from lit_robust.purification_plots import save_before_after_grid, save_trajectory_plot, trajectory_distances
 
 
 class PurifiedDataset(Dataset):
@@ -66,12 +68,17 @@ class Purification(Callback):
             seeding: keep it fixed to reproduce a set.
         seed: noise seed of the purification (independent of the trainer's seed).
         progress: show a progress bar on rank zero.
+        plots: on rank zero, save ``plots/<name>_before_after.png`` (poisoned images first, if the DataModule marks
+            them with ``poison_mask``) in the trainer's ``default_root_dir`` and merge ``purify/*`` timings into its
+            ``metrics.json``.
     """
 
-    def __init__(self, cache_dir: str | None = None, chunk_size: int = 250, seed: int = 0, progress: bool = True):
+    def __init__(self, cache_dir: str | None = None, chunk_size: int = 250, seed: int = 0, progress: bool = True,
+                 plots: bool = True):
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
         self.cache_dir, self.chunk_size, self.seed, self.progress = cache_dir, chunk_size, seed, progress
+        self.plots = plots
         self.key: str | None = None
         self.completed = False
         self.stats: dict[str, float] = {}
@@ -114,6 +121,19 @@ class Purification(Callback):
         images, _ = stack_dataset(dataset)
         purified = self.purify_dataset(images, trainer, pl_module.device)
         datamodule.train_dataset = PurifiedDataset(dataset, purified)
+        if self.plots and trainer.is_global_zero:
+            self.report(Path(trainer.default_root_dir), datamodule, images, purified, pl_module.device)
+
+    def report(self, folder: Path, datamodule, images: torch.Tensor, purified: torch.Tensor,
+               device: torch.device) -> None:
+        """Rank zero only (no collectives here): before/after grid and ``purify/*`` numbers in metrics.json."""
+        mask = getattr(datamodule, "poison_mask", None)
+        order = torch.cat([mask.nonzero().flatten(), (~mask).nonzero().flatten()]) if mask is not None else \
+            torch.arange(len(images))
+        shown = order[:10]
+        name = type(self).__name__
+        save_before_after_grid(images[shown], purified[shown], folder / "plots" / f"{name}_before_after.png")
+        update_metrics_file(folder / "metrics.json", {f"purify/{k}": float(v) for k, v in self.stats.items()})
 
     # ---- the work --------------------------------------------------------------------------------------------------
     def cache_key(self, images: torch.Tensor) -> str:
@@ -200,9 +220,10 @@ class EBMPurification(Purification):
     """
 
     def __init__(self, ebm, steps: int = 150, step_size: float | None = None, temperature: float | None = None,
-                 bf16: bool = False, **kwargs):
+                 bf16: bool = False, trajectory_images: int = 32, **kwargs):
         super().__init__(**kwargs)
         self.ebm, self.steps, self.bf16 = _as_ebm(ebm), steps, bf16
+        self.trajectory_images = trajectory_images
         self.step_size = step_size if step_size is not None else self.ebm.hparams.step_size
         self.temperature = temperature if temperature is not None else self.ebm.hparams.temperature
 
@@ -214,6 +235,27 @@ class EBMPurification(Purification):
 
     def purify_chunk(self, images, indices, generator):
         return self.ebm.purify(images, self.steps, self.step_size, self.temperature, generator, bf16=self.bf16)[0]
+
+    def report(self, folder, datamodule, images, purified, device):
+        """Also the thesis' Fig. 6.2 when the DataModule knows the clean originals of its poisons (``base`` +
+        ``poison_mask``, as ``PoisonedDataModule``): ℓ2 distances along chains of 2 × ``steps`` from
+        ``trajectory_images`` clean and poisoned images; the values land in metrics.json as ``purify/fig62_*``."""
+        super().report(folder, datamodule, images, purified, device)
+        mask, base = getattr(datamodule, "poison_mask", None), getattr(datamodule, "base", None)
+        if not self.trajectory_images or mask is None or not mask.any() or base is None:
+            return
+        chosen = mask.nonzero().flatten()[: self.trajectory_images]
+        clean = stack_dataset(base.train_dataset)[0][chosen]
+        every = max(1, self.steps // 15)
+        generator = torch.Generator(device=device).manual_seed(chunk_seed(self.seed, -1))
+        chains = [self.ebm.purify(start.to(device), 2 * self.steps, self.step_size, self.temperature, generator,
+                                  record_every=every)[1] for start in (clean, images[chosen])]
+        distances = trajectory_distances(clean.to(device), images[chosen].to(device), *chains)
+        steps = list(range(0, 2 * self.steps + 1, every))[: len(chains[0])]
+        save_trajectory_plot(steps, distances, folder / "plots" / "EBMPurification_l2_trajectory.png", self.steps)
+        at = steps.index(min(steps, key=lambda s: abs(s - self.steps)))
+        update_metrics_file(folder / "metrics.json", {f"purify/fig62_{k}_at_{steps[at]}": float(v[at])
+                                                      for k, v in distances.items()})
 
 
 class DDPMPurification(Purification):
