@@ -5,6 +5,8 @@ data; ``lit_robust.callbacks`` the defences (purification, certification, filter
 Lightning ``Trainer``.
 """
 from lit_robust.classifier import ImageClassifier
-
-__all__ = ["ImageClassifier"]
+from lit_robust.ebm import EBM
+from lit_robust.ddpm import DDPM
 from lit_robust.transfer_classifier import TransferClassifier
+
+__all__ = ["ImageClassifier", "EBM", "DDPM", "TransferClassifier"]

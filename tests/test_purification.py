@@ -1,0 +1,147 @@
+import subprocess
+import sys
+import textwrap
+
+import lightning as L
+import pytest
+import torch
+
+from lit_robust import EBM, ImageClassifier
+from lit_robust.callbacks.purification import (EBMPurification, PureGenFilt, Purification, PurifiedDataset,
+                                               rank_chunks)
+from lit_robust.datamodules import DigitsDataModule, TensorImageDataset
+
+
+def tiny_ebm(seed: int = 0) -> EBM:
+    torch.manual_seed(seed)
+    return EBM(img_size=8, channels=(4, 8), down=(True, False), bank_size=4)
+
+
+def fit_with(callback, cache_dir=None):
+    datamodule = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
+    trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, enable_model_summary=False, enable_progress_bar=False,
+                        default_root_dir=str(cache_dir) if cache_dir else None)
+    trainer.fit(ImageClassifier(), datamodule=datamodule)
+    return datamodule
+
+
+class CountingPurification(EBMPurification):
+    """Counts computed chunks and can fail after a number of them (an interrupted run)."""
+
+    def __init__(self, *args, fail_after=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls, self.fail_after = 0, fail_after
+
+    def purify_chunk(self, images, indices, generator):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        return super().purify_chunk(images, indices, generator)
+
+
+def test_rank_chunks_are_disjoint_contiguous_and_cover_everything():
+    for n_chunks, world in [(13, 2), (3, 4), (8, 3), (1, 2)]:
+        shares = [rank_chunks(n_chunks, world, r) for r in range(world)]
+        assert [c for share in shares for c in share] == list(range(n_chunks))
+
+
+def test_callback_replaces_train_set_keeps_targets_and_moves_images(tmp_path):
+    clean = DigitsDataModule(source="sklearn8x8", seed=0)
+    clean.setup("fit")
+    callback = EBMPurification(tiny_ebm(), steps=5, chunk_size=300, cache_dir=str(tmp_path), progress=False)
+    datamodule = fit_with(callback)
+    purified = datamodule.train_dataset
+    assert isinstance(purified, PurifiedDataset) and len(purified) == len(clean.train_dataset)
+    assert torch.equal(purified[7][1], clean.train_dataset[7][1])
+    change = (purified.images - clean.train_dataset.images).abs()
+    assert 0 < change.mean() < 0.2 and purified.images.min() >= 0 and purified.images.max() <= 1
+    assert callback.stats["chunks_computed_rank0"] == 5  # ceil(1,258 / 300)
+
+
+def test_repeated_run_reuses_cache_and_interrupted_run_keeps_finished_chunks(tmp_path):
+    reference = fit_with(CountingPurification(tiny_ebm(), steps=3, chunk_size=200, cache_dir=str(tmp_path / "a"),
+                                              progress=False)).train_dataset.images
+    interrupted = CountingPurification(tiny_ebm(), steps=3, chunk_size=200, cache_dir=str(tmp_path / "b"),
+                                       progress=False, fail_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.purify_dataset(*_images_and_trainer())
+    assert len(list((tmp_path / "b").rglob("chunk_*.pt"))) == 2
+    resumed = CountingPurification(tiny_ebm(), steps=3, chunk_size=200, cache_dir=str(tmp_path / "b"), progress=False)
+    images = fit_with(resumed).train_dataset.images
+    assert resumed.calls == 7 - 2 and torch.equal(images, reference)
+    again = CountingPurification(tiny_ebm(), steps=3, chunk_size=200, cache_dir=str(tmp_path / "b"), progress=False)
+    assert torch.equal(fit_with(again).train_dataset.images, reference) and again.calls == 0
+
+
+def test_corrupted_chunk_is_rebuilt_and_other_parameters_get_other_keys(tmp_path):
+    first = CountingPurification(tiny_ebm(), steps=3, chunk_size=400, cache_dir=str(tmp_path), progress=False)
+    reference = fit_with(first).train_dataset.images
+    chunk = sorted(tmp_path.rglob("chunk_00001.pt"))[0]
+    payload = bytearray(chunk.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(payload))
+    rebuilt = CountingPurification(tiny_ebm(), steps=3, chunk_size=400, cache_dir=str(tmp_path), progress=False)
+    assert torch.equal(fit_with(rebuilt).train_dataset.images, reference) and rebuilt.calls == 1
+    other = CountingPurification(tiny_ebm(seed=1), steps=3, chunk_size=400, cache_dir=str(tmp_path), progress=False)
+    fit_with(other)
+    assert other.calls == 4 and other.key != first.key
+
+
+def test_filt_purifies_only_the_highest_energy_fraction(tmp_path):
+    ebm = tiny_ebm()
+    images = torch.rand(40, 1, 8, 8)
+    callback = PureGenFilt(ebm, None, fraction=0.25, ebm_steps=3, chunk_size=16, cache_dir=str(tmp_path),
+                           progress=False)
+    out = callback.purify_dataset(images, _Trainer(), torch.device("cpu"))
+    moved = (out != images).flatten(1).any(1)
+    assert moved.sum() == 10
+    with torch.no_grad():
+        energies = ebm.energy(images)
+    assert energies[moved].min() >= energies[~moved].max()
+
+
+class _Trainer:
+    world_size, global_rank, is_global_zero, default_root_dir = 1, 0, True, "."
+
+
+def _images_and_trainer():
+    datamodule = DigitsDataModule(source="sklearn8x8", seed=0)
+    datamodule.setup("fit")
+    return datamodule.train_dataset.images, _Trainer(), torch.device("cpu")
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys, torch, lightning as L
+    from lit_robust import EBM, ImageClassifier
+    from lit_robust.callbacks import EBMPurification
+    from lit_robust.datamodules import DigitsDataModule
+    devices, out, cache = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    torch.manual_seed(0)
+    ebm = EBM(img_size=8, channels=(4, 8), down=(True, False), bank_size=4)
+    datamodule = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
+    callback = EBMPurification(ebm, steps=4, chunk_size=150, cache_dir=cache, progress=False)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
+                        callbacks=[callback],
+                        logger=False, enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
+                        enable_progress_bar=False)
+    trainer.fit(ImageClassifier(), datamodule=datamodule)
+    if trainer.is_global_zero:
+        torch.save(datamodule.train_dataset.images, out)
+""")
+
+
+def test_two_ddp_processes_give_the_single_process_purified_set(tmp_path):
+    script = tmp_path / "purify_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore"}
+    for devices in (1, 2):
+        subprocess.run([sys.executable, str(script), str(devices), str(tmp_path / f"out{devices}.pt"),
+                        str(tmp_path / f"cache{devices}")], check=True, env=env, cwd=tmp_path, timeout=240,
+                       capture_output=True)
+    single, double = torch.load(tmp_path / "out1.pt"), torch.load(tmp_path / "out2.pt")
+    clean = _images_and_trainer()[0]
+    assert single.shape == (1258, 1, 8, 8) and torch.equal(single, double)
+    assert (single - clean).abs().mean() > 1e-3  # the identity is not the trivial "nothing was purified"
+    # 9 chunks of 150: rank 0 wrote chunks 0-4, rank 1 chunks 5-8, each its own files.
+    assert len(list((tmp_path / "cache2").rglob("chunk_*.pt"))) == 9
