@@ -1,0 +1,175 @@
+"""``PoisonedDataModule``: any ``ImageDataModule`` with a poisoning attack applied to its training split.
+
+The attacks themselves are pure functions in ``lit_robust.poisons``; this module crafts them once per
+(attack, parameters, seed, clean data), caches the result atomically with a sha256 checksum (a corrupt cache is
+detected and rebuilt), writes a JSON manifest beside it, and serves the poisoned train split plus the test-time
+views the poison metrics need.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lit_robust.cache import fingerprint, load_verified, save_atomic
+from lit_robust.callbacks.metrics_file import write_json_atomic
+from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset, stack_dataset
+from lit_robust.poisons import ATTACKS, CraftingData, Poisons, apply_trigger, attack_defaults
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() <= 16 else f"tensor{tuple(value.shape)}"
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class PoisonedDataModule(ImageDataModule):
+    """Wrap ``base`` (never edited) and poison its training split with ``attack`` (``badnets``, ``narcissus``,
+    ``gradient_matching``, ``bullseye_polytope``; see ``lit_robust.poisons``).
+
+    After ``setup()``:
+      - ``train_dataset``: a replaceable ``TensorImageDataset`` of (image, label), the base's train split with the
+        poisoned indices replaced (purification/filtering callbacks may swap it before the train loader is built);
+        ``val_dataset``/``test_dataset`` are the base's clean splits (natural accuracy);
+      - ``manifest``: dict with attack, params (every default resolved), seed, poisoned_indices, num_poisons,
+        target_class, source_class, target_index, trigger description, cache path and its sha256 ``checksum``; also
+        written as ``<cache>.json`` beside the cached poisons;
+      - ``poisons``: the ``Poisons`` record; ``poison_mask``: bool (N_train,) marking poisoned training items;
+      - ``triggered_test_dataset(multiplier=1.0)`` (triggered attacks): the test images the attack is meant to flip
+        (all non-target classes; only the source class for BadNets) with the trigger applied ×multiplier and their
+        *true* labels — attack success = fraction predicted as ``target_class`` (Eq. D.5);
+      - ``target_dataset()`` (targeted attacks GM/BP): the target test image with its *adversarial* label — success
+        = it is predicted as that label (Eq. D.4);
+      - ``eval_dataloader(dataset)``: a DDP-safe evaluation loader over any of these.
+
+    Args:
+        base: the clean DataModule (its ``num_classes``/``in_chans``/loader settings are forwarded).
+        attack: the attack name; ``params``: overrides of its defaults (unknown keys are an error).
+        seed: crafting seed (default: the base's seed). ``cache_dir``: where poisons and manifests live.
+    """
+
+    def __init__(self, base: ImageDataModule, attack: str = "badnets", params: dict | None = None,
+                 seed: int | None = None, cache_dir: str = "data/poisons", progress: bool = True):
+        super().__init__(batch_size=base.batch_size, eval_batch_size=base.eval_batch_size,
+                         num_workers=base.num_workers, seed=base.seed if seed is None else seed)
+        defaults = attack_defaults(attack)
+        unknown = set(params or {}) - set(defaults)
+        if unknown:
+            raise ValueError(f"data.params has {sorted(unknown)}, which attack {attack!r} does not take; "
+                             f"its parameters are {sorted(defaults)}")
+        self.base, self.attack, self.progress = base, attack, progress
+        self.params = {**defaults, **(params or {})}
+        self.num_classes, self.in_chans = base.num_classes, base.in_chans
+        self.cache_dir = Path(cache_dir)
+        self.poisons: Poisons | None = None
+        self.manifest: dict | None = None
+        self.poison_mask: torch.Tensor | None = None
+
+    def prepare_data(self) -> None:
+        self.base.prepare_data()
+
+    def cache_path(self, train_images: torch.Tensor, train_labels: torch.Tensor, test_labels: torch.Tensor) -> Path:
+        key = fingerprint(self.attack, _jsonable(self.params), self.seed, type(self.base).__name__,
+                          train_images, train_labels, test_labels)
+        return self.cache_dir / f"{self.attack}-{key}.pt"
+
+    def craft(self, data: CraftingData) -> Poisons:
+        """Run the attack with a generator seeded by ``seed``; the global RNG is left as it was."""
+        generator = torch.Generator().manual_seed(int(self.seed))
+        with torch.random.fork_rng():
+            torch.manual_seed(int(self.seed))
+            return ATTACKS[self.attack](data, generator=generator, progress=self.progress, **self.params)
+
+    def _load_or_craft(self, path: Path, data: CraftingData) -> tuple[Poisons, bool]:
+        """Rank zero loads or crafts and saves; other ranks wait at a barrier, then load the verified cache."""
+        trainer = self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
+        if distributed and trainer.global_rank != 0:
+            trainer.strategy.barrier()
+            payload = load_verified(path)
+            if payload is None:
+                raise RuntimeError(f"rank {trainer.global_rank} found no valid poison cache at {path}; is cache_dir "
+                                   "on a filesystem every rank can read?")
+            return Poisons.from_payload(payload), False
+        payload = load_verified(path)
+        crafted = payload is None
+        if crafted:
+            poisons = self.craft(data)
+            save_atomic(path, poisons.to_payload())
+        else:
+            poisons = Poisons.from_payload(payload)
+        if distributed:
+            trainer.strategy.barrier()
+        return poisons, crafted
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.poisons is not None:
+            return
+        self.base.setup(stage)
+        train_images, train_labels = stack_dataset(self.base.train_dataset)
+        test_images, test_labels = stack_dataset(self.base.test_dataset)
+        data = CraftingData(train_images, train_labels, test_images, test_labels, self.num_classes)
+        path = self.cache_path(train_images, train_labels, test_labels)
+        self.poisons, crafted = self._load_or_craft(path, data)
+        self._test = (test_images, test_labels)
+        images, labels = train_images.clone(), train_labels.clone()
+        images[self.poisons.indices] = self.poisons.images.to(images.dtype)
+        labels[self.poisons.indices] = self.poisons.labels.to(labels.dtype)
+        self.poison_mask = torch.zeros(len(labels), dtype=torch.bool)
+        self.poison_mask[self.poisons.indices] = True
+        self.train_dataset = TensorImageDataset(images, labels)
+        self.val_dataset, self.test_dataset = self.base.val_dataset, self.base.test_dataset
+        self.manifest = self._manifest(path)
+        if crafted or not path.with_suffix(".json").exists():
+            if self.trainer is None or self.trainer.is_global_zero:
+                write_json_atomic(path.with_suffix(".json"), self.manifest)
+
+    def _manifest(self, path: Path) -> dict:
+        p = self.poisons
+        trigger = None
+        if p.trigger is not None:
+            trigger = {k: _jsonable(v) for k, v in p.trigger.items()}
+            if "delta" in p.trigger:
+                trigger["linf"] = float(p.trigger["delta"].abs().max())
+        return {"attack": self.attack, "params": _jsonable(self.params), "seed": int(self.seed),
+                "base": type(self.base).__name__, "num_train": int(len(self.poison_mask)),
+                "num_poisons": int(len(p.indices)), "poisoned_indices": p.indices.tolist(),
+                "target_class": int(p.target_class), "source_class": p.source_class,
+                "target_index": p.target_index, "trigger": trigger, "info": _jsonable(p.info),
+                "cache": str(path), "checksum": path.with_name(path.name + ".sha256").read_text().strip()}
+
+    def _require(self, what: str) -> Poisons:
+        if self.poisons is None:
+            raise RuntimeError(f"PoisonedDataModule.{what}: call setup() first")
+        return self.poisons
+
+    def triggered_test_dataset(self, multiplier: float = 1.0) -> TensorImageDataset:
+        """Test images the trigger should flip (non-target classes; the source class only for BadNets), trigger
+        applied ×``multiplier``, labelled with their true class."""
+        p = self._require("triggered_test_dataset")
+        if p.trigger is None:
+            raise ValueError(f"attack {self.attack!r} has no trigger; use target_dataset() for targeted attacks")
+        images, labels = self._test
+        keep = labels != p.target_class
+        if p.source_class is not None:
+            keep &= labels == p.source_class
+        return TensorImageDataset(apply_trigger(images[keep], p.trigger, multiplier), labels[keep])
+
+    def target_dataset(self) -> TensorImageDataset:
+        """The targeted attack's test image(s) labelled with the adversarial class."""
+        p = self._require("target_dataset")
+        if p.target_index is None:
+            raise ValueError(f"attack {self.attack!r} has no target image; use triggered_test_dataset()")
+        images, _ = self._test
+        index = torch.as_tensor([p.target_index])
+        return TensorImageDataset(images[index], torch.full((1,), p.target_class, dtype=torch.long))
+
+    def eval_dataloader(self, dataset: Dataset) -> DataLoader:
+        """An evaluation loader over ``dataset`` (unpadded sharding under DDP)."""
+        return self._loader(dataset, "evaluation", train=False)

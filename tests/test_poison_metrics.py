@@ -1,0 +1,34 @@
+import math
+
+import pytest
+
+import torch
+
+from lit_robust.poison_metrics import (AttackSuccessRate, TargetedPoisonSuccess, attack_success_counts,
+                                       targeted_success_counts)
+
+
+def test_attack_success_excludes_target_class_images():
+    labels = torch.tensor([0, 0, 1, 2, 3, 3])
+    preds = torch.tensor([0, 0, 0, 2, 0, 3])  # both target-class images "succeed" trivially: must not count
+    hits, total = attack_success_counts(preds, labels, target_class=0)
+    assert (hits.item(), total.item()) == (2, 4)
+
+
+def test_attack_success_metric_accumulates_logits_and_nan_when_empty():
+    metric = AttackSuccessRate(target_class=1)
+    assert math.isnan(metric.compute().item())
+    logits = torch.tensor([[0.0, 5.0], [5.0, 0.0], [0.0, 5.0]])
+    metric.update(logits, torch.tensor([0, 0, 1]))
+    metric.update(torch.tensor([1, 1]), torch.tensor([0, 1]))
+    # non-target images: 0 (hit), 0 (miss), 0 (hit) → 2 of 3
+    assert metric.compute().item() == pytest.approx(2 / 3)
+
+
+def test_targeted_success_counts_and_metric():
+    hits, total = targeted_success_counts(torch.tensor([3, 4, 5]), torch.tensor([3, 0, 5]))
+    assert (hits.item(), total.item()) == (2, 3)
+    metric = TargetedPoisonSuccess()
+    metric.update(torch.tensor([[0.1, 0.9]]), torch.tensor([1]))
+    metric.update(torch.tensor([[0.9, 0.1]]), torch.tensor([1]))
+    assert metric.compute().item() == 0.5

@@ -1,0 +1,24 @@
+import lightning as L
+import torch
+
+from lit_robust import ImageClassifier
+from lit_robust.callbacks import PoisonMetrics
+from lit_robust.datamodules import DigitsDataModule, PoisonedDataModule
+from lit_robust.poisons.surrogate import predict
+
+
+def test_callback_logs_asr_equal_to_direct_count(tmp_path):
+    dm = PoisonedDataModule(DigitsDataModule(source="sklearn8x8", batch_size=64), attack="badnets",
+                            params=dict(source_class=1, target_class=7, fraction=0.5, shape="patch", size=2,
+                                        position=(0, 0), value=1.0), cache_dir=str(tmp_path), progress=False)
+    model = ImageClassifier(num_classes=10, in_chans=1)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[PoisonMetrics(multipliers=(1, 3))], default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
+    triggered = dm.triggered_test_dataset(1.0)
+    direct = (predict(model, triggered.images) == 7).float().mean().item()
+    assert abs(metrics["poison/asr_x1"] - direct) < 1e-6
+    assert "poison/asr_x3" in metrics and abs(metrics["poison/natural_acc"] - metrics["test/acc"]) < 1e-6
+    assert "poison/target_success" not in metrics
