@@ -9,7 +9,8 @@ learners, ``lit_robust.ispl``); the baselines of its Table 1 override only ``sel
 
 Logged once per training epoch (so they reach loggers and ``metrics.json``): ``filter/removed``, ``filter/kept`` and,
 with a poison manifest, ``filter/poisons``, ``filter/precision`` (removed samples that are poisons),
-``filter/recall`` (poisons removed) and ``filter/clean_kept`` (clean samples kept).
+``filter/recall`` (poisons removed) and ``filter/clean_kept`` (clean samples kept). The manifest is read from
+``PoisonedDataModule.poison_mask``.
 """
 from __future__ import annotations
 
@@ -26,14 +27,12 @@ from lit_robust.weak_learners import flatten_images
 
 
 def poison_mask_of(datamodule, size: int) -> torch.Tensor | None:
-    """Boolean (size,) mask of the poisoned training samples, from a DataModule that exposes
-    ``train_poison_indices`` (indices into its ``train_dataset``), or None when it has no manifest."""
-    indices = getattr(datamodule, "train_poison_indices", None)
-    if indices is None:
+    """Boolean (size,) mask of the poisoned training samples from the DataModule's manifest
+    (``PoisonedDataModule.poison_mask``), or None when it has none or it does not match the train split."""
+    mask = getattr(datamodule, "poison_mask", None)
+    if mask is None or len(mask) != size:
         return None
-    mask = torch.zeros(size, dtype=torch.bool)
-    mask[torch.as_tensor(indices, dtype=torch.long)] = True
-    return mask
+    return torch.as_tensor(mask, dtype=torch.bool).cpu()
 
 
 def removal_stats(keep: torch.Tensor, is_poison: torch.Tensor | None) -> dict[str, float]:
