@@ -15,11 +15,13 @@ with a poison manifest, ``filter/poisons``, ``filter/precision`` (removed sample
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import Subset
 
+from lit_robust.cache import fingerprint, load_verified, save_atomic
 from lit_robust.datamodules.base import stack_dataset
 from lit_robust.ispl import (ISPLSchedule, fit_component_learners, ispl_partition, modal_vote_agrees,
                              self_training)
@@ -52,11 +54,14 @@ class TrainingSetFilter(L.Callback):
 
     Runs at ``on_fit_start`` (after a checkpoint's callback state is restored, before any train loader exists): a
     resumed fit reuses the stored mask instead of filtering again. ``select`` runs on every rank (a subclass may
-    shard its work and gather); rank 0's mask is broadcast so all ranks train on the same subset.
+    shard its work and gather); rank 0's mask is broadcast so all ranks train on the same subset. With
+    ``cache_dir`` the mask is cached (``lit_robust.cache``, keyed by the filter's parameters, the train split and the
+    world size), so repeated runs on the same data skip the filtering.
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, cache_dir: str | None = None):
         self.seed = seed
+        self.cache_dir = cache_dir
         self.keep: torch.Tensor | None = None
         self.stats: dict[str, float] = {}
 
@@ -76,14 +81,30 @@ class TrainingSetFilter(L.Callback):
         if self.keep is None:
             images, labels = stack_dataset(dataset)
             labels = labels.long()
-            num_classes = int(getattr(datamodule, "num_classes", None) or int(labels.max()) + 1)
-            keep = self.select(flatten_images(images), labels, num_classes, trainer).cpu()
-            self.keep = trainer.strategy.broadcast(keep, src=0)
+            self.keep = self._cached_or_selected(images, labels, datamodule, trainer)
         if len(self.keep) != len(dataset):
             raise RuntimeError(f"{type(self).__name__} holds a mask for {len(self.keep)} samples but the train split "
                                f"has {len(dataset)}; the data changed since the checkpoint — resume with the same data")
         self.stats = removal_stats(self.keep, poison_mask_of(datamodule, len(dataset)))
         datamodule.train_dataset = Subset(dataset, self.keep.nonzero().squeeze(1).tolist())
+
+    def _cached_or_selected(self, images, labels, datamodule, trainer) -> torch.Tensor:
+        """The keep mask from rank 0's verified cache entry, else from ``select`` (all ranks), then cached."""
+        path = None
+        if self.cache_dir is not None:
+            params = {k: v for k, v in vars(self).items()
+                      if k not in ("keep", "stats", "cache_dir") and not callable(v)}
+            key = fingerprint(type(self).__name__, params, trainer.world_size, images, labels)
+            path = Path(self.cache_dir) / f"{type(self).__name__}-{key}.pt"
+        cached = load_verified(path) if path is not None and trainer.is_global_zero else None
+        if trainer.strategy.broadcast(cached is not None, src=0):
+            return trainer.strategy.broadcast(cached, src=0)
+        num_classes = int(getattr(datamodule, "num_classes", None) or int(labels.max()) + 1)
+        keep = self.select(flatten_images(images), labels, num_classes, trainer).cpu()
+        keep = trainer.strategy.broadcast(keep, src=0)
+        if path is not None and trainer.is_global_zero:
+            save_atomic(path, keep)
+        return keep
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stats:
@@ -112,8 +133,8 @@ class WeakLearnerFilter(TrainingSetFilter):
     def __init__(self, runs: int = 3, rounds: int = 8, alpha: float = 0.25, eta: float = 0.9, warmup_epochs: int = 8,
                  epochs: int = 4, class_floor: float = 0.125, learner_epochs: int = 20, self_train_epochs: int = 40,
                  resample_every: int = 5, self_train_momentum: float = 0.8, hidden: int = 256, lr: float = 1e-3,
-                 batch_size: int = 64, seed: int = 0):
-        super().__init__(seed)
+                 batch_size: int = 64, seed: int = 0, cache_dir: str | None = None):
+        super().__init__(seed, cache_dir)
         if runs < 1:
             raise ValueError(f"runs={runs}: need at least one ISPL run")
         self.runs = runs

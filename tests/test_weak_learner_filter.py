@@ -55,6 +55,19 @@ def test_weak_learner_filter_removes_the_backdoor_before_fit():
     assert torch.equal(restored.keep, callback.keep)
 
 
+def test_cached_mask_is_reused(tmp_path, monkeypatch):
+    first = TrimmedLossFilter(rounds=1, first_epochs=1, hidden=16, cache_dir=str(tmp_path))
+    fit_with(first)
+    assert len(list(tmp_path.glob("TrimmedLossFilter-*.pt"))) == 1
+    second = TrimmedLossFilter(rounds=1, first_epochs=1, hidden=16, cache_dir=str(tmp_path))
+    monkeypatch.setattr(second, "select", lambda *args: pytest.fail("the cached mask should have been used"))
+    fit_with(second)
+    assert torch.equal(second.keep, first.keep)
+    other = TrimmedLossFilter(rounds=1, first_epochs=1, hidden=16, keep_fraction=0.9, cache_dir=str(tmp_path))
+    fit_with(other)  # other parameters → another entry
+    assert len(list(tmp_path.glob("TrimmedLossFilter-*.pt"))) == 2
+
+
 @pytest.mark.parametrize("callback", [SpectralSignatureFilter(feature_epochs=3, hidden=64),
                                       ActivationClusteringFilter(feature_epochs=3, hidden=64),
                                       TrimmedLossFilter(rounds=2, first_epochs=3, epochs=2, hidden=64)])
