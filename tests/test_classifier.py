@@ -1,0 +1,79 @@
+"""The classifier with every backbone family, on each datamodule it is used with (Lightning fast_dev_run)."""
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lit_robust import ImageClassifier
+from lit_robust.augment import random_shift
+from lit_robust.datamodules import DigitsDataModule, ImageDataModule, TensorImageDataset
+from lit_robust.nets import create_backbone
+
+
+class RandomRGB(ImageDataModule):
+    """A CIFAR-shaped stand-in (3×32×32) for backbones that are used on CIFAR-10."""
+
+    in_chans = 3
+
+    def setup(self, stage=None):
+        generator = torch.Generator().manual_seed(0)
+        data = TensorImageDataset(torch.rand(16, 3, 32, 32, generator=generator), torch.arange(16) % 10)
+        self.train_dataset = self.val_dataset = self.test_dataset = data
+
+
+def fast_dev_run(model, datamodule):
+    trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule)
+    return trainer
+
+
+@pytest.mark.parametrize("backbone,datamodule", [
+    ("small_cnn", lambda: DigitsDataModule(source="mnist5k", batch_size=32)),
+    ("small_cnn", lambda: DigitsDataModule(source="sklearn8x8", batch_size=32)),
+    ("resnet18_cifar", lambda: RandomRGB(batch_size=8)),
+    ("preact_resnet18_cifar", lambda: RandomRGB(batch_size=8)),
+    ("resnet10t", lambda: DigitsDataModule(source="sklearn8x8", img_size=32, batch_size=8)),
+])
+def test_fast_dev_run(backbone, datamodule):
+    dm = datamodule()
+    model = ImageClassifier(backbone=backbone, in_chans=dm.in_chans, mean=[0.5] * dm.in_chans,
+                            std=[0.5] * dm.in_chans, max_shift=2, hflip=True)
+    trainer = fast_dev_run(model, dm)
+    assert 0.0 <= trainer.callback_metrics["test/acc"] <= 1.0
+
+
+def test_cifar_stem_keeps_32x32_resolution():
+    net = create_backbone("resnet18_cifar", num_classes=10, in_chans=3)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    features = net.forward_features(torch.rand(2, 3, 32, 32))
+    assert features.shape[-1] == 4  # 32 / 8: no stem downsampling
+
+
+def test_unknown_backbone_is_named():
+    with pytest.raises(ValueError, match="not_a_net"):
+        create_backbone("not_a_net")
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    images = torch.full((8, 1, 8, 8), float("nan"))
+    dm = ImageDataModule(batch_size=8)
+    dm.train_dataset = dm.val_dataset = TensorImageDataset(images, torch.zeros(8, dtype=torch.long))
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0, enable_checkpointing=False)
+    with pytest.raises(FloatingPointError, match="lr"):
+        trainer.fit(ImageClassifier(), train_dataloaders=DataLoader(dm.train_dataset, batch_size=8))
+
+
+def test_random_shift_moves_each_image_by_at_most_max_shift():
+    images = torch.zeros(64, 1, 9, 9)
+    images[:, :, 4, 4] = 1.0
+    shifted = random_shift(images, 2)
+    positions = shifted.flatten(1).argmax(1)
+    rows, cols = positions // 9, positions % 9
+    assert shifted.sum(dim=(1, 2, 3)).eq(1).all()
+    assert ((rows - 4).abs() <= 2).all() and ((cols - 4).abs() <= 2).all()
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5

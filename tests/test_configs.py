@@ -1,0 +1,59 @@
+"""Every experiment config composes and instantiates; config errors name the bad key or list the valid choices."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from conftest import REPO, run_script
+from lit_robust.runner import instantiate_group
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("train", overrides=["output_dir=/tmp/lit_robust_test", *overrides])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(experiment):
+    cfg = compose_train(f"experiment={experiment}")
+    OmegaConf.resolve(cfg)
+    hydra.utils.instantiate(cfg.data, _convert_="all")
+    hydra.utils.instantiate(cfg.model, _convert_="all")
+    callbacks = instantiate_group(cfg.callbacks)
+    hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.logger) or False)
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "multinode"])
+def test_trainer_configs_compose(trainer, monkeypatch):
+    monkeypatch.setenv("NUM_NODES", "3")
+    monkeypatch.setenv("GPUS_PER_NODE", "8")
+    cfg = compose_train(f"trainer={trainer}")
+    resolved = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer == "multinode":
+        assert resolved["num_nodes"] == 3 and resolved["devices"] == 8
+    if trainer == "ddp_cpu":
+        assert resolved["devices"] == 2 and resolved["strategy"] == "ddp" and resolved["accelerator"] == "cpu"
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        compose_train("experiment=digits_classifier", "model.lrr=0.1")
+
+
+def test_wrong_experiment_lists_the_valid_ones():
+    result = run_script("train.py", "experiment=digits_clasifier", check=False, timeout=120)
+    assert result.returncode != 0
+    assert "digits_clasifier" in result.stderr and "digits_classifier" in result.stderr
+
+
+def test_logger_configs_instantiate(tmp_path):
+    for logger in ("csv", "tensorboard"):
+        cfg = compose_train(f"logger={logger}", f"output_dir={tmp_path}")
+        assert len(instantiate_group(cfg.logger)) == 1
