@@ -7,3 +7,7 @@ from lit_robust.callbacks.shift_sweep import ShiftSweep
 
 __all__ = ["MetricsFile", "PoisonMetrics", "Purification", "EBMPurification", "DDPMPurification", "PureGenNaive",
            "PureGenReps", "PureGenFilt", "ShiftSweep"]
+from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLearnerFilter
+from lit_robust.callbacks.baseline_filters import ActivationClusteringFilter, SpectralSignatureFilter, TrimmedLossFilter
+__all__ += ["TrainingSetFilter", "WeakLearnerFilter", "ActivationClusteringFilter", "SpectralSignatureFilter",
+            "TrimmedLossFilter"]
