@@ -2,3 +2,4 @@
 from lit_robust.callbacks.metrics_file import MetricsFile
 
 __all__ = ["MetricsFile"]
+from lit_robust.callbacks.ood_detection import OODDetection

@@ -6,3 +6,4 @@ from lit_robust.datamodules.torchvision_sets import TorchvisionDataModule
 
 __all__ = ["ImageDataModule", "TensorImageDataset", "stack_dataset", "DigitsDataModule", "PendulumDataModule",
            "TorchvisionDataModule"]
+from lit_robust.datamodules.ood import OODPairDataModule
