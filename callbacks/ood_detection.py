@@ -93,13 +93,17 @@ class OODDetection(L.Callback):
 
     Args:
         output_dir: where ``metrics.json``, ``ood_<table>.md`` and ``ood_<table>_<pair>.png`` go (None: no files).
-        ood_datasets: ``{name: dataset}`` of outliers (default: the datamodule's ``ood_test_dataset``).
+        ood_datasets: ``{name: dataset}`` of outliers (default: the datamodule's ``ood_test_datasets``, else its
+            ``ood_test_dataset``).
         keep_inliers: quantile of the validation inlier scores used as threshold.
         encoder_eps, classifier_eps: ℓ∞ budgets of the encoder attack (Eq. 5.1) and the classifier attack;
             None skips that attack. ``attack_count`` test inliers are attacked.
         classifier_attack_method: ``fgsm`` or ``pgd``.
         victim: ``"train"`` (fit a small CNN on the labelled inlier training set for ``victim_epochs``), a path to
             an ``ImageClassifier`` checkpoint, or None.
+        restoration_steps, restoration_step_size: Algorithm 2 (ch. 5) when the module has ``restoration_gain``:
+            the SSIM gain of a latent Langevin re-evaluation on ``attack_count`` images of every set, reported as its
+            mean and as the AUROC separating each adversarial set from each OOD set (0 steps: skipped).
         filter_score: the score ``accept``/``FilteredClassifier`` use by default.
     """
 
@@ -107,7 +111,8 @@ class OODDetection(L.Callback):
                  keep_inliers: float = 0.95, batch_size: int = 250, encoder_eps: float | None = 0.1,
                  classifier_eps: float | None = 0.2, classifier_attack_method: str = "fgsm",
                  attack_count: int = 500, attack_steps: int = 20, victim: str | None = "train",
-                 victim_epochs: int = 5, filter_score: str = "std_ll", histograms: bool = True, seed: int = 0):
+                 victim_epochs: int = 5, restoration_steps: int = 20, restoration_step_size: float = 0.3,
+                 filter_score: str = "std_ll", histograms: bool = True, seed: int = 0):
         if not 0.0 < keep_inliers < 1.0:
             raise ValueError(f"keep_inliers={keep_inliers}: use a quantile in (0, 1), e.g. 0.95")
         self.output_dir = Path(output_dir) if output_dir else None
@@ -117,6 +122,7 @@ class OODDetection(L.Callback):
         self.classifier_attack_method, self.attack_count, self.attack_steps = (classifier_attack_method,
                                                                                attack_count, attack_steps)
         self.victim, self.victim_epochs = victim, victim_epochs
+        self.restoration_steps, self.restoration_step_size = restoration_steps, restoration_step_size
         self.filter_score, self.histograms, self.seed = filter_score, histograms, seed
         self.thresholds: dict[str, float] = {}
         self.results: dict[str, float] = {}
@@ -189,14 +195,31 @@ class OODDetection(L.Callback):
 
         return ImageClassifier.load_from_checkpoint(self.victim, map_location="cpu").eval()
 
+    def restoration_report(self, trainer: L.Trainer, pl_module: L.LightningModule, table: str, inliers: Dataset,
+                           outliers: dict[str, Dataset]) -> dict[str, float]:
+        """Algorithm 2's second stage: mean SSIM gain per set and the gain's AUROC for adversarial vs OOD sets."""
+        gains = {}
+        for pair, dataset in {"inliers": inliers, **outliers}.items():
+            images = stack_dataset(dataset)[0][:self.attack_count]
+            shard = images[torch.arange(trainer.global_rank, len(images), trainer.world_size)]
+            with torch.inference_mode(False), torch.enable_grad():
+                gain = pl_module.restoration_gain(shard.clone().to(pl_module.device), self.restoration_steps,
+                                                  self.restoration_step_size)
+            gains[pair] = _gather(gain.detach().float()).cpu()
+        out = {f"ood/{table}/{pair}/restoration_gain": g.mean().item() for pair, g in gains.items()}
+        for adv in (p for p in gains if p.startswith("adv_")):
+            for ood in (p for p in gains if p != "inliers" and not p.startswith("adv_")):
+                out[f"ood/{table}/{adv}_vs_{ood}/gain_auroc"] = detection_metrics(gains[ood], gains[adv])["auroc"]
+        return out
+
     # ---- the hook -------------------------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
         if dm is None or getattr(dm, "val_dataset", None) is None:
             raise RuntimeError("OODDetection needs a datamodule with val_dataset and test_dataset (inliers)")
-        outliers = dict(self.ood_datasets or {})
+        outliers = dict(self.ood_datasets or getattr(dm, "ood_test_datasets", None) or {})
         if not outliers and getattr(dm, "ood_test_dataset", None) is not None:
-            outliers[str(getattr(dm, "outlier", "ood"))] = dm.ood_test_dataset
+            outliers["ood"] = dm.ood_test_dataset
         self.fit(trainer, pl_module, dm.val_dataset)
         inlier = self.score_dataset(trainer, pl_module, dm.test_dataset)
         outliers.update(self.adversarial_sets(trainer, pl_module, dm.test_dataset))
@@ -216,6 +239,8 @@ class OODDetection(L.Callback):
                                 f"{table}: inliers vs {pair}")
         for name, value in self.thresholds.items():
             self.results[f"ood/{table}/threshold/{name}"] = value
+        if self.restoration_steps and hasattr(pl_module, "restoration_gain"):
+            self.results.update(self.restoration_report(trainer, pl_module, table, dm.test_dataset, outliers))
         if trainer.is_global_zero and self.output_dir is not None:
             update_metrics_file(self.output_dir / "metrics.json", self.results)
             (self.output_dir / f"ood_{table}.md").write_text(markdown_table(table, rows))

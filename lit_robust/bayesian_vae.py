@@ -180,6 +180,23 @@ class BayesianVAE(L.LightningModule):
         entropy = None if torch.isnan(self.model_entropy) else self.model_entropy
         return outlier_scores(log_liks, log_px_z, entropy)
 
+    def restoration_gain(self, x: torch.Tensor, steps: int = 20, step_size: float = 0.3) -> torch.Tensor:
+        """Algorithm 2 (ch. 5): SSIM gain between the input and its decoding after Langevin/HMC re-evaluation of the
+        latent code vs. its plain reconstruction (decoder at its posterior mean). Large gain = an attack whose code
+        can be restored; small gain on a flagged input = an outlier."""
+        from lit_robust.ood_adversarial import latent_langevin, restoration_gain
+
+        mean, _ = self.encode(x)
+
+        def log_joint(z: torch.Tensor) -> torch.Tensor:
+            rec = F.binary_cross_entropy_with_logits(self.decode(z), x, reduction="none").flatten(1).sum(-1)
+            return -rec - 0.5 * z.pow(2).sum(-1)
+
+        generator = torch.Generator().manual_seed(self.hparams.eval_seed + 2)
+        restored = latent_langevin(log_joint, mean, steps, step_size, generator)
+        with torch.no_grad():
+            return restoration_gain(x, torch.sigmoid(self.decode(mean)), torch.sigmoid(self.decode(restored)))
+
     def fit_outlier_scores(self, inlier_scores: dict[str, torch.Tensor]) -> None:
         """Set the typicality test's model entropy H (Eq. 3.17) to the mean negative expected log-likelihood of
         held-out inliers (the ``expected_ll`` score is that negative log-likelihood)."""

@@ -39,7 +39,7 @@ def test_pair_splits_and_ood_set(inlier, outlier):
 def test_bad_sources_are_named():
     with pytest.raises(ValueError, match="data.outlier='kmnist'"):
         OODPairDataModule(inlier="digits", outlier="kmnist")
-    with pytest.raises(ValueError, match="both 'digits'"):
+    with pytest.raises(ValueError, match="also an outlier source"):
         OODPairDataModule(inlier="digits", outlier="digits")
 
 
@@ -47,3 +47,12 @@ def test_missing_torchvision_files_give_a_clear_error(tmp_path):
     dm = OODPairDataModule(inlier="fashion_mnist", outlier="mnist", img_size=None, data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="data.download=true"):
         dm.setup()
+
+
+def test_extra_outliers_are_scored_in_the_same_run():
+    dm = OODPairDataModule(inlier="sklearn_digits", outlier="natural", extra_outliers=["noise", "constant"],
+                           img_size=8, num_images=200)
+    dm.setup()
+    assert list(dm.ood_test_datasets) == ["natural", "noise", "constant"]
+    assert dm.ood_test_dataset is dm.ood_test_datasets["natural"]
+    assert all(len(ds) == len(dm.test_dataset) for ds in dm.ood_test_datasets.values())

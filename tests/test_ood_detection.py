@@ -16,16 +16,19 @@ def test_ood_detection_end_to_end(tmp_path):
     model = BayesianVAE(posterior="bbb", img_size=8, latent_dim=4, hidden_dims=(32,), num_draws=4,
                         num_importance=8, rho_init=-5.0, mu_init_std=None)
     callback = OODDetection(output_dir=str(tmp_path), attack_count=60, attack_steps=3, victim_epochs=15,
-                            encoder_eps=0.2, classifier_eps=0.3)
-    trainer = L.Trainer(max_epochs=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            encoder_eps=0.2, classifier_eps=0.3, restoration_steps=5)
+    trainer = L.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[callback],
                         default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm)
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    pairs = {key.split("/")[2] for key in metrics if key.startswith("ood/bbb/") and "threshold" not in key}
+    pairs = {key.split("/")[2] for key in metrics if key.startswith("ood/bbb/") and key.endswith("/auroc")}
     assert pairs == {"noise", "adv_encoder_pgd0.2", "adv_classifier_fgsm0.3"}
+    # Algorithm 2's second stage: SSIM gains for every set, gain AUROC for each adversarial set vs the OOD set
+    assert all(f"ood/bbb/{p}/restoration_gain" in metrics for p in pairs | {"inliers"})
+    assert 0.0 <= metrics["ood/bbb/adv_encoder_pgd0.2_vs_noise/gain_auroc"] <= 1.0
     for score in ("expected_ll", "waic", "typicality", "disagreement", "entropy", "std_ll", "hole_indicator"):
         for metric in ("auroc", "auprc", "fpr80", "rejected"):
             assert 0.0 <= metrics[f"ood/bbb/noise/{score}/{metric}"] <= 1.0
