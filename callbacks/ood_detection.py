@@ -220,10 +220,11 @@ class OODDetection(L.Callback):
         outliers = dict(self.ood_datasets or getattr(dm, "ood_test_datasets", None) or {})
         if not outliers and getattr(dm, "ood_test_dataset", None) is not None:
             outliers["ood"] = dm.ood_test_dataset
+        table = str(getattr(pl_module, "hparams", {}).get("posterior", "scores"))
         self.fit(trainer, pl_module, dm.val_dataset)
         inlier = self.score_dataset(trainer, pl_module, dm.test_dataset)
+        self.results[f"ood/{table}/inliers/count"] = float(len(next(iter(inlier.values()))))
         outliers.update(self.adversarial_sets(trainer, pl_module, dm.test_dataset))
-        table = str(getattr(pl_module, "hparams", {}).get("posterior", "scores"))
         rows = {}
         for pair, dataset in outliers.items():
             scores = self.score_dataset(trainer, pl_module, dataset)
@@ -234,6 +235,7 @@ class OODDetection(L.Callback):
                 rows[pair][name] = metrics
                 for key, number in metrics.items():
                     self.results[f"ood/{table}/{pair}/{name}/{key}"] = number
+            self.results[f"ood/{table}/{pair}/count"] = float(len(next(iter(scores.values()))))
             if self.histograms and trainer.is_global_zero and self.output_dir is not None:
                 save_histograms(inlier, scores, self.output_dir / f"ood_{table}_{pair}.png",
                                 f"{table}: inliers vs {pair}")
