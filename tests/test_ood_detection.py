@@ -16,7 +16,7 @@ def test_ood_detection_end_to_end(tmp_path):
     dm = OODPairDataModule(inlier="sklearn_digits", outlier="noise", img_size=8, num_images=600, batch_size=64)
     model = BayesianVAE(posterior="bbb", img_size=8, latent_dim=4, hidden_dims=(32,), num_draws=4,
                         num_importance=8, rho_init=-5.0, mu_init_std=None)
-    callback = OODDetection(output_dir=str(tmp_path), attack_count=60, attack_steps=3, victim_epochs=15,
+    callback = OODDetection(output_dir=str(tmp_path), attack_count=60, attack_steps=3, victim_epochs=8,
                             encoder_eps=0.2, classifier_eps=0.3, restoration_steps=5)
     trainer = L.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, callbacks=[callback],
