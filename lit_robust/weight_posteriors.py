@@ -153,6 +153,8 @@ class ScaleAdaptedSGHMC(torch.optim.Optimizer):
     potential of Eq. 3.10. During the first ``num_burn_in_steps`` steps the preconditioner ``v̂`` (a running estimate
     of the squared gradient) and its averaging window τ adapt; afterwards they stay fixed so the chain is a proper
     sampler. The momentum, preconditioner and step counter live in ``self.state`` (saved with the optimizer).
+    Under DDP the gradients are all-reduced and every rank draws the same noise (Lightning seeds all ranks alike and
+    they make the same random calls), so the ranks' chains stay identical.
     """
 
     def __init__(self, params, lr: float = 1e-3, mdecay: float = 0.05, num_burn_in_steps: int = 3000,
