@@ -11,3 +11,5 @@ from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLear
 from lit_robust.callbacks.baseline_filters import ActivationClusteringFilter, SpectralSignatureFilter, TrimmedLossFilter
 __all__ += ["TrainingSetFilter", "WeakLearnerFilter", "ActivationClusteringFilter", "SpectralSignatureFilter",
             "TrimmedLossFilter"]
+__all__ = ["MetricsFile"]
+from lit_robust.callbacks.ood_detection import OODDetection

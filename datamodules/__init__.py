@@ -8,3 +8,4 @@ __all__ = ["ImageDataModule", "TensorImageDataset", "stack_dataset", "DigitsData
            "TorchvisionDataModule"]
 from lit_robust.datamodules.poisoned import PoisonedDataModule
 from lit_robust.datamodules.shifted import ShiftedDataModule
+from lit_robust.datamodules.ood import OODPairDataModule

@@ -10,3 +10,5 @@ from lit_robust.ddpm import DDPM
 from lit_robust.transfer_classifier import TransferClassifier
 
 __all__ = ["ImageClassifier", "EBM", "DDPM", "TransferClassifier"]
+__all__ = ["ImageClassifier"]
+from lit_robust.bayesian_vae import BayesianVAE

@@ -1,0 +1,286 @@
+"""``OODDetection``: threshold-free OOD metrics and fitted thresholds for any LightningModule that scores inputs.
+
+Protocol: the module has ``outlier_scores(images) -> {name: (B,) tensor}`` (higher = more likely OOD), and optionally
+``fit_outlier_scores(inlier_scores)`` (called with the scores of the validation inliers, e.g. to set a reference
+entropy) and ``encode(images) -> (mean, log_var)`` (enables the encoder attack). ``lit_robust.BayesianVAE`` has all
+three.
+
+At the end of ``trainer.test`` the callback
+1. scores the validation inliers and fits one threshold per score (the ``keep_inliers`` quantile: inputs above it
+   are rejected, so about ``1 − keep_inliers`` of inliers are lost);
+2. scores the test inliers and every outlier set — the datamodule's ``ood_test_dataset`` (or the ``ood_datasets``
+   given), adversarial examples against the encoder (Eq. 5.1) and against a victim classifier (FGSM/PGD, ch. 5);
+3. reports AUROC, AUPRC and FPR80 (thesis §3.3; outliers positive) and the rejection rate at the fitted threshold
+   for every score and pair as ``ood/<table>/<pair>/<score>/<metric>`` in ``metrics.json`` (``<table>`` = the
+   module's ``posterior`` hyperparameter when it has one), a markdown table and ID-vs-OOD histograms (PNG).
+
+Under DDP every rank scores its own unpadded shard; scores are gathered with ``gather_all_tensors`` (uneven shards
+are padded and trimmed), so every rank computes the same metrics and rank zero writes the files.
+``accept`` / ``FilteredClassifier`` put the fitted detector in front of any classifier.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+from lit_robust.callbacks.metrics_file import update_metrics_file
+from lit_robust.datamodules.base import TensorImageDataset, stack_dataset
+from lit_robust.ood_adversarial import classifier_attack, encoder_attack
+from lit_robust.ood_scores import detection_metrics
+
+
+def _gather(tensor: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.cat(gather_all_tensors(tensor.contiguous()))
+    return tensor
+
+
+def fit_victim(dataset: Dataset, in_chans: int, num_classes: int, epochs: int, seed: int) -> nn.Module:
+    """A small CNN classifier (``ImageClassifier`` with ``small_cnn``) trained on ``dataset`` with Adam; the victim
+    whose adversarial examples the detector must catch (the thesis uses Cleverhans' default classifier)."""
+    from lit_robust.classifier import ImageClassifier
+
+    images, labels = stack_dataset(dataset)
+    if (labels < 0).any():
+        raise ValueError("the inlier training set has no class labels (targets −1): a victim classifier needs them; "
+                         "set callbacks.ood_detection.victim=null or use labelled inliers")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = ImageClassifier(backbone="small_cnn", num_classes=num_classes, in_chans=in_chans)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for batch in order.split(128):
+            loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def accept(scores: dict[str, torch.Tensor], thresholds: dict[str, float], score: str) -> torch.Tensor:
+    """Boolean mask of inputs whose ``score`` is at most its fitted threshold (treated as in-distribution)."""
+    if score not in thresholds:
+        raise KeyError(f"no fitted threshold for score {score!r}; have {sorted(thresholds)}")
+    return scores[score] <= thresholds[score]
+
+
+class FilteredClassifier(nn.Module):
+    """Any classifier behind a fitted OOD detector: ``forward`` returns ``(logits, accepted)`` where ``accepted`` is
+    False for inputs the detector flags as out-of-distribution or adversarial (thesis ch. 5's filtering layer)."""
+
+    def __init__(self, classifier: nn.Module, detector: nn.Module, thresholds: dict[str, float],
+                 score: str = "std_ll"):
+        super().__init__()
+        self.classifier, self.detector, self.thresholds, self.score = classifier, detector, dict(thresholds), score
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            mask = accept(self.detector.outlier_scores(images), self.thresholds, self.score)
+        return self.classifier(images), mask
+
+
+class OODDetection(L.Callback):
+    """Fit thresholds on validation inliers; report AUROC/AUPRC/FPR80 per score and outlier set after testing.
+
+    Args:
+        output_dir: where ``metrics.json``, ``ood_<table>.md`` and ``ood_<table>_<pair>.png`` go (None: no files).
+        ood_datasets: ``{name: dataset}`` of outliers (default: the datamodule's ``ood_test_datasets``, else its
+            ``ood_test_dataset``).
+        keep_inliers: quantile of the validation inlier scores used as threshold.
+        encoder_eps, classifier_eps: ℓ∞ budgets of the encoder attack (Eq. 5.1) and the classifier attack;
+            None skips that attack. ``attack_count`` test inliers are attacked.
+        classifier_attack_method: ``fgsm`` or ``pgd``.
+        victim: ``"train"`` (fit a small CNN on the labelled inlier training set for ``victim_epochs``), a path to
+            an ``ImageClassifier`` checkpoint, or None.
+        restoration_steps, restoration_step_size: Algorithm 2 (ch. 5) when the module has ``restoration_gain``:
+            the SSIM gain of a latent Langevin re-evaluation on ``attack_count`` images of every set, reported as its
+            mean and as the AUROC separating each adversarial set from each OOD set (0 steps: skipped).
+        filter_score: the score ``accept``/``FilteredClassifier`` use by default.
+    """
+
+    def __init__(self, output_dir: str | None = None, ood_datasets: dict[str, Dataset] | None = None,
+                 keep_inliers: float = 0.95, batch_size: int = 250, encoder_eps: float | None = 0.1,
+                 classifier_eps: float | None = 0.2, classifier_attack_method: str = "fgsm",
+                 attack_count: int = 500, attack_steps: int = 20, victim: str | None = "train",
+                 victim_epochs: int = 5, restoration_steps: int = 20, restoration_step_size: float = 0.3,
+                 filter_score: str = "std_ll", histograms: bool = True, seed: int = 0):
+        if not 0.0 < keep_inliers < 1.0:
+            raise ValueError(f"keep_inliers={keep_inliers}: use a quantile in (0, 1), e.g. 0.95")
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.ood_datasets = ood_datasets
+        self.keep_inliers, self.batch_size = keep_inliers, batch_size
+        self.encoder_eps, self.classifier_eps = encoder_eps, classifier_eps
+        self.classifier_attack_method, self.attack_count, self.attack_steps = (classifier_attack_method,
+                                                                               attack_count, attack_steps)
+        self.victim, self.victim_epochs = victim, victim_epochs
+        self.restoration_steps, self.restoration_step_size = restoration_steps, restoration_step_size
+        self.filter_score, self.histograms, self.seed = filter_score, histograms, seed
+        self.thresholds: dict[str, float] = {}
+        self.results: dict[str, float] = {}
+
+    @property
+    def state_key(self) -> str:
+        return f"OODDetection[keep={self.keep_inliers}]"
+
+    def state_dict(self) -> dict:
+        return {"thresholds": dict(self.thresholds)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.thresholds = dict(state_dict.get("thresholds", {}))
+
+    # ---- scoring --------------------------------------------------------------------------------------------------
+    def score_dataset(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Dataset) -> dict:
+        """All scores of ``dataset``, sharded over ranks and gathered (same result on every rank)."""
+        sampler = None
+        if trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
+        parts: dict[str, list[torch.Tensor]] = {}
+        with torch.no_grad():
+            for batch in DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False):
+                for name, value in pl_module.outlier_scores(batch[0].to(pl_module.device)).items():
+                    parts.setdefault(name, []).append(value.float().cpu())
+        return {name: _gather(torch.cat(values).to(pl_module.device)).cpu() for name, values in parts.items()}
+
+    def fit(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Dataset) -> dict:
+        """Score validation inliers (after the module's own fit hook) and set ``thresholds``."""
+        scores = self.score_dataset(trainer, pl_module, dataset)
+        if hasattr(pl_module, "fit_outlier_scores"):
+            pl_module.fit_outlier_scores(scores)
+            scores = self.score_dataset(trainer, pl_module, dataset)
+        self.thresholds = {name: torch.quantile(value, self.keep_inliers).item() for name, value in scores.items()}
+        return scores
+
+    def adversarial_sets(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                         inliers: Dataset) -> dict[str, Dataset]:
+        """Adversarial versions of the first ``attack_count`` test inliers (each rank attacks its shard)."""
+        images, labels = stack_dataset(inliers)
+        images, labels = images[:self.attack_count], labels[:self.attack_count]
+        shard = torch.arange(trainer.global_rank, len(images), trainer.world_size)
+        x, y = images[shard].to(pl_module.device), labels[shard].to(pl_module.device)
+        out = {}
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.clone()
+            if self.encoder_eps is not None and hasattr(pl_module, "encode"):
+                generator = torch.Generator(device=x.device).manual_seed(self.seed + trainer.global_rank)
+                out[f"adv_encoder_pgd{self.encoder_eps:g}"] = encoder_attack(
+                    pl_module.encode, x, self.encoder_eps, self.attack_steps, generator=generator)
+            if self.classifier_eps is not None and self.victim is not None:
+                victim = self._victim(trainer, pl_module).to(x.device)
+                adv = classifier_attack(victim, x, y.clone(), self.classifier_eps, self.classifier_attack_method,
+                                        self.attack_steps)
+                with torch.no_grad():
+                    self.results["adv/victim_clean_acc"] = (victim(x).argmax(-1) == y).float().mean().item()
+                    self.results["adv/victim_adv_acc"] = (victim(adv).argmax(-1) == y).float().mean().item()
+                out[f"adv_classifier_{self.classifier_attack_method}{self.classifier_eps:g}"] = adv
+        gathered = {name: _gather(adv.detach()).cpu() for name, adv in out.items()}
+        return {name: TensorImageDataset(adv, torch.zeros(len(adv), dtype=torch.long)) for name, adv in gathered.items()}
+
+    def _victim(self, trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module:
+        if self.victim == "train":
+            dm = trainer.datamodule
+            in_chans = int(dm.train_dataset[0][0].shape[0])
+            return fit_victim(dm.train_dataset, in_chans, getattr(dm, "num_classes", 10), self.victim_epochs,
+                              self.seed)
+        from lit_robust.classifier import ImageClassifier
+
+        return ImageClassifier.load_from_checkpoint(self.victim, map_location="cpu").eval()
+
+    def restoration_report(self, trainer: L.Trainer, pl_module: L.LightningModule, table: str, inliers: Dataset,
+                           outliers: dict[str, Dataset]) -> dict[str, float]:
+        """Algorithm 2's second stage: mean SSIM gain per set and the gain's AUROC for adversarial vs OOD sets."""
+        gains = {}
+        for pair, dataset in {"inliers": inliers, **outliers}.items():
+            images = stack_dataset(dataset)[0][:self.attack_count]
+            shard = images[torch.arange(trainer.global_rank, len(images), trainer.world_size)]
+            with torch.inference_mode(False), torch.enable_grad():
+                gain = pl_module.restoration_gain(shard.clone().to(pl_module.device), self.restoration_steps,
+                                                  self.restoration_step_size)
+            gains[pair] = _gather(gain.detach().float()).cpu()
+        out = {f"ood/{table}/{pair}/restoration_gain": g.mean().item() for pair, g in gains.items()}
+        for adv in (p for p in gains if p.startswith("adv_")):
+            for ood in (p for p in gains if p != "inliers" and not p.startswith("adv_")):
+                out[f"ood/{table}/{adv}_vs_{ood}/gain_auroc"] = detection_metrics(gains[ood], gains[adv])["auroc"]
+        return out
+
+    # ---- the hook -------------------------------------------------------------------------------------------------
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is None or getattr(dm, "val_dataset", None) is None:
+            raise RuntimeError("OODDetection needs a datamodule with val_dataset and test_dataset (inliers)")
+        outliers = dict(self.ood_datasets or getattr(dm, "ood_test_datasets", None) or {})
+        if not outliers and getattr(dm, "ood_test_dataset", None) is not None:
+            outliers["ood"] = dm.ood_test_dataset
+        table = str(getattr(pl_module, "hparams", {}).get("posterior", "scores"))
+        self.fit(trainer, pl_module, dm.val_dataset)
+        inlier = self.score_dataset(trainer, pl_module, dm.test_dataset)
+        self.results[f"ood/{table}/inliers/count"] = float(len(next(iter(inlier.values()))))
+        outliers.update(self.adversarial_sets(trainer, pl_module, dm.test_dataset))
+        rows = {}
+        for pair, dataset in outliers.items():
+            scores = self.score_dataset(trainer, pl_module, dataset)
+            rows[pair] = {}
+            for name, value in scores.items():
+                metrics = detection_metrics(inlier[name], value)
+                metrics["rejected"] = (value > self.thresholds[name]).float().mean().item()
+                rows[pair][name] = metrics
+                for key, number in metrics.items():
+                    self.results[f"ood/{table}/{pair}/{name}/{key}"] = number
+            self.results[f"ood/{table}/{pair}/count"] = float(len(next(iter(scores.values()))))
+            if self.histograms and trainer.is_global_zero and self.output_dir is not None:
+                save_histograms(inlier, scores, self.output_dir / f"ood_{table}_{pair}.png",
+                                f"{table}: inliers vs {pair}")
+        for name, value in self.thresholds.items():
+            self.results[f"ood/{table}/threshold/{name}"] = value
+        if self.restoration_steps and hasattr(pl_module, "restoration_gain"):
+            self.results.update(self.restoration_report(trainer, pl_module, table, dm.test_dataset, outliers))
+        if trainer.is_global_zero and self.output_dir is not None:
+            update_metrics_file(self.output_dir / "metrics.json", self.results)
+            (self.output_dir / f"ood_{table}.md").write_text(markdown_table(table, rows))
+
+
+def markdown_table(table: str, rows: dict[str, dict[str, dict[str, float]]]) -> str:
+    """One markdown table per outlier set: scores × (AUROC, AUPRC, FPR80, rejected at threshold), in percent."""
+    lines = []
+    for pair, scores in rows.items():
+        lines += [f"### {table}: inliers vs {pair}", "", "| score | AUROC | AUPRC | FPR80 | rejected |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['auroc'] * 100:.2f} | {m['auprc'] * 100:.2f} | {m['fpr80'] * 100:.2f} | "
+                  f"{m['rejected'] * 100:.1f} |" for name, m in scores.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save_histograms(inlier: dict[str, torch.Tensor], outlier: dict[str, torch.Tensor], path: Path,
+                    title: str) -> None:
+    """ID-vs-OOD histograms of every score in one PNG (as the thesis' Fig. 3.1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(inlier)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        both = torch.cat([inlier[name], outlier[name]])
+        low, high = torch.quantile(both, 0.005).item(), torch.quantile(both, 0.995).item()
+        bins = torch.linspace(low, high if high > low else low + 1.0, 41).numpy()
+        # one polygon per histogram (stepfilled), not one patch per bar: drawing cost stays small
+        ax.hist(inlier[name].numpy(), bins=bins, alpha=0.6, label="ID", density=True, histtype="stepfilled")
+        ax.hist(outlier[name].numpy(), bins=bins, alpha=0.6, label="OOD", density=True, histtype="stepfilled")
+        ax.set_title(name, fontsize=9)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.1, top=0.8, wspace=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,67 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lit_robust import ood_scores as S
+
+
+def test_importance_sampled_log_likelihood_is_log_mean_of_weights():
+    torch.manual_seed(0)
+    a, b, c = (torch.randn(7, 5, dtype=torch.float64) * 3 for _ in range(3))
+    expected = np.log(np.exp((a + b - c).numpy()).mean(0))
+    assert np.allclose(S.importance_sampled_log_likelihood(a, b, c).numpy(), expected)
+
+
+def test_expected_log_likelihood_is_log_of_mean_likelihood():
+    log_liks = torch.tensor([[0.0], [math.log(3.0)]])
+    assert S.expected_log_likelihood(log_liks).item() == pytest.approx(math.log(2.0))
+
+
+def test_agreement_scores_at_their_extremes():
+    agree = torch.full((8, 1), -50.0)
+    one_dominates = torch.tensor([[0.0]] + [[-1000.0]] * 7)
+    assert S.disagreement_score(agree).item() == pytest.approx(8.0)
+    assert S.disagreement_score(one_dominates).item() == pytest.approx(1.0)
+    assert S.likelihood_entropy(agree).item() == pytest.approx(math.log(8.0))
+    assert S.likelihood_entropy(one_dominates).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_std_waic_typicality_and_hole_indicator_values():
+    log_liks = torch.tensor([[-10.0, 1.0], [-12.0, 3.0], [-14.0, 5.0]])
+    assert torch.allclose(S.std_of_log_likelihoods(log_liks), torch.tensor([2.0, 2.0]))
+    assert torch.allclose(S.waic(log_liks), torch.tensor([-12.0 - 4.0, 3.0 - 4.0]))
+    ell = S.expected_log_likelihood(log_liks)
+    assert torch.allclose(S.typicality_test(log_liks, 5.0), (-ell - 5.0).abs())
+    log_px_z = torch.tensor([[[1.0, 0.0], [3.0, 0.0], [5.0, 0.0]]])  # (N=1, S=3, B=2)
+    assert torch.allclose(S.hole_indicator(log_px_z), torch.tensor([2.0, 0.0]))
+
+
+def test_outlier_scores_are_oriented_higher_for_outliers():
+    torch.manual_seed(0)
+    inliers = -100 + 0.1 * torch.randn(10, 200)       # models agree
+    outliers = -100 + 3.0 * torch.randn(10, 200)      # models disagree, same mean likelihood
+    s_in, s_out = S.outlier_scores(inliers), S.outlier_scores(outliers)
+    for name in ("disagreement", "entropy", "std_ll"):
+        assert S.detection_metrics(s_in[name], s_out[name])["auroc"] > 0.95, name
+
+
+def test_detection_metrics_on_large_scores_and_reversed_order():
+    inl = 1000.0 + torch.arange(100.0)
+    out = 2000.0 + torch.arange(100.0)
+    metrics = S.detection_metrics(inl, out)  # would be 0.5 if torchmetrics' sigmoid saw raw scores
+    assert metrics == {"auroc": 1.0, "auprc": 1.0, "fpr80": 0.0}
+    assert S.detection_metrics(out, inl)["auroc"] == 0.0
+
+
+def test_fpr_at_tpr_counts_inliers_above_the_80_percent_threshold():
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.15, 0.35, 0.6, 0.7, 0.8])
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    # 4 of 5 outliers are caught at threshold 0.35: inliers 0.4 and 0.5 are above it -> FPR 0.4
+    assert S.fpr_at_tpr(scores, labels).item() == pytest.approx(0.4)
+
+
+def test_outlier_scores_rejects_a_single_draw():
+    with pytest.raises(ValueError, match="num_draws"):
+        S.outlier_scores(torch.zeros(1, 4))
