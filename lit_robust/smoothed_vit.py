@@ -20,7 +20,7 @@ from lit_robust.ablations import (ablate, ablation_masks, ablation_positions, gr
                                   random_ablation_mask, tokens_touched)
 from lit_robust.certification import ablation_votes, smoothed_prediction
 from lit_robust.classifier import ImageClassifier
-from lit_robust.nets import create_backbone, load_weights
+from lit_robust.nets import create_backbone
 
 
 def patch_vectors(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -41,6 +41,30 @@ def check_droppable_vit(vit: nn.Module) -> None:
             and isinstance(vit.patch_embed.norm, nn.Identity) and not vit.dynamic_img_size):
         raise ValueError("this ViT's patch embedding is not one non-overlapping Conv2d without norm (or uses a "
                          "dynamic image size): pick a standard vit_* model")
+
+
+def base_state_dict(state: dict, net: nn.Module) -> dict:
+    """Weights for the base network from a plain state dict, a Lightning checkpoint of a ``SmoothedViT`` (keys under
+    ``net.``), or a pretrained model without the mask channel: the patch embedding gets a zero weight for the mask
+    channel (the pretrained ViT starts out ignoring it) and a head of another class count keeps its fresh
+    initialisation — the paper fine-tunes ImageNet checkpoints this way (App. A.1.3)."""
+    state = state.get("state_dict", state)
+    if any(key.startswith("net.") for key in state):
+        state = {key[4:]: value for key, value in state.items() if key.startswith("net.")}
+    own = net.state_dict()
+    adapted = {}
+    for key, value in state.items():
+        if key in own and value.dim() == 4 and own[key].dim() == 4 and value.shape[1] + 1 == own[key].shape[1]:
+            value = torch.cat([value, value.new_zeros(value.shape[0], 1, *value.shape[2:])], dim=1)
+        adapted[key] = value
+    for key in ("head.weight", "head.bias"):
+        if key in adapted and key in own and adapted[key].shape != own[key].shape:
+            adapted[key] = own[key]
+    missing = set(own) - set(adapted)
+    if missing:
+        raise ValueError(f"the weights lack {sorted(missing)[:5]}…: they are not for model.backbone="
+                         f"{type(net).__name__} with these backbone_kwargs")
+    return adapted
 
 
 class SmoothedViT(ImageClassifier):
@@ -85,7 +109,8 @@ class SmoothedViT(ImageClassifier):
         if token_dropping:
             check_droppable_vit(self.net)
         if weights_path:
-            load_weights(self.net, weights_path)
+            self.net.load_state_dict(base_state_dict(torch.load(weights_path, map_location="cpu",
+                                                                weights_only=False), self.net))
 
     # ---- ablation sets -------------------------------------------------------------------------------------------
     @staticmethod
