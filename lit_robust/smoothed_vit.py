@@ -205,8 +205,15 @@ class SmoothedViT(ImageClassifier):
         return outputs
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of the base classifier on whole (unablated) [0, 1] images."""
-        return self.ablated_logits(images, images.new_ones(1, *images.shape[-2:]))[:, 0]
+        """Base-classifier logits for [0, 1] images. In training mode the input is the base classifier's training
+        ablation — one random position per batch (App. A.1.3), or the whole image during the first
+        ``unablated_epochs`` — like dropout, acting only in training; in eval mode, the whole image."""
+        size = tuple(images.shape[-2:])
+        if self.training and self.current_epoch >= self.hparams.unablated_epochs:
+            masks = random_ablation_mask(self.hparams.ablation, size, self.hparams.ablation_width, device=images.device)
+        else:
+            masks = images.new_ones(1, *size)
+        return self.ablated_logits(images, masks)[:, 0]
 
     @torch.no_grad()
     def smoothed_counts(self, images: torch.Tensor, stride: int | None = None,
@@ -220,25 +227,7 @@ class SmoothedViT(ImageClassifier):
         """g(x), the smoothed prediction (Eq. 1.1)."""
         return smoothed_prediction(self.smoothed_counts(batch[0]))
 
-    # ---- training ------------------------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
-        images, labels = batch[0], batch[1]
-        images = self.augment(images)
-        size = tuple(images.shape[-2:])
-        if self.current_epoch < self.hparams.unablated_epochs:
-            masks = images.new_ones(1, *size)
-        else:
-            masks = random_ablation_mask(self.hparams.ablation, size, self.hparams.ablation_width, device=self.device)
-        logits = self.ablated_logits(images, masks)[:, 0]
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; "
-                                     "lower model.lr or check the input data for NaN")
-        self.metrics["train_acc"](logits, labels)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.metrics["train_acc"], on_step=False, on_epoch=True)
-        return loss
-
+    # ---- evaluation (training is ImageClassifier's step on this forward) -------------------------------------
     def _evaluate(self, batch, split: str) -> None:
         """Smoothed accuracy (``val/acc`` at ``val_stride``, ``test/acc`` at the certification stride)."""
         images, labels = batch[0], batch[1]

@@ -185,3 +185,38 @@ def test_pretrained_weights_gain_a_zero_mask_channel(tmp_path, wrap):
     assert torch.equal(weight[:, :1], vit.patch_embed.proj.weight) and weight[:, 1].eq(0).all()
     assert torch.equal(model.net.blocks[1].mlp.fc1.weight, vit.blocks[1].mlp.fc1.weight)
     assert model.net.head.weight.shape[0] == 10  # a head of another class count is re-initialised
+
+
+def certify_records(tmp_path, **trainer_kwargs) -> dict:
+    model = tiny_vit()
+    data = DigitsDataModule(source="sklearn8x8", img_size=16, test_fraction=0.1115, batch_size=64, seed=0)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Certification(str(tmp_path), patch_sizes=[1, 2])],
+                        **trainer_kwargs)
+    trainer.test(model, datamodule=data, verbose=False)
+    return json.loads((tmp_path / "test_records.json").read_text())
+
+
+@pytest.mark.slow
+def test_certification_under_ddp_equals_a_single_process(tmp_path):
+    """Two CPU ranks (gloo) shard 201 test images (uneven shards) and gather: records and metrics are identical."""
+    single = certify_records(tmp_path / "single", devices=1)
+    ddp = certify_records(tmp_path / "ddp", devices=2, strategy="ddp_spawn")
+    assert ddp["modes"] == single["modes"] and len(single["modes"]["model"]) == 201
+    assert ddp["metrics"] == single["metrics"]
+
+
+def test_forward_ablates_only_in_training_and_fits():
+    model = tiny_vit()
+    images = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        whole = model(images)
+        assert torch.allclose(whole, model.ablated_logits(images, torch.ones(1, 16, 16))[:, 0])
+        model.train()
+        ablated = model(images)
+    assert not torch.allclose(whole, ablated, atol=1e-4)
+    data = DigitsDataModule(source="sklearn8x8", img_size=16, batch_size=32, seed=0)
+    trainer = L.Trainer(accelerator="cpu", fast_dev_run=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"]) and "val/acc" in trainer.callback_metrics
