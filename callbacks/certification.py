@@ -132,7 +132,7 @@ class Certification(L.Callback):
                     label=f"{prefix.split('/')[-1] if prefix.count('/') > 1 else 'smoothed'} "
                           f"(std {100 * results[f'{prefix}/acc']:.1f} %)")
         ax.set(xlabel="patch side m (pixels)", ylabel="certified accuracy (%)", title=f"{split} split",
-               ylim=(0, 100))
+               ylim=(0, 100), xticks=self.patch_sizes)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(self.dirpath / f"{split}_certified_accuracy.png", dpi=120)
