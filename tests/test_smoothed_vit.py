@@ -38,19 +38,21 @@ def test_forward_without_dropping_equals_timms_forward():
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
-def test_token_dropping_runs_timms_blocks_on_exactly_the_touched_tokens():
-    model = tiny_vit()
+@pytest.mark.parametrize("kind,width,stride,counts", [("column", 3, 1, {4, 8}), ("block", 6, 3, {4, 6, 9})])
+def test_token_dropping_runs_timms_blocks_on_exactly_the_touched_tokens(kind, width, stride, counts):
+    model = tiny_vit(ablation=kind, ablation_width=width, ablation_stride=stride)
     vit = model.net
     images, masks = torch.rand(2, 1, 16, 16), model.certification_masks((16, 16))
+    a = len(masks)
     touched = tokens_touched(masks, 4)
     with torch.no_grad():
         ours = model.ablated_logits(images, masks, token_dropping=True)
-        tokens = vit._pos_embed(vit.patch_embed(timm_inputs(model, images, masks)))  # (2·16, 1 + 16, D)
-        for j in range(2 * 16):  # reference: one ablation at a time, as Alg. 2
-            kept = torch.cat([tokens[j, :1], tokens[j, 1:][touched[j % 16]]])[None]
+        tokens = vit._pos_embed(vit.patch_embed(timm_inputs(model, images, masks)))  # (2·A, 1 + 16, D)
+        for j in range(2 * a):  # reference: one ablation at a time, as Alg. 2
+            kept = torch.cat([tokens[j, :1], tokens[j, 1:][touched[j % a]]])[None]
             reference = vit.forward_head(vit.norm(vit.blocks(kept)))
-            assert torch.allclose(ours[j // 16, j % 16], reference[0], atol=1e-5)
-    assert set(touched.sum(1).tolist()) == {4, 8}  # width 3 over 4-pixel tokens: 1 or 2 token columns of 4
+            assert torch.allclose(ours[j // a, j % a], reference[0], atol=1e-5)
+    assert set(touched.sum(1).tolist()) == counts  # e.g. width 3 over 4-pixel tokens: 1 or 2 token columns of 4
 
 
 def test_chunking_does_not_change_the_logits():
