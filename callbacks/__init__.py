@@ -13,3 +13,6 @@ __all__ += ["TrainingSetFilter", "WeakLearnerFilter", "ActivationClusteringFilte
             "TrimmedLossFilter"]
 __all__ = ["MetricsFile"]
 from lit_robust.callbacks.ood_detection import OODDetection
+from lit_robust.callbacks.certification import Certification
+
+__all__ = ["MetricsFile", "Certification"]

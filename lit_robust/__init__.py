@@ -12,3 +12,6 @@ from lit_robust.transfer_classifier import TransferClassifier
 __all__ = ["ImageClassifier", "EBM", "DDPM", "TransferClassifier"]
 __all__ = ["ImageClassifier"]
 from lit_robust.bayesian_vae import BayesianVAE
+from lit_robust.smoothed_vit import SmoothedViT
+
+__all__ = ["ImageClassifier", "SmoothedViT"]

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from lit_robust.ablations import ablation_masks, ablation_positions
+from lit_robust.certification import (CertifiedAccuracy, block_delta, certified, certified_correct, certified_margin,
+                                      column_delta, patch_delta, smoothed_prediction, vote_counts)
+
+
+def test_vote_counts_from_predictions():
+    predictions = torch.tensor([[0, 2, 2, 1], [3, 3, 3, 3]])
+    assert vote_counts(predictions, 4).tolist() == [[1, 1, 2, 0], [0, 0, 0, 4]]
+    with pytest.raises(ValueError, match="num_classes"):
+        vote_counts(torch.tensor([[5]]), 4)
+
+
+def test_ties_go_to_the_lowest_class():
+    counts = torch.tensor([[3, 5, 5, 0], [2, 2, 2, 2], [0, 0, 1, 7]])
+    assert smoothed_prediction(counts).tolist() == [1, 0, 3]
+
+
+def test_deltas_match_the_paper():
+    assert column_delta(2, 4) == 5  # m + b − 1
+    assert column_delta(5, 19, stride=10) == 3  # ⌈23/10⌉
+    assert block_delta(2, 4, 1) == 25
+    assert block_delta(32, 75, 10) == 121  # ⌈106/10⌉²
+    with pytest.raises(ValueError):
+        column_delta(0, 4)
+
+
+@pytest.mark.parametrize("kind,width,stride,m", [("column", 4, 1, 1), ("column", 4, 1, 4), ("column", 4, 2, 3),
+                                                   ("column", 3, 4, 2), ("block", 4, 1, 2), ("block", 5, 4, 3)])
+def test_exact_delta_equals_the_closed_form_when_the_stride_divides_the_side(kind, width, stride, m):
+    size = (16, 16)
+    masks = ablation_masks(kind, ablation_positions(kind, size, width, stride), size, width)
+    closed = column_delta(m, width, stride) if kind == "column" else block_delta(m, width, stride)
+    assert patch_delta(masks, m) == closed
+
+
+def test_exact_delta_exceeds_the_closed_form_when_the_stride_does_not_divide():
+    # 10 columns, bands of width 3 at stride 4: {0,1,2}, {4,5,6}, {8,9,0}. Across the wrap two bands share column 0,
+    # so the patch over columns 0–1 meets two ablations while the closed form ⌈(2 + 3 − 1)/4⌉ says one.
+    masks = ablation_masks("column", ablation_positions("column", (10, 10), 3, 4), (10, 10), 3)
+    assert column_delta(2, 3, 4) == 1
+    assert patch_delta(masks, 2) == 2
+
+
+def test_certificate_is_strict():
+    # margin 10: certified iff 10 > 2Δ
+    counts = torch.tensor([[12, 2, 0]])
+    assert certified_margin(counts).tolist() == [10]
+    assert certified(counts, 4).tolist() == [True]
+    assert certified(counts, 5).tolist() == [False]  # 12 > 2 + 10 is false: a tie never certifies
+    tie = torch.tensor([[6, 6, 0]])
+    assert certified(tie, 0).tolist() == [False]
+
+
+def test_certified_correct_needs_the_right_class():
+    counts = torch.tensor([[20, 1, 1], [1, 20, 1], [9, 8, 0]])
+    targets = torch.tensor([0, 0, 0])
+    assert certified_correct(counts, targets, 2).tolist() == [True, False, False]
+
+
+def test_certified_accuracy_metric_accumulates_over_batches():
+    metric = CertifiedAccuracy({1: 2, 2: 5})
+    metric.update(torch.tensor([[20, 1], [1, 20]]), torch.tensor([0, 0]))
+    metric.update(torch.tensor([[9, 0], [6, 5]]), torch.tensor([0, 0]))
+    result = metric.compute()
+    assert result["acc"].item() == pytest.approx(0.75)  # 3 of 4 predicted correctly
+    assert result["acc_m1"].item() == pytest.approx(0.5)  # margins 19 and 9 > 4; 1 is not
+    assert result["acc_m2"].item() == pytest.approx(0.25)  # only 19 > 10
