@@ -1,4 +1,5 @@
 """Callbacks usable in any Lightning ``Trainer`` (no Hydra needed)."""
 from lit_robust.callbacks.metrics_file import MetricsFile
+from lit_robust.callbacks.robustness_report import AdversarialRobustnessReport, ShiftRobustnessReport
 
-__all__ = ["MetricsFile"]
+__all__ = ["MetricsFile", "ShiftRobustnessReport", "AdversarialRobustnessReport"]

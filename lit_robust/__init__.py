@@ -5,5 +5,6 @@ data; ``lit_robust.callbacks`` the defences (purification, certification, filter
 Lightning ``Trainer``.
 """
 from lit_robust.classifier import ImageClassifier
+from lit_robust.deep_cama import DeepCAMA
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "DeepCAMA"]
