@@ -6,5 +6,6 @@ Lightning ``Trainer``.
 """
 from lit_robust.classifier import ImageClassifier
 from lit_robust.deep_cama import DeepCAMA
+from lit_robust.causal_vae import CausalVAE
 
-__all__ = ["ImageClassifier", "DeepCAMA"]
+__all__ = ["ImageClassifier", "DeepCAMA", "CausalVAE"]
