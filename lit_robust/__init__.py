@@ -7,5 +7,6 @@ Lightning ``Trainer``.
 from lit_robust.classifier import ImageClassifier
 from lit_robust.deep_cama import DeepCAMA
 from lit_robust.causal_vae import CausalVAE
+from lit_robust.lavae import LAVAE
 
-__all__ = ["ImageClassifier", "DeepCAMA", "CausalVAE"]
+__all__ = ["ImageClassifier", "DeepCAMA", "CausalVAE", "LAVAE"]
