@@ -10,7 +10,8 @@ from lit_robust.datamodules.base import stack_dataset
 
 
 class LatentAugmentationGrid(L.Callback):
-    """After testing, save ``latent_augmentation_grid.png``: per row, for ``num_images`` test images, the input,
+    """After testing, save ``latent_augmentation_grid.png``: per row, for ``num_images`` test images spread over the
+    split, the input,
     then for each augmentation and the composition the pixel-augmented image beside θ(φ(x0)·L) (Eqs. 5.7, 5.8)."""
 
     def __init__(self, output_dir: str, num_images: int = 8):
@@ -20,7 +21,8 @@ class LatentAugmentationGrid(L.Callback):
         if not trainer.is_global_zero:
             return
         images, _ = stack_dataset(trainer.datamodule.test_dataset)
-        x0 = images[:self.num_images].to(pl_module.device)
+        picks = torch.linspace(0, len(images) - 1, self.num_images).long()   # spread over the (class-sorted) split
+        x0 = images[picks].to(pl_module.device)
         a1, a2 = pl_module.hparams.augmentations
         targets = pl_module.augmented_set(x0)
         with torch.no_grad():
