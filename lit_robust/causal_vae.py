@@ -176,7 +176,7 @@ class CausalVAE(L.LightningModule):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, k = len(self.hparams.concepts), self.hparams.concept_dim
         mean, logvar = self.encoder(x).view(-1, n, 2 * k).chunk(2, dim=-1)
-        return mean, logvar
+        return mean, logvar.clamp(-8.0, 4.0)   # an unbounded log-variance overflowed exp() within 7 epochs
 
     def causal_latents(self, noise: torch.Tensor, clamp: dict[int, torch.Tensor] | None = None):
         """(z, decoder input) from the encoder's sample, with ``clamp`` = {concept: (B, k) value} interventions.
