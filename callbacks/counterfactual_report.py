@@ -23,12 +23,12 @@ from lit_robust.nets import create_backbone
 
 
 def fit_factor_regressor(images: torch.Tensor, targets: torch.Tensor, epochs: int = 10, batch_size: int = 128,
-                         lr: float = 2e-3, seed: int = 0) -> torch.nn.Module:
+                         lr: float = 2e-3, seed: int = 0, widths: tuple[int, ...] = (32, 64, 128)) -> torch.nn.Module:
     """A ``small_cnn`` with one output per factor, trained by MSE on standardised ``targets`` (N, F); returns a
     module mapping images to targets in their original units."""
     torch.manual_seed(seed)
     mean, std = targets.mean(0), targets.std(0).clamp_min(1e-6)
-    net = create_backbone("small_cnn", num_classes=targets.shape[1], in_chans=images.shape[1])
+    net = create_backbone("small_cnn", num_classes=targets.shape[1], in_chans=images.shape[1], widths=tuple(widths))
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * ((len(images) + batch_size - 1) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
@@ -59,10 +59,11 @@ class CounterfactualReport(L.Callback):
     ``reconstruct(x)`` (``CausalVAE``), on a DataModule whose targets are the factors (``PendulumDataModule``)."""
 
     def __init__(self, output_dir: str, factors: list[str] = ("theta", "sun", "shadow_length", "shadow_position"),
-                 num_values: int = 5, eval_size: int = 200, regressor_epochs: int = 10, seed: int = 0,
-                 cache_dir: str | None = None):
+                 num_values: int = 5, eval_size: int = 200, regressor_epochs: int = 10,
+                 regressor_widths: list[int] = (32, 64, 128), seed: int = 0, cache_dir: str | None = None):
         self.output_dir, self.factors, self.num_values = Path(output_dir), list(factors), num_values
         self.eval_size, self.regressor_epochs, self.seed, self.cache_dir = eval_size, regressor_epochs, seed, cache_dir
+        self.regressor_widths = tuple(regressor_widths)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -73,12 +74,13 @@ class CounterfactualReport(L.Callback):
     def _regressor(self, train_x, train_f) -> FactorRegressor:
         path = None
         if self.cache_dir:
-            key = fingerprint(train_x[:32], train_f, self.regressor_epochs, self.seed)
+            key = fingerprint(train_x[:32], train_f, self.regressor_epochs, self.regressor_widths, self.seed)
             path = Path(self.cache_dir) / f"factor_regressor-{key}.pt"
             cached = load_verified(path)
             if cached is not None:
                 return cached
-        regressor = fit_factor_regressor(train_x, train_f, self.regressor_epochs, seed=self.seed)
+        regressor = fit_factor_regressor(train_x, train_f, self.regressor_epochs, seed=self.seed,
+                                         widths=self.regressor_widths)
         if path:
             save_atomic(path, regressor)
         return regressor
