@@ -16,3 +16,9 @@ from lit_robust.callbacks.ood_detection import OODDetection
 from lit_robust.callbacks.certification import Certification
 
 __all__ = ["MetricsFile", "Certification"]
+from lit_robust.callbacks.robustness_report import AdversarialRobustnessReport, ShiftRobustnessReport
+from lit_robust.callbacks.counterfactual_report import CounterfactualReport
+from lit_robust.callbacks.latent_grid import LatentAugmentationGrid
+
+__all__ = ["MetricsFile", "ShiftRobustnessReport", "AdversarialRobustnessReport", "CounterfactualReport",
+           "LatentAugmentationGrid"]

@@ -15,3 +15,8 @@ from lit_robust.bayesian_vae import BayesianVAE
 from lit_robust.smoothed_vit import SmoothedViT
 
 __all__ = ["ImageClassifier", "SmoothedViT"]
+from lit_robust.deep_cama import DeepCAMA
+from lit_robust.causal_vae import CausalVAE
+from lit_robust.lavae import LAVAE
+
+__all__ = ["ImageClassifier", "DeepCAMA", "CausalVAE", "LAVAE"]

@@ -2,6 +2,7 @@
 
 `create_backbone(name, num_classes, in_chans, **kwargs)` returns
 - ``small_cnn``: three conv blocks (32-64-128 channels) and a linear head; the fast CPU default on digits;
+- ``dense``: deep CAMA's discriminative MNIST DNN (dense 512-256-126-512 with dropout), takes ``img_size``;
 - ``resnet18_cifar`` / ``preact_resnet18_cifar``: timm's ResNet-18 / pre-activation ResNet-18 with the CIFAR stem
   (one 3×3 stride-1 convolution, no max-pool), the classifiers of the purification and poisoning papers;
 - any other name: ``timm.create_model(name, pretrained=False, ...)`` (weights come from a path, never a download).
@@ -37,6 +38,26 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class DenseNet(nn.Module):
+    """Flatten + ReLU dense layers with per-layer dropout: the discriminative DNN of deep CAMA's MNIST experiments
+    (002 App. C: widths 512-256-126-512, dropout 0.25/0.25/0.25/0.5). ``img_size`` fixes the input width."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28,
+                 widths: tuple[int, ...] = (512, 256, 126, 512), drop_rates: tuple[float, ...] = (0.25, 0.25, 0.25, 0.5)):
+        super().__init__()
+        if len(widths) != len(drop_rates):
+            raise ValueError(f"widths {widths} and drop_rates {drop_rates} differ in length: give one rate per layer")
+        layers: list[nn.Module] = [nn.Flatten()]
+        features = in_chans * img_size * img_size
+        for width, rate in zip(widths, drop_rates):
+            layers += [nn.Linear(features, width), nn.ReLU(inplace=True), nn.Dropout(rate)]
+            features = width
+        self.net = nn.Sequential(*layers, nn.Linear(features, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def _with_cifar_stem(model: nn.Module, conv_name: str, pool_name: str, in_chans: int) -> nn.Module:
     """Replace an ImageNet stem (7×7 stride 2 + max-pool) by one 3×3 stride-1 conv, as CIFAR ResNets do."""
     parent_conv, conv_attr = _resolve(model, conv_name)
@@ -64,6 +85,8 @@ def create_backbone(name: str, num_classes: int = 10, in_chans: int = 3, **kwarg
     """Build a classifier backbone by name (see the module docstring for the names)."""
     if name == "small_cnn":
         return SmallCNN(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if name == "dense":
+        return DenseNet(num_classes=num_classes, in_chans=in_chans, **kwargs)
     if name in CIFAR_STEMS:
         timm_name, conv, pool = CIFAR_STEMS[name]
         model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)

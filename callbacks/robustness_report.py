@@ -1,0 +1,235 @@
+"""Robustness reports that compare the trained (generative) model with discriminative baselines on manipulated test
+data: translation sweeps with and without test-time fine-tuning (deep CAMA §4.1, Fig. 7) and FGSM/PGD (§4.1,
+Fig. 11).
+
+The baselines are ordinary ``ImageClassifier`` modules trained in sequence inside the report (a nested ``Trainer``
+on the same DataModule), so one run of ``train.py experiment=cama_digits_shift`` (or ``evaluate.py`` on a
+checkpoint) yields the whole comparison. The report runs after testing, on global rank zero only; its numbers are
+merged into ``metrics.json`` under flat keys and its curves saved as PNG beside it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from lit_robust.attacks import fgsm, pgd_linf
+from lit_robust.cache import fingerprint, load_verified, save_atomic
+from lit_robust.callbacks.metrics_file import update_metrics_file
+from lit_robust.datamodules.base import stack_dataset
+from lit_robust.shifts import translate
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]   # images → class log-probabilities or logits
+
+
+def batched_predictions(predict: Predictor, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """Predicted classes of all ``images``, ``batch_size`` at a time, without gradients."""
+    with torch.no_grad():
+        return torch.cat([predict(images[i:i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
+
+
+def accuracy(predict: Predictor, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 100) -> float:
+    """Top-1 accuracy in [0, 1]."""
+    return (batched_predictions(predict, images, batch_size).cpu() == labels.cpu()).float().mean().item()
+
+
+def shifted(images: torch.Tensor, direction: str, pixels: int) -> torch.Tensor:
+    """Translate by ``pixels`` down (``vertical``) or right (``horizontal``)."""
+    if direction == "vertical":
+        return translate(images, dy=pixels)
+    if direction == "horizontal":
+        return translate(images, dx=pixels)
+    raise ValueError(f"shift direction {direction!r}: use 'vertical' or 'horizontal'")
+
+
+def fit_baselines(datamodule: L.LightningDataModule, specs: dict[str, dict], max_epochs: int, seed: int,
+                  cache_dir: str | None = None) -> dict[str, L.LightningModule]:
+    """Train one ``ImageClassifier(**spec)`` per name on ``datamodule`` (CPU/GPU as available, one device), reusing
+    weights from ``cache_dir`` when the same spec, epochs, seed and training images were trained before."""
+    from lit_robust.classifier import ImageClassifier
+
+    images, _ = stack_dataset(datamodule.train_dataset)
+    models = {}
+    for name, spec in specs.items():
+        spec = dict(spec)
+        epochs = int(spec.pop("max_epochs", max_epochs))
+        model = ImageClassifier(**spec)
+        path = Path(cache_dir) / f"{name}-{fingerprint(spec, epochs, seed, images[:64], len(images))}.pt" \
+            if cache_dir else None
+        state = load_verified(path) if path else None
+        if state is not None:
+            model.load_state_dict(state)
+        else:
+            L.seed_everything(seed, workers=True)
+            trainer = L.Trainer(max_epochs=epochs, devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
+            trainer.fit(model, datamodule=datamodule)
+            if path:
+                save_atomic(path, model.state_dict())
+        models[name] = model.eval()
+    return models
+
+
+class RobustnessReport(L.Callback):
+    """Base: after ``trainer.test``, train the baselines, evaluate everything on a fixed subset of the test split and
+    merge the numbers into ``<output_dir>/metrics.json``. Subclasses implement ``report``.
+
+    Args:
+        output_dir: where ``metrics.json`` and the PNGs go (``${output_dir}``).
+        baselines: name → ``ImageClassifier`` keyword arguments (``max_epochs`` may override ``baseline_epochs``).
+        eval_size: test images evaluated (the first of a seeded permutation; the rest can feed fine-tuning).
+    """
+
+    def __init__(self, output_dir: str, baselines: dict[str, dict] | None = None, baseline_epochs: int = 10,
+                 eval_size: int = 1000, batch_size: int = 100, seed: int = 0, cache_dir: str | None = None):
+        self.output_dir = Path(output_dir)
+        self.baselines = baselines or {}
+        self.baseline_epochs, self.eval_size, self.batch_size = baseline_epochs, eval_size, batch_size
+        self.seed, self.cache_dir = seed, cache_dir
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Runs outside the test loop's inference mode: baselines train, fine-tuning and attacks need gradients."""
+        if not trainer.is_global_zero:
+            return
+        with torch.inference_mode(False), torch.enable_grad():
+            self._run(trainer, pl_module)
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        images, labels = stack_dataset(datamodule.test_dataset)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
+        was_training = pl_module.training
+        pl_module.eval()
+        baselines = fit_baselines(datamodule, self.baselines, self.baseline_epochs, self.seed, self.cache_dir)
+        for model in baselines.values():
+            model.to(pl_module.device)
+        torch.manual_seed(self.seed)
+        metrics = self.report(pl_module, baselines, images[order], labels[order], datamodule)
+        update_metrics_file(self.output_dir / "metrics.json", metrics)
+        pl_module.train(was_training)
+
+    def report(self, model, baselines, images, labels, datamodule) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _plot(self, curves: dict[str, dict[str, dict[float, float]]], xlabel: str, filename: str) -> None:
+        """One panel per key of ``curves``, one line per model: accuracy against the manipulation strength."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+        for ax, (panel, lines) in zip(axes[0], curves.items()):
+            for name, points in lines.items():
+                xs = sorted(points)
+                ax.plot(xs, [100 * points[x] for x in xs], marker="o", label=name)
+            ax.set(title=panel, xlabel=xlabel, ylabel="test accuracy (%)", ylim=(0, 100))
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.output_dir / filename, dpi=120)
+        plt.close(fig)
+
+
+class ShiftRobustnessReport(RobustnessReport):
+    """Accuracy against vertical and horizontal translations (seed 002 Fig. 7): every baseline, the generative model
+    as trained (``<model_name>``), and after test-time fine-tuning (``<model_name>_ft``) on ``ft_fraction`` of the
+    shifted test set — images disjoint from the evaluated ones, spread evenly over the non-zero shifts of a direction
+    (one fine-tuned copy per direction; ``ft_per_shift`` fine-tunes one copy per shift as the paper's panels b/d).
+    Also reports the clean accuracy of each fine-tuned copy (``.../<model_name>_ft_clean``).
+    Keys: ``shift/<direction>_<s>px/<name>``; plot ``shift_accuracy.png``.
+    """
+
+    def __init__(self, output_dir: str, shifts: list[int] = (0, 1, 2, 3, 4, 5), ft_fraction: float = 0.1,
+                 ft_per_shift: bool = False, directions: list[str] = ("vertical", "horizontal"),
+                 model_name: str = "cama", **kwargs):
+        super().__init__(output_dir, **kwargs)
+        if not 0 < ft_fraction <= 0.5:
+            raise ValueError(f"ft_fraction={ft_fraction}: use a fraction of the test set in (0, 0.5]")
+        self.shifts, self.ft_fraction, self.ft_per_shift = list(shifts), ft_fraction, ft_per_shift
+        self.directions, self.model_name = list(directions), model_name
+
+    def report(self, model, baselines, images, labels, datamodule):
+        train_x, train_y = stack_dataset(datamodule.train_dataset)
+        n_ft = int(self.ft_fraction * len(images))
+        ft_pool, eval_x, eval_y = images[:n_ft], images[n_ft:][:self.eval_size], labels[n_ft:][:self.eval_size]
+        predictors = {name: b for name, b in baselines.items()} | {self.model_name: model}
+        metrics, curves = {}, {}
+        for direction in self.directions:
+            lines = {name: {} for name in [*predictors, f"{self.model_name}_ft"]}
+            for s in self.shifts:
+                x = shifted(eval_x, direction, s).to(model.device)
+                for name, predict in predictors.items():
+                    lines[name][s] = accuracy(predict, x, eval_y, self.batch_size)
+            nonzero = [s for s in self.shifts if s != 0]
+            groups = [[s] for s in nonzero] if self.ft_per_shift else [nonzero]
+            lines[f"{self.model_name}_ft"][0] = lines[self.model_name].get(0, float("nan"))
+            for group in groups:
+                chunks = ft_pool.chunk(len(group))
+                x_ft = torch.cat([shifted(chunk, direction, s) for chunk, s in zip(chunks, group)])
+                tuned = model.fine_tuned_copy(x_ft.to(model.device), train_x, train_y)
+                for s in group:
+                    x = shifted(eval_x, direction, s).to(model.device)
+                    lines[f"{self.model_name}_ft"][s] = accuracy(tuned, x, eval_y, self.batch_size)
+                tag = f"{direction}" + (f"_{group[0]}px" if self.ft_per_shift else "")
+                metrics[f"shift/{tag}/{self.model_name}_ft_clean"] = accuracy(tuned, eval_x.to(model.device), eval_y,
+                                                                              self.batch_size)
+                metrics[f"shift/{tag}/ft_images"] = float(len(x_ft))
+            for name, points in lines.items():
+                for s, acc in points.items():
+                    metrics[f"shift/{direction}_{s}px/{name}"] = acc
+            curves[direction] = lines
+        metrics["shift/eval_images"] = float(len(eval_x))
+        self._plot(curves, "shift (pixels)", "shift_accuracy.png")
+        return metrics
+
+
+class AdversarialRobustnessReport(RobustnessReport):
+    """Accuracy under FGSM and ℓ∞ PGD at each ε (seed 002 Fig. 11), white-box against each model: for the
+    generative classifier the attacked loss is the cross-entropy of its Eq. 6 prediction with ``attack_samples``
+    importance samples (the sampling noise makes this an expectation-over-randomness attack).
+    Keys: ``adv/<attack>_eps<ε>/<name>``; plot ``adversarial_accuracy.png``.
+    """
+
+    def __init__(self, output_dir: str, epsilons: list[float] = (0.1, 0.2, 0.3), attacks: list[str] = ("fgsm", "pgd"),
+                 pgd_steps: int = 10, attack_samples: int = 2, model_name: str = "cama", **kwargs):
+        super().__init__(output_dir, **kwargs)
+        unknown = set(attacks) - {"fgsm", "pgd"}
+        if unknown:
+            raise ValueError(f"attacks {sorted(unknown)}: use 'fgsm' and/or 'pgd'")
+        self.epsilons, self.attacks, self.pgd_steps = list(epsilons), list(attacks), pgd_steps
+        self.attack_samples, self.model_name = attack_samples, model_name
+
+    def _attack(self, attack: str, loss_fn, x: torch.Tensor, eps: float) -> torch.Tensor:
+        if attack == "fgsm":
+            return fgsm(loss_fn, x, eps)
+        return pgd_linf(loss_fn, x, eps, steps=self.pgd_steps)
+
+    def report(self, model, baselines, images, labels, datamodule):
+        x_all, y_all = images[:self.eval_size].to(model.device), labels[:self.eval_size].to(model.device)
+        losses = {name: (lambda b: lambda x, y: F.cross_entropy(b(x), y, reduction="none"))(b)
+                  for name, b in baselines.items()}
+        losses[self.model_name] = lambda x, y: F.nll_loss(model.predict_log_probs(x, self.attack_samples), y,
+                                                          reduction="none")
+        predictors = {name: b for name, b in baselines.items()} | {self.model_name: model}
+        metrics, curves = {}, {a: {name: {} for name in predictors} for a in self.attacks}
+        for name, predict in predictors.items():
+            clean = accuracy(predict, x_all, y_all, self.batch_size)
+            for attack in self.attacks:
+                curves[attack][name][0.0] = clean
+                for eps in self.epsilons:
+                    correct = 0
+                    for i in range(0, len(x_all), self.batch_size):
+                        x, y = x_all[i:i + self.batch_size], y_all[i:i + self.batch_size]
+                        adv = self._attack(attack, lambda v: losses[name](v, y), x, eps)
+                        correct += (batched_predictions(predict, adv, self.batch_size) == y).sum().item()
+                    curves[attack][name][eps] = correct / len(x_all)
+                    metrics[f"adv/{attack}_eps{eps:g}/{name}"] = correct / len(x_all)
+            metrics[f"adv/clean/{name}"] = clean
+        metrics["adv/eval_images"] = float(len(x_all))
+        self._plot(curves, "ε (ℓ∞, [0, 1] pixels)", "adversarial_accuracy.png")
+        return metrics

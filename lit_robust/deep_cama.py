@@ -1,0 +1,342 @@
+"""Deep CAMA, the causal manipulation augmented model (seed 002, §3.1, App. A and C).
+
+A generative classifier that follows the causal graph Y → X ← Z, M → X:
+
+    p_θ(x, y, z, m) = p(m) p(z) p(y) p_θ(x | y, z, m)                      (Eq. 1)
+    q_φ(z, m | x, y) = q_φ1(z | x, y, m) q_φ2(m | x)                         (Eq. 2)
+
+Clean data is fitted with the intervention ELBO under do(m = 0) (Eq. 3), manipulated data with the joint ELBO
+(Eq. 4), mixed by λ (Eq. 5); prediction is Bayes' rule with K importance samples per class (Eq. 6); at test time
+only NN_M^p and NN_M^q are fine-tuned on unlabelled manipulated data via the marginal ELBO (Eqs. 7, 8).
+
+The networks follow App. C (MNIST): NN_Y^p, NN_Z^p MLPs [·, 500, 500], NN_M^p [·, 500 × 4], a projection to a
+4×4×64 tensor and three stride-2 3×3 deconvolutions (the last to one channel, Bernoulli logits); NN_M^q three
+{conv 3×3, max-pool} blocks of 64 channels + MLP [4·4·64, 500, 2·dim m]; q(z|x, y, m) the same CNN with 5×5 filters,
+MLP [4·4·64, 500], then with y and m an MLP [500 + dim y + dim m, 500, 2·dim z].
+Deviations: the deconvolutions produce 8·⌈s/8⌉ pixels (32 for MNIST's 28) and the output is centre-cropped to the
+image size, since three stride-2 steps from 4×4 cannot give 28; the KL terms of the training ELBOs are analytic
+(same expectation as the paper's Monte Carlo form, lower variance) while Eq. 6 keeps the sampled importance weights.
+Everything runs in float32: the Bernoulli log-likelihood sums 784 terms per image and decides the class by small
+differences, which bf16 would blur.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_robust.augment import random_shift
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+# ----------------------------------------------------------------------------------------------- pure functions
+def log_normal(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, diag(exp(logvar))), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + logvar + (x - mean) ** 2 / logvar.exp()).sum(-1)
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) ‖ N(0, I)), summed over the last dimension."""
+    return 0.5 * (mean ** 2 + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """log p(x | logits) of a pixel-wise Bernoulli decoder on [0, 1] images, summed over (C, H, W)."""
+    return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").flatten(-3).sum(-1)
+
+
+def reparameterise(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """A sample of N(mean, exp(logvar)) that is differentiable in both parameters."""
+    return mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+
+
+def mlp(sizes: Iterable[int], last_activation: bool = True) -> nn.Sequential:
+    """Linear layers of the given widths with ReLU between them (and after the last one if ``last_activation``)."""
+    sizes = list(sizes)
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if last_activation or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+# ------------------------------------------------------------------------------------------------------ networks
+class ConvFeatures(nn.Module):
+    """Three {conv k×k (SAME), ReLU, 2× max-pool (ceil)} blocks of ``width`` channels, flattened (App. C q nets):
+    28×28 → 4×4×64."""
+
+    def __init__(self, in_chans: int, img_size: int, kernel_size: int, width: int = 64):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, size = in_chans, img_size
+        for _ in range(3):
+            layers += [nn.Conv2d(channels, width, kernel_size, padding=kernel_size // 2), nn.ReLU(),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            channels, size = width, math.ceil(size / 2)
+        self.net = nn.Sequential(*layers, nn.Flatten())
+        self.out_features = width * size * size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CamaDecoder(nn.Module):
+    """p_θ(x | y, z, m): feature nets NN_Y^p, NN_Z^p, NN_M^p and the shallow NN_merge^p (projection to 4×4×64 and
+    three stride-2 deconvolutions). The projection of the concatenated features is written as a sum of three
+    linear maps, so that each feature can be computed once and broadcast (classes × samples × batch in Eq. 6)."""
+
+    def __init__(self, num_classes: int, dim_z: int, dim_m: int, in_chans: int, img_size: int, hidden: int = 500,
+                 channels: int = 64):
+        super().__init__()
+        self.nn_y = mlp([num_classes, hidden, hidden])
+        self.nn_z = mlp([dim_z, hidden, hidden])
+        self.nn_m = mlp([dim_m, hidden, hidden, hidden, hidden])
+        self.base = math.ceil(img_size / 8)
+        self.channels, self.img_size = channels, img_size
+        projected = channels * self.base * self.base
+        self.project_y = nn.Linear(hidden, projected)
+        self.project_z = nn.Linear(hidden, projected, bias=False)
+        self.project_m = nn.Linear(hidden, projected, bias=False)
+
+        def deconv(c_in, c_out):
+            return nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1)
+
+        self.deconv = nn.Sequential(deconv(channels, channels), nn.ReLU(), deconv(channels, channels), nn.ReLU(),
+                                    deconv(channels, in_chans))
+
+    def merge(self, h_y: torch.Tensor, h_z: torch.Tensor, h_m: torch.Tensor) -> torch.Tensor:
+        """Bernoulli logits (..., C, H, W) from broadcastable features (..., hidden)."""
+        h = F.relu(self.project_y(h_y) + self.project_z(h_z) + self.project_m(h_m))
+        lead = h.shape[:-1]
+        out = self.deconv(h.reshape(-1, self.channels, self.base, self.base))
+        crop = (out.shape[-1] - self.img_size) // 2
+        out = out[..., crop:crop + self.img_size, crop:crop + self.img_size]
+        return out.reshape(*lead, *out.shape[1:])
+
+    def forward(self, y_onehot: torch.Tensor, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        h_y, h_z, h_m = self.nn_y(y_onehot), self.nn_z(z), self.nn_m(m)
+        shape = torch.broadcast_shapes(h_y.shape, h_z.shape, h_m.shape)
+        return self.merge(h_y.expand(shape), h_z.expand(shape), h_m.expand(shape))
+
+
+class GaussianEncoder(nn.Module):
+    """q(m | x) (NN_M^q): CNN + MLP [features, 500, 2·dim] → mean and log-variance."""
+
+    def __init__(self, in_chans: int, img_size: int, dim: int, kernel_size: int = 3, hidden: int = 500):
+        super().__init__()
+        self.features = ConvFeatures(in_chans, img_size, kernel_size)
+        self.head = mlp([self.features.out_features, hidden, 2 * dim], last_activation=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.features(x)).chunk(2, dim=-1)
+
+
+class ZEncoder(nn.Module):
+    """q(z | x, y, m): CNN (5×5) + MLP [features, 500] on x, then with y and m an MLP [500 + dim y + dim m, 500,
+    2·dim z]. ``features`` and ``head`` are separate so Eq. 6 runs the CNN once per image for all classes."""
+
+    def __init__(self, in_chans: int, img_size: int, num_classes: int, dim_z: int, dim_m: int, hidden: int = 500):
+        super().__init__()
+        self.cnn = ConvFeatures(in_chans, img_size, kernel_size=5)
+        self.embed = mlp([self.cnn.out_features, hidden])
+        self.head_net = mlp([hidden + num_classes + dim_m, hidden, 2 * dim_z], last_activation=False)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(self.cnn(x))
+
+    def head(self, h_x: torch.Tensor, y_onehot: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = torch.broadcast_shapes(h_x.shape[:-1], y_onehot.shape[:-1], m.shape[:-1])
+        inputs = torch.cat([h_x.expand(*shape, -1), y_onehot.expand(*shape, -1), m.expand(*shape, -1)], dim=-1)
+        return self.head_net(inputs).chunk(2, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------------- module
+class DeepCAMA(L.LightningModule):
+    """Deep CAMA on [0, 1] images with a Bernoulli decoder (seed 002 §3.1).
+
+    Args:
+        lam: λ of Eq. 5, the weight of the do(m = 0) ELBO on clean data. The manipulated set D' is the batch
+            translated by up to ``augment_shift`` pixels (the paper's augmented training); with ``augment_shift=0``
+            D' is the clean batch itself, so that q(m|x) and NN_M^p are trained to encode "no manipulation" under
+            the joint ELBO — with λ = 1 (the paper's clean-only case read literally) q(m|x) would stay at its random
+            initialisation and Eq. 6, which samples m ~ q(m|x), would feed the decoder values it never saw.
+        num_samples: K of Eq. 6 at test time (``val_num_samples`` during validation, cheaper).
+        ft_steps, ft_lr, ft_batch_size, ft_alpha, ft_intervention: test-time fine-tuning (Eq. 8): Adam steps, its
+            learning rate, the batch of unlabelled test and labelled clean images, α, and whether the clean term uses
+            the do(m = 0) ELBO (App. Fig. 20) instead of the joint ELBO.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, dim_z: int = 64, dim_m: int = 32,
+                 hidden: int = 500, lam: float = 0.5, augment_shift: int = 0, num_samples: int = 10,
+                 val_num_samples: int = 2, lr: float = 1e-3, weight_decay: float = 0.0, ft_steps: int = 50,
+                 ft_lr: float = 1e-4, ft_batch_size: int = 64, ft_alpha: float = 0.5, ft_intervention: bool = True):
+        super().__init__()
+        if not 0.0 <= lam <= 1.0 or not 0.0 <= ft_alpha <= 1.0:
+            raise ValueError(f"model.lam={lam} and model.ft_alpha={ft_alpha} are mixing weights: use values in [0, 1]")
+        if num_samples < 1 or val_num_samples < 1:
+            raise ValueError(f"model.num_samples={num_samples}, val_num_samples={val_num_samples}: K must be ≥ 1")
+        self.save_hyperparameters()
+        self.decoder = CamaDecoder(num_classes, dim_z, dim_m, in_chans, img_size, hidden)
+        self.q_m = GaussianEncoder(in_chans, img_size, dim_m, kernel_size=3, hidden=hidden)
+        self.q_z = ZEncoder(in_chans, img_size, num_classes, dim_z, dim_m, hidden)
+        self.log_prior_y = -math.log(num_classes)
+        self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(num_classes, average="micro")
+                                      for s in ("val", "test")})
+
+    # -- the selective part of Fig. 4 -----------------------------------------------------------------------------
+    def manipulation_parameters(self) -> list[nn.Parameter]:
+        """NN_M^p and NN_M^q, the only networks fine-tuned at test time (§3.1, Fig. 4)."""
+        return list(self.decoder.nn_m.parameters()) + list(self.q_m.parameters())
+
+    def _onehot(self, y: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y, self.hparams.num_classes).float()
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        hp = self.hparams
+        if x.dim() != 4 or tuple(x.shape[1:]) != (hp.in_chans, hp.img_size, hp.img_size):
+            raise ValueError(f"DeepCAMA expects images (B, {hp.in_chans}, {hp.img_size}, {hp.img_size}), got "
+                             f"{tuple(x.shape)}: set model.img_size/in_chans to the data's (or data.img_size)")
+
+    def _elbo_given_m(self, x, y_onehot, h_x, m, kl_m):
+        z_mean, z_logvar = self.q_z.head(h_x, y_onehot, m)
+        z = reparameterise(z_mean, z_logvar)
+        logits = self.decoder(y_onehot, z, m)
+        return bernoulli_log_likelihood(logits, x) + self.log_prior_y - kl_to_standard_normal(z_mean, z_logvar) - kl_m
+
+    # -- equations -------------------------------------------------------------------------------------------------
+    def intervention_elbo(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Eq. 3: ELBO(x, y, do(m = 0)) = E_q(z|x,y,m=0)[log p(x|y,z,m=0) p(y) p(z) / q(z|x,y,m=0)], per sample."""
+        m = x.new_zeros(x.shape[0], self.hparams.dim_m)
+        return self._elbo_given_m(x, self._onehot(y), self.q_z.features(x), m, 0.0)
+
+    def joint_elbo(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Eq. 4: ELBO(x, y) = E_q(z,m|x,y)[log p(x, y, z, m) / q(z, m|x, y)], per sample (one sample of m, z)."""
+        m_mean, m_logvar = self.q_m(x)
+        m = reparameterise(m_mean, m_logvar)
+        return self._elbo_given_m(x, self._onehot(y), self.q_z.features(x), m, kl_to_standard_normal(m_mean, m_logvar))
+
+    def augmented_objective(self, x_clean, y_clean, x_manip, y_manip) -> torch.Tensor:
+        """Eq. 5: λ E_D[ELBO(x, y, do(m=0))] + (1 − λ) E_D'[ELBO(x, y)] (to be maximised)."""
+        lam = self.hparams.lam
+        objective = lam * self.intervention_elbo(x_clean, y_clean).mean() if lam > 0 else x_clean.new_zeros(())
+        if lam < 1:
+            objective = objective + (1 - lam) * self.joint_elbo(x_manip, y_manip).mean()
+        return objective
+
+    def marginal_elbo(self, x: torch.Tensor) -> torch.Tensor:
+        """Eq. 7: ELBO(x) = log Σ_c exp ELBO(x, y_c), per sample; all classes in one batched pass (one m sample per
+        image shared by the classes)."""
+        c = self.hparams.num_classes
+        m_mean, m_logvar = self.q_m(x)
+        m = reparameterise(m_mean, m_logvar)
+        classes = torch.eye(c, device=x.device).unsqueeze(1)                       # (C, 1, C)
+        elbos = self._elbo_given_m(x, classes, self.q_z.features(x), m, kl_to_standard_normal(m_mean, m_logvar))
+        return torch.logsumexp(elbos, dim=0)                                        # (C, B) → (B,)
+
+    def predict_log_probs(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+        """Eq. 6: log p(y | x) ≈ log-softmax_c log Σ_k p(x|y_c, z_c^k, m^k) p(y_c) p(z_c^k) / q(z_c^k|x, y_c, m^k),
+        with m^k ~ q(m|x) shared across classes and z_c^k ~ q(z|x, y_c, m^k); batched over (K, C, B)."""
+        self._check_images(x)
+        k, c = num_samples or self.hparams.num_samples, self.hparams.num_classes
+        m_mean, m_logvar = self.q_m(x)
+        m = reparameterise(m_mean.expand(k, -1, -1), m_logvar.expand(k, -1, -1)).unsqueeze(1)   # (K, 1, B, dm)
+        classes = torch.eye(c, device=x.device).view(1, c, 1, c)                                 # (1, C, 1, C)
+        z_mean, z_logvar = self.q_z.head(self.q_z.features(x), classes, m)                       # (K, C, B, dz)
+        z = reparameterise(z_mean, z_logvar)
+        logits = self.decoder(classes, z, m)                                                     # (K, C, B, ...)
+        log_w = (bernoulli_log_likelihood(logits, x) + self.log_prior_y + log_normal(z, torch.zeros_like(z),
+                 torch.zeros_like(z)) - log_normal(z, z_mean, z_logvar))
+        log_px_y = torch.logsumexp(log_w, dim=0) - math.log(k)                                  # (C, B)
+        return torch.log_softmax(log_px_y.t(), dim=-1)
+
+    def fine_tune_objective(self, x_test, x_clean, y_clean) -> torch.Tensor:
+        """Eq. 8: α E_D[ELBO(x, y)] + (1 − α) E_D̃[ELBO(x)] (the clean term is Eq. 3 if ``ft_intervention``)."""
+        alpha = self.hparams.ft_alpha
+        clean = self.intervention_elbo if self.hparams.ft_intervention else self.joint_elbo
+        return alpha * clean(x_clean, y_clean).mean() + (1 - alpha) * self.marginal_elbo(x_test).mean()
+
+    @torch.enable_grad()
+    def fine_tune(self, x_test: torch.Tensor, x_clean: torch.Tensor, y_clean: torch.Tensor,
+                  steps: int | None = None, lr: float | None = None, generator: torch.Generator | None = None) -> list[float]:
+        """Test-time adaptation (§3.1): maximise Eq. 8 with Adam over NN_M^p and NN_M^q only, on unlabelled
+        manipulated ``x_test`` and labelled clean data; every other parameter keeps its value. Returns the
+        objective per step. Works in place (``fine_tuned_copy`` keeps the original)."""
+        hp = self.hparams
+        steps, lr = hp.ft_steps if steps is None else steps, hp.ft_lr if lr is None else lr
+        if len(x_test) == 0 or len(x_clean) == 0:
+            raise ValueError("fine_tune needs unlabelled test images and labelled clean images; got an empty set")
+        tuned = self.manipulation_parameters()
+        tuned_ids = {id(p) for p in tuned}
+        frozen = [p for p in self.parameters() if id(p) not in tuned_ids and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        optimizer = torch.optim.Adam(tuned, lr=lr)
+        was_training = self.training
+        self.train()
+        history = []
+        try:
+            for _ in range(steps):
+                i = torch.randint(len(x_test), (min(hp.ft_batch_size, len(x_test)),), generator=generator)
+                j = torch.randint(len(x_clean), (min(hp.ft_batch_size, len(x_clean)),), generator=generator)
+                objective = self.fine_tune_objective(x_test[i].to(self.device), x_clean[j].to(self.device),
+                                                     y_clean[j].to(self.device))
+                optimizer.zero_grad(set_to_none=True)
+                (-objective).backward()
+                optimizer.step()
+                history.append(objective.item())
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.train(was_training)
+        return history
+
+    def fine_tuned_copy(self, x_test, x_clean, y_clean, **kwargs) -> "DeepCAMA":
+        """A fine-tuned copy (same hyperparameters and weights); the model itself is left as it is."""
+        model = type(self)(**self.hparams).to(self.device)
+        model.load_state_dict(self.state_dict())
+        model.fine_tune(x_test, x_clean, y_clean, **kwargs)
+        return model.eval()
+
+    # -- Lightning -------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class log-probabilities (Eq. 6) of [0, 1] images."""
+        return self.predict_log_probs(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        self._check_images(x)
+        x_manip = x
+        if self.hparams.augment_shift > 0:
+            x_manip = random_shift(x, self.hparams.augment_shift)
+        objective = self.augmented_objective(x, y, x_manip, y)
+        loss = -objective
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"deep CAMA loss became {loss.item()} at step {self.global_step}; lower model.lr")
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch, split: str, num_samples: int) -> None:
+        x, y = batch[0], batch[1]
+        log_probs = self.predict_log_probs(x, num_samples)
+        self.metrics[f"{split}_acc"](log_probs, y)
+        self.log(f"{split}/acc", self.metrics[f"{split}_acc"], prog_bar=True)
+        self.log(f"{split}/neg_elbo", -self.intervention_elbo(x, y).mean(), sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val", self.hparams.val_num_samples)
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test", self.hparams.num_samples)
+
+    def predict_step(self, batch, batch_idx):
+        return self.predict_log_probs(batch[0]).argmax(-1)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

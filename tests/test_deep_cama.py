@@ -1,0 +1,137 @@
+"""Deep CAMA: the equations on tensors, the selective fine-tuning, and a tiny end-to-end report on 8×8 digits."""
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.distributions import Bernoulli, Normal, kl_divergence
+
+from lit_robust import deep_cama
+from lit_robust.callbacks import AdversarialRobustnessReport, ShiftRobustnessReport
+from lit_robust.datamodules import DigitsDataModule, TensorImageDataset
+from lit_robust.deep_cama import DeepCAMA, bernoulli_log_likelihood, kl_to_standard_normal, log_normal
+from lit_robust.nets import create_backbone
+
+
+def tiny(**kwargs) -> DeepCAMA:
+    torch.manual_seed(0)
+    return DeepCAMA(img_size=8, hidden=32, dim_z=4, dim_m=3, **kwargs)
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    """Replace every sample by its mean, so that Monte Carlo estimates become exact functions."""
+    monkeypatch.setattr(deep_cama, "reparameterise", lambda mean, logvar: mean)
+
+
+def test_density_helpers_match_torch_distributions():
+    x, mean, logvar = torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4)
+    std = (0.5 * logvar).exp()
+    assert torch.allclose(log_normal(x, mean, logvar), Normal(mean, std).log_prob(x).sum(-1), atol=1e-5)
+    assert torch.allclose(kl_to_standard_normal(mean, logvar), kl_divergence(Normal(mean, std), Normal(0, 1)).sum(-1),
+                          atol=1e-5)
+    logits, images = torch.randn(3, 1, 8, 8), torch.randint(0, 2, (3, 1, 8, 8)).float()
+    expected = Bernoulli(logits=logits).log_prob(images).flatten(1).sum(-1)
+    assert torch.allclose(bernoulli_log_likelihood(logits, images), expected, atol=1e-4)
+
+
+def test_architecture_follows_appendix_c():
+    model = DeepCAMA()  # MNIST sizes
+    widths = lambda net: [m.out_features for m in net if isinstance(m, torch.nn.Linear)]
+    assert widths(model.decoder.nn_y) == [500, 500] and widths(model.decoder.nn_z) == [500, 500]
+    assert widths(model.decoder.nn_m) == [500] * 4
+    assert model.decoder.project_y.out_features == 4 * 4 * 64
+    strides = [m.stride for m in model.decoder.deconv if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert strides == [(2, 2)] * 3
+    assert model.q_m.features.out_features == 4 * 4 * 64 and model.q_z.cnn.out_features == 4 * 4 * 64
+    x = torch.rand(2, 1, 28, 28)
+    assert model.decoder(torch.eye(10)[:2], torch.randn(2, 64), torch.randn(2, 32)).shape == (2, 1, 28, 28)
+    log_probs = model.predict_log_probs(x, num_samples=2)
+    assert log_probs.shape == (2, 10)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(2), atol=1e-5)
+
+
+def test_marginal_elbo_is_logsumexp_of_joint_elbos(deterministic):
+    model = tiny().eval()
+    x = torch.rand(6, 1, 8, 8)
+    per_class = torch.stack([model.joint_elbo(x, torch.full((6,), c)) for c in range(10)])
+    assert torch.allclose(model.marginal_elbo(x), torch.logsumexp(per_class, 0), atol=1e-3)
+
+
+def test_bayes_prediction_with_exact_weights(deterministic):
+    """With deterministic samples, Eq. 6 for any K equals the softmax of the per-class importance weights."""
+    model = tiny().eval()
+    x = torch.rand(4, 1, 8, 8)
+    one, five = model.predict_log_probs(x, 1), model.predict_log_probs(x, 5)
+    assert torch.allclose(one, five, atol=1e-4)
+
+
+def test_intervention_elbo_ignores_q_m(deterministic):
+    """Eq. 3 sets do(m = 0): the inference network q(m|x) plays no part; Eq. 4 depends on it."""
+    model = tiny().eval()
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    before_do, before_joint = model.intervention_elbo(x, y), model.joint_elbo(x, y)
+    with torch.no_grad():
+        for p in model.q_m.parameters():
+            p.add_(0.5)
+    assert torch.allclose(model.intervention_elbo(x, y), before_do)
+    assert not torch.allclose(model.joint_elbo(x, y), before_joint)
+
+
+def test_fine_tuning_updates_only_manipulation_networks():
+    model = tiny(ft_lr=1e-2, ft_batch_size=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = model.fine_tune(torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8), torch.randint(10, (8,)), steps=2)
+    assert len(history) == 2 and all(math.isfinite(h) for h in history)
+    tuned = {f"decoder.nn_m.{k}" for k, _ in model.decoder.nn_m.named_parameters()}
+    tuned |= {f"q_m.{k}" for k, _ in model.q_m.named_parameters()}
+    for name, value in model.state_dict().items():
+        changed = not torch.equal(value, before[name])
+        assert changed == (name in tuned), name
+    assert all(p.requires_grad for p in model.parameters())  # frozen parameters are released again
+
+
+def test_bad_images_name_the_fix():
+    with pytest.raises(ValueError, match="img_size"):
+        tiny().predict_log_probs(torch.rand(2, 1, 28, 28))
+    with pytest.raises(ValueError, match="lam"):
+        DeepCAMA(lam=1.5)
+
+
+def test_dense_baseline_shape():
+    net = create_backbone("dense", num_classes=10, in_chans=1, img_size=8)
+    assert net(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_training_raises_the_elbo_and_reports_run(tmp_path):
+    torch.manual_seed(0)
+    data = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
+    model = tiny(lr=3e-3, ft_steps=1, ft_batch_size=4, num_samples=2)
+    data.setup()
+    for split, size in (("train_dataset", 256), ("val_dataset", 64), ("test_dataset", 100)):
+        full = getattr(data, split)
+        setattr(data, split, TensorImageDataset(full.images[:size], full.targets[:size]))
+    x, y = data.train_dataset.images[:64], data.train_dataset.targets[:64]
+    with torch.no_grad():
+        start = model.intervention_elbo(x, y).mean().item()
+    baselines = {"dnn": {"backbone": "dense", "backbone_kwargs": {"img_size": 8}, "max_epochs": 1},
+                 "cnn": {"backbone": "small_cnn", "max_epochs": 1}}
+    shift = ShiftRobustnessReport(str(tmp_path), shifts=[0, 1, 2], baselines=baselines, eval_size=20,
+                                  cache_dir=str(tmp_path / "cache"))
+    adversarial = AdversarialRobustnessReport(str(tmp_path), epsilons=[0.2], pgd_steps=1, attack_samples=1,
+                                              baselines=baselines, eval_size=10, cache_dir=str(tmp_path / "cache"))
+    trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[shift, adversarial])
+    trainer.fit(model, datamodule=data)
+    with torch.no_grad():
+        assert model.intervention_elbo(x, y).mean().item() > start + 5
+    trainer.test(model, datamodule=data)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("shift/vertical_2px/dnn", "shift/horizontal_1px/cama_ft", "shift/vertical/cama_ft_clean",
+                "adv/pgd_eps0.2/cnn", "adv/fgsm_eps0.2/cama"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["shift/vertical/ft_images"] == 10  # 10 % of the test split
+    assert (tmp_path / "shift_accuracy.png").stat().st_size > 1000
+    assert (tmp_path / "adversarial_accuracy.png").stat().st_size > 1000
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2   # the second report reused the baselines
