@@ -1,24 +1,19 @@
 """Callbacks usable in any Lightning ``Trainer`` (no Hydra needed)."""
-from lit_robust.callbacks.metrics_file import MetricsFile
-from lit_robust.callbacks.poison_metrics import PoisonMetrics
-from lit_robust.callbacks.purification import (DDPMPurification, EBMPurification, PureGenFilt, PureGenNaive,
-                                                  PureGenReps, Purification)
-from lit_robust.callbacks.shift_sweep import ShiftSweep
-
-__all__ = ["MetricsFile", "PoisonMetrics", "Purification", "EBMPurification", "DDPMPurification", "PureGenNaive",
-           "PureGenReps", "PureGenFilt", "ShiftSweep"]
-from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLearnerFilter
-from lit_robust.callbacks.baseline_filters import ActivationClusteringFilter, SpectralSignatureFilter, TrimmedLossFilter
-__all__ += ["TrainingSetFilter", "WeakLearnerFilter", "ActivationClusteringFilter", "SpectralSignatureFilter",
-            "TrimmedLossFilter"]
-__all__ = ["MetricsFile"]
-from lit_robust.callbacks.ood_detection import OODDetection
+from lit_robust.callbacks.baseline_filters import (ActivationClusteringFilter, SpectralSignatureFilter,
+                                                   TrimmedLossFilter)
 from lit_robust.callbacks.certification import Certification
-
-__all__ = ["MetricsFile", "Certification"]
-from lit_robust.callbacks.robustness_report import AdversarialRobustnessReport, ShiftRobustnessReport
 from lit_robust.callbacks.counterfactual_report import CounterfactualReport
 from lit_robust.callbacks.latent_grid import LatentAugmentationGrid
+from lit_robust.callbacks.metrics_file import MetricsFile
+from lit_robust.callbacks.ood_detection import OODDetection
+from lit_robust.callbacks.poison_metrics import PoisonMetrics
+from lit_robust.callbacks.purification import (DDPMPurification, EBMPurification, PureGenFilt, PureGenNaive,
+                                               PureGenReps, Purification)
+from lit_robust.callbacks.robustness_report import AdversarialRobustnessReport, ShiftRobustnessReport
+from lit_robust.callbacks.shift_sweep import ShiftSweep
+from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLearnerFilter
 
-__all__ = ["MetricsFile", "ShiftRobustnessReport", "AdversarialRobustnessReport", "CounterfactualReport",
-           "LatentAugmentationGrid"]
+__all__ = ["ActivationClusteringFilter", "AdversarialRobustnessReport", "Certification", "CounterfactualReport",
+           "DDPMPurification", "EBMPurification", "LatentAugmentationGrid", "MetricsFile", "OODDetection",
+           "PoisonMetrics", "PureGenFilt", "PureGenNaive", "PureGenReps", "Purification", "ShiftRobustnessReport",
+           "ShiftSweep", "SpectralSignatureFilter", "TrainingSetFilter", "TrimmedLossFilter", "WeakLearnerFilter"]
