@@ -95,6 +95,8 @@ class SmoothedViT(ImageClassifier):
                  hflip: bool = False, label_smoothing: float = 0.0, optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 5e-4, momentum: float = 0.9, scheduler: str = "cosine",
                  warmup_epochs: int = 0, milestones: Sequence[int] = (100, 150), weights_path: str | None = None):
+        # The parent owns metrics, normalisation, augmentation, the optimiser and the training step; its network is a
+        # placeholder replaced below by one with the extra mask channel.
         super().__init__(backbone="small_cnn", num_classes=num_classes, in_chans=in_chans, mean=mean, std=std,
                          max_shift=max_shift, hflip=hflip, label_smoothing=label_smoothing, optimizer=optimizer,
                          lr=lr, weight_decay=weight_decay, momentum=momentum, scheduler=scheduler,
