@@ -20,7 +20,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset, stratified_split
