@@ -7,9 +7,9 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_robust.callbacks.metric_eval import run_metric
 from lit_robust.poison_metrics import AttackSuccessRate, TargetedPoisonSuccess
 
 
@@ -25,15 +25,6 @@ class PoisonMetrics(L.Callback):
         self.multipliers = [float(m) for m in multipliers]
         self.prefix = prefix
 
-    @staticmethod
-    @torch.no_grad()
-    def _run(pl_module: L.LightningModule, loader, metric: Metric) -> torch.Tensor:
-        metric = metric.to(pl_module.device)
-        for batch in loader:
-            images, labels = batch[0].to(pl_module.device), batch[1].to(pl_module.device)
-            metric.update(pl_module(images), labels)
-        return metric.compute()
-
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
         datamodule = trainer.datamodule
         poisons = getattr(datamodule, "poisons", None)
@@ -41,20 +32,17 @@ class PoisonMetrics(L.Callback):
             raise RuntimeError("PoisonMetrics needs a PoisonedDataModule (data._target_: "
                                "lit_robust.datamodules.PoisonedDataModule); got "
                                f"{type(datamodule).__name__}")
-        was_training = pl_module.training
-        pl_module.eval()
-        results = {f"{self.prefix}/natural_acc": self._run(
+        results = {f"{self.prefix}/natural_acc": run_metric(
             pl_module, datamodule.eval_dataloader(datamodule.test_dataset),
             MulticlassAccuracy(datamodule.num_classes, average="micro"))}
         if poisons.trigger is not None:
             for k in self.multipliers:
                 name = f"{self.prefix}/asr_x{k:g}"
-                results[name] = self._run(pl_module, datamodule.eval_dataloader(datamodule.triggered_test_dataset(k)),
+                results[name] = run_metric(pl_module, datamodule.eval_dataloader(datamodule.triggered_test_dataset(k)),
                                           AttackSuccessRate(poisons.target_class))
         if poisons.target_index is not None:
-            results[f"{self.prefix}/target_success"] = self._run(
+            results[f"{self.prefix}/target_success"] = run_metric(
                 pl_module, datamodule.eval_dataloader(datamodule.target_dataset()), TargetedPoisonSuccess())
-        pl_module.train(was_training)
         return results
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -7,3 +7,4 @@ from lit_robust.datamodules.torchvision_sets import TorchvisionDataModule
 __all__ = ["ImageDataModule", "TensorImageDataset", "stack_dataset", "DigitsDataModule", "PendulumDataModule",
            "TorchvisionDataModule"]
 from lit_robust.datamodules.poisoned import PoisonedDataModule
+from lit_robust.datamodules.shifted import ShiftedDataModule

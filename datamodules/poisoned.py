@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lit_robust.cache import fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.metrics_file import write_json_atomic
 from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset, stack_dataset
+from lit_robust.datamodules.wrapper import WrappedDataModule
 from lit_robust.poisons import ATTACKS, CraftingData, Poisons, apply_trigger, attack_defaults
 
 
@@ -29,7 +30,7 @@ def _jsonable(value):
     return value
 
 
-class PoisonedDataModule(ImageDataModule):
+class PoisonedDataModule(WrappedDataModule):
     """Wrap ``base`` (never edited) and poison its training split with ``attack`` (``badnets``, ``narcissus``,
     ``gradient_matching``, ``bullseye_polytope``; see ``lit_robust.poisons``).
 
@@ -52,39 +53,47 @@ class PoisonedDataModule(ImageDataModule):
         base: the clean DataModule (its ``num_classes``/``in_chans``/loader settings are forwarded).
         attack: the attack name; ``params``: overrides of its defaults (unknown keys are an error).
         seed: crafting seed (default: the base's seed). ``cache_dir``: where poisons and manifests live.
+        device: where crafting runs: ``auto`` (CUDA when available), ``cpu``, ``cuda``; training is the Trainer's.
     """
 
     def __init__(self, base: ImageDataModule, attack: str = "badnets", params: dict | None = None,
-                 seed: int | None = None, cache_dir: str = "data/poisons", progress: bool = True):
-        super().__init__(batch_size=base.batch_size, eval_batch_size=base.eval_batch_size,
-                         num_workers=base.num_workers, seed=base.seed if seed is None else seed)
+                 seed: int | None = None, cache_dir: str = "data/poisons", progress: bool = True,
+                 device: str = "auto"):
+        super().__init__(base, seed)
         defaults = attack_defaults(attack)
         unknown = set(params or {}) - set(defaults)
         if unknown:
             raise ValueError(f"data.params has {sorted(unknown)}, which attack {attack!r} does not take; "
                              f"its parameters are {sorted(defaults)}")
-        self.base, self.attack, self.progress = base, attack, progress
+        self.attack, self.progress, self.device = attack, progress, device
         self.params = {**defaults, **(params or {})}
-        self.num_classes, self.in_chans = base.num_classes, base.in_chans
         self.cache_dir = Path(cache_dir)
         self.poisons: Poisons | None = None
         self.manifest: dict | None = None
         self.poison_mask: torch.Tensor | None = None
-
-    def prepare_data(self) -> None:
-        self.base.prepare_data()
 
     def cache_path(self, train_images: torch.Tensor, train_labels: torch.Tensor, test_labels: torch.Tensor) -> Path:
         key = fingerprint(self.attack, _jsonable(self.params), self.seed, type(self.base).__name__,
                           train_images, train_labels, test_labels)
         return self.cache_dir / f"{self.attack}-{key}.pt"
 
+    def crafting_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
     def craft(self, data: CraftingData) -> Poisons:
-        """Run the attack with a generator seeded by ``seed``; the global RNG is left as it was."""
-        generator = torch.Generator().manual_seed(int(self.seed))
-        with torch.random.fork_rng():
+        """Run the attack on ``crafting_device()`` (data, models and the seeded generator all live there, through
+        ``torch.device`` as the default-device context) and bring the result back to the CPU; the global RNG is left
+        as it was. The same seed gives the same poisons on the same device type."""
+        device = self.crafting_device()
+        generator = torch.Generator(device=device).manual_seed(int(self.seed))
+        data = CraftingData(*(t.to(device) for t in (data.train_images, data.train_labels, data.test_images,
+                                                      data.test_labels)), data.num_classes)
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else None), device:
             torch.manual_seed(int(self.seed))
-            return ATTACKS[self.attack](data, generator=generator, progress=self.progress, **self.params)
+            poisons = ATTACKS[self.attack](data, generator=generator, progress=self.progress, **self.params)
+        return poisons.to("cpu")
 
     def _load_or_craft(self, path: Path, data: CraftingData) -> tuple[Poisons, bool]:
         """Rank zero loads or crafts and saves; other ranks wait at a barrier, then load the verified cache."""
@@ -169,7 +178,3 @@ class PoisonedDataModule(ImageDataModule):
         images, _ = self._test
         index = torch.as_tensor([p.target_index])
         return TensorImageDataset(images[index], torch.full((1,), p.target_class, dtype=torch.long))
-
-    def eval_dataloader(self, dataset: Dataset) -> DataLoader:
-        """An evaluation loader over ``dataset`` (unpadded sharding under DDP)."""
-        return self._loader(dataset, "evaluation", train=False)

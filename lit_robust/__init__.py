@@ -7,3 +7,4 @@ Lightning ``Trainer``.
 from lit_robust.classifier import ImageClassifier
 
 __all__ = ["ImageClassifier"]
+from lit_robust.transfer_classifier import TransferClassifier

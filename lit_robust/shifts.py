@@ -15,3 +15,59 @@ def translate(images: torch.Tensor, dx: int = 0, dy: int = 0) -> torch.Tensor:
     padded = F.pad(images, [max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)])
     top, left = max(-dy, 0), max(-dx, 0)
     return padded[..., top:top + h, left:left + w].contiguous()
+
+
+def rotate(images: torch.Tensor, degrees: float = 0.0) -> torch.Tensor:
+    """Rotate every image by ``degrees`` counter-clockwise about its centre, bilinear, zero fill (the rotation shift
+    of deep CAMA's robustness tests, 002 §4)."""
+    if degrees == 0:
+        return images
+    theta = torch.deg2rad(torch.tensor(float(degrees)))
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype, device=images.device)
+    grid = F.affine_grid(matrix.expand(len(images), 2, 3), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0.0, 1.0)
+
+
+# Severity 1–5 constants of the common corruptions (Hendrycks & Dietterich's ImageNet-C / CIFAR-10-C).
+NOISE_STD = (0.08, 0.12, 0.18, 0.26, 0.38)
+BLUR_SIGMA = (0.4, 0.6, 0.7, 0.8, 1.0)   # CIFAR-10-C's gaussian_blur: sized for 32×32 images, not ImageNet's
+CONTRAST_FACTOR = (0.4, 0.3, 0.2, 0.1, 0.05)
+
+
+def _severity(severity: int, table: tuple) -> float:
+    if severity not in range(1, len(table) + 1):
+        raise ValueError(f"severity={severity}: use an integer from 1 to {len(table)}")
+    return table[severity - 1]
+
+
+def gaussian_noise(images: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Additive N(0, σ²) pixel noise, σ by severity, clipped to [0, 1]."""
+    std = _severity(severity, NOISE_STD)
+    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
+    return (images + std * noise).clamp(0.0, 1.0)
+
+
+def gaussian_blur(images: torch.Tensor, severity: int = 1) -> torch.Tensor:
+    """Separable Gaussian blur, σ (pixels) by severity, reflect padding, per channel."""
+    sigma = _severity(severity, BLUR_SIGMA)
+    radius = max(1, int(3 * sigma + 0.5))
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-offsets.pow(2) / (2 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    x = F.pad(images, [radius] * 4, mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return x.clamp(0.0, 1.0)
+
+
+def contrast(images: torch.Tensor, severity: int = 1) -> torch.Tensor:
+    """Contrast reduction towards each image's mean: (x − μ)·c + μ, c by severity."""
+    factor = _severity(severity, CONTRAST_FACTOR)
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    return ((images - mean) * factor + mean).clamp(0.0, 1.0)
+
+
+IMAGE_SHIFTS = {"translate": translate, "rotate": rotate, "gaussian_noise": gaussian_noise,
+                "gaussian_blur": gaussian_blur, "contrast": contrast}

@@ -65,3 +65,21 @@ def test_attack_defaults_lists_config_values():
     assert defaults["fraction"] == 0.1 and "generator" not in defaults
     with pytest.raises(ValueError, match="use one of"):
         attack_defaults("nope")
+
+
+def test_narcissus_trigger_within_budget_clean_labels_and_margin_falls():
+    from lit_robust.poisons import craft_narcissus
+    from lit_robust.datamodules.digits import load_digits_source
+
+    images, labels = load_digits_source("sklearn8x8")
+    data = CraftingData(images[:600], labels[:600], images[600:700], labels[600:700], 10)
+    eps = 32 / 255
+    p = craft_narcissus(data, target_class=3, eps=eps, fraction=0.5, surrogate_epochs=2, warmup_epochs=1, steps=30,
+                        lr=0.05, generator=torch.Generator().manual_seed(0), progress=False)
+    n_target = int((data.train_labels == 3).sum())
+    assert len(p.indices) == round(0.5 * n_target) == len(p.indices.unique())
+    assert torch.equal(p.labels, data.train_labels[p.indices]) and (p.labels == 3).all()
+    assert (p.images - data.train_images[p.indices]).abs().max() <= eps + 1e-6
+    assert p.images.min() >= 0 and p.images.max() <= 1
+    assert p.trigger["delta"].abs().max() <= eps + 1e-7 and p.trigger["delta"].abs().max() > eps / 2
+    assert p.info["margin_last"] < p.info["margin_first"]

@@ -44,6 +44,14 @@ class Poisons:
     info: dict = field(default_factory=dict)
     tensors: dict = field(default_factory=dict)
 
+    def to(self, device) -> "Poisons":
+        """A copy with every tensor (also inside ``trigger`` and ``tensors``) on ``device``."""
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            return {k: move(v) for k, v in value.items()} if isinstance(value, dict) else value
+        return Poisons(**{k: move(v) for k, v in self.__dict__.items()})
+
     def to_payload(self) -> dict:
         return dict(self.__dict__)
 

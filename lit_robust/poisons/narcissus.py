@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lit_robust.poisons.crafted import CraftingData, Poisons, additive_trigger, choose_indices
-from lit_robust.poisons.surrogate import train_surrogate
+from lit_robust.poisons.surrogate import load_or_train_surrogate, train_surrogate
 
 
 def logit_margin_loss(logits: torch.Tensor, target_class: int) -> torch.Tensor:
@@ -29,15 +29,31 @@ def logit_margin_loss(logits: torch.Tensor, target_class: int) -> torch.Tensor:
 
 
 def public_ood_images(name: str, image_shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """The public out-of-distribution set resized to the victim's image shape: ``sklearn8x8`` (scikit-learn's 8×8
-    digits, the digits stand-in for the paper's Tiny-ImageNet POOD)."""
+    """The public out-of-distribution set, resized to the victim's image shape, with its own labels:
+    ``sklearn8x8`` (scikit-learn's 8×8 digits, the embedded stand-in for the paper's POOD on MNIST-like data) or a
+    folder of class sub-folders (e.g. Tiny-ImageNet's ``train/``, the paper's POOD for CIFAR-10)."""
+    from pathlib import Path
+
     from lit_robust.datamodules.digits import load_digits_source, resize_images
 
-    if name != "sklearn8x8":
-        raise ValueError(f"public={name!r}: the embedded public OOD set is 'sklearn8x8'")
-    images, labels = load_digits_source(name)
     channels, height, _ = image_shape
-    return resize_images(images, height).expand(-1, channels, -1, -1).contiguous(), labels
+    if name == "sklearn8x8":
+        images, labels = load_digits_source(name)
+    elif Path(name).expanduser().is_dir():
+        from torchvision import datasets, transforms
+
+        from lit_robust.datamodules.base import stack_dataset
+
+        folder = datasets.ImageFolder(str(Path(name).expanduser()), transform=transforms.Compose(
+            [transforms.Resize((height, height)), transforms.ToTensor()]))
+        images, labels = stack_dataset(folder)
+    else:
+        raise ValueError(f"public={name!r}: use 'sklearn8x8' or an existing folder of class sub-folders "
+                         "(e.g. tiny-imagenet-200/train)")
+    images = resize_images(images, height)
+    if images.shape[1] != channels:
+        images = images.mean(1, keepdim=True) if channels == 1 else images.expand(-1, channels, -1, -1)
+    return images.contiguous(), labels
 
 
 def synthesize_trigger(model: torch.nn.Module, images: torch.Tensor, target_class: int, eps: float, steps: int,
@@ -67,29 +83,32 @@ def synthesize_trigger(model: torch.nn.Module, images: torch.Tensor, target_clas
 
 def craft_narcissus(data: CraftingData, *, target_class: int = 0, eps: float = 16 / 255, fraction: float = 1.0,
                     public: str = "sklearn8x8", backbone: str = "small_cnn", surrogate_epochs: int = 10,
-                    warmup_epochs: int = 5, steps: int = 1000, lr: float = 0.01, generator: torch.Generator,
+                    surrogate_seed: int = 0, surrogate_path: str | None = None, warmup_epochs: int = 5,
+                    steps: int = 1000, batch_size: int = 256, lr: float = 0.01, generator: torch.Generator,
                     progress: bool = True) -> Poisons:
     """Narcissus poisons: ``fraction`` of the target class's training images get + ρ, labels unchanged.
 
     Defaults follow the reference (ε = 16/255, 1,000 trigger rounds, RAdam lr 0.01); the surrogate has
-    ``num public classes + 1`` outputs, the last being the target class.
+    ``num public classes + 1`` outputs, the last being the target class; it is trained with its own seed and, when
+    ``surrogate_path`` is given, cached there (before the warm-up), so runs at several ε share it.
     """
     if not 0 <= target_class < data.num_classes:
         raise ValueError(f"target_class={target_class} is not a class of this data (0..{data.num_classes - 1})")
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction={fraction} must be in [0, 1] (a fraction of the target class)")
-    pood_images, pood_labels = public_ood_images(public, data.train_images.shape[1:])
+    pood_images, pood_labels = (t.to(data.train_images.device)
+                                for t in public_ood_images(public, data.train_images.shape[1:]))
     target_images = data.train_images[data.train_labels == target_class]
     extra = int(pood_labels.max()) + 1
-    surrogate = train_surrogate(torch.cat([pood_images, target_images]),
-                                torch.cat([pood_labels, torch.full((len(target_images),), extra)]), extra + 1,
-                                backbone=backbone, epochs=surrogate_epochs, generator=generator, progress=progress,
-                                desc="narcissus surrogate (POOD + target)")
+    surrogate = load_or_train_surrogate(surrogate_path, torch.cat([pood_images, target_images]),
+                                        torch.cat([pood_labels, torch.full((len(target_images),), extra)]), extra + 1,
+                                        backbone=backbone, epochs=surrogate_epochs, seed=surrogate_seed,
+                                        progress=progress, desc="narcissus surrogate (POOD + target)")
     surrogate = train_surrogate(target_images, torch.full((len(target_images),), extra), extra + 1,
                                 epochs=warmup_epochs, lr=1e-4, generator=generator, progress=progress,
                                 desc="narcissus warm-up (target)", model=surrogate)
-    delta, losses = synthesize_trigger(surrogate, target_images, extra, eps, steps, lr, generator=generator,
-                                       progress=progress)
+    delta, losses = synthesize_trigger(surrogate, target_images, extra, eps, steps, lr, batch_size,
+                                       generator=generator, progress=progress)
     n_target = len(target_images)
     indices = choose_indices(data.train_labels, target_class, int(round(fraction * n_target)), generator)
     images = additive_trigger(data.train_images[indices], delta)

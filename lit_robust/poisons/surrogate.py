@@ -56,3 +56,78 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512)
     """Class predictions of a model in eval mode, batched."""
     model.eval()
     return torch.cat([model(chunk).argmax(-1) for chunk in images.split(batch_size)])
+
+
+def load_or_train_surrogate(path: str | None, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
+                            backbone: str = "small_cnn", epochs: int = 10, seed: int = 0, progress: bool = True,
+                            desc: str = "surrogate") -> ImageClassifier:
+    """The attacker's surrogate trained on clean data: loaded from ``path`` (a verified cache entry, or a plain state
+    dict / Lightning checkpoint of an ``ImageClassifier``) when it exists, else trained with its own ``seed`` and —
+    when ``path`` is given — cached there, so many targeted trials share one surrogate."""
+    from pathlib import Path
+
+    from lit_robust.cache import load_verified, save_atomic
+
+    model = ImageClassifier(backbone=backbone, num_classes=num_classes, in_chans=images.shape[1])
+    if path is not None and Path(path).exists():
+        state = load_verified(path)
+        if state is None and not Path(str(path) + ".sha256").exists():  # a user-supplied checkpoint, no sidecar
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = state.get("state_dict", state)
+        if state is not None:
+            model.load_state_dict(state)
+            return model.eval()
+    with torch.random.fork_rng():
+        model = train_surrogate(images, labels, num_classes, backbone=backbone, epochs=epochs,
+                                generator=torch.Generator(device=images.device).manual_seed(seed), progress=progress,
+                                desc=desc)
+    if path is not None:
+        save_atomic(path, model.state_dict())
+    return model
+
+
+def pick_target(test_labels: torch.Tensor, num_classes: int, generator: torch.Generator,
+                target_index: int | None = None, adversarial_class: int | None = None) -> tuple[int, int]:
+    """A target test image and an adversarial class ≠ its label, drawn at random unless given (Witches' Brew §5 and
+    Bullseye Polytope §4 draw both per trial)."""
+    if target_index is None:
+        target_index = int(torch.randint(0, len(test_labels), (1,), generator=generator))
+    if not 0 <= target_index < len(test_labels):
+        raise ValueError(f"target_index={target_index} is outside the test split (0..{len(test_labels) - 1})")
+    true = int(test_labels[target_index])
+    if adversarial_class is None:
+        adversarial_class = int(torch.randint(0, num_classes - 1, (1,), generator=generator))
+        adversarial_class += adversarial_class >= true
+    if adversarial_class == true or not 0 <= adversarial_class < num_classes:
+        raise ValueError(f"adversarial_class={adversarial_class} must be a class other than the target's own "
+                         f"({true}) in 0..{num_classes - 1}")
+    return target_index, adversarial_class
+
+
+def prepare_targeted_attack(data, *, budget: float, target_index: int | None, adversarial_class: int | None,
+                            backbone: str, surrogate_epochs: int, surrogate_seed: int, surrogate_path: str | None,
+                            generator: torch.Generator, progress: bool, desc: str):
+    """What GM and BP share before optimising: the target and adversarial class, the clean surrogate, and the
+    ``round(budget × N_train)`` poison bases drawn from the adversarial class.
+    Returns (surrogate, target_index, adversarial_class, poison indices)."""
+    from lit_robust.poisons.crafted import choose_indices
+
+    target_index, adversarial_class = pick_target(data.test_labels, data.num_classes, generator, target_index,
+                                                  adversarial_class)
+    surrogate = load_or_train_surrogate(surrogate_path, data.train_images, data.train_labels, data.num_classes,
+                                        backbone=backbone, epochs=surrogate_epochs, seed=surrogate_seed,
+                                        progress=progress, desc=desc)
+    count = int(round(budget * len(data.train_labels)))
+    return surrogate, target_index, adversarial_class, choose_indices(data.train_labels, adversarial_class, count,
+                                                                      generator)
+
+
+def targeted_poisons(data, indices: torch.Tensor, delta: torch.Tensor, target_index: int, adversarial_class: int,
+                     info: dict, tensors: dict | None = None):
+    """The ``Poisons`` record of a clean-label targeted attack (labels unchanged, bases + δ)."""
+    from lit_robust.poisons.crafted import Poisons
+
+    return Poisons(indices=indices, images=(data.train_images[indices] + delta).clamp(0, 1),
+                   labels=data.train_labels[indices].clone(), target_class=adversarial_class,
+                   target_index=target_index, info={**info, "target_true_class": int(data.test_labels[target_index])},
+                   tensors=tensors or {})

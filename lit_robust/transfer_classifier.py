@@ -1,0 +1,57 @@
+"""The victim of Bullseye Polytope's transfer threat models (BP §4; thesis 000 App. D.3.3 "Transfer Linear" and
+"Transfer Fine-Tune"): start from a pretrained feature extractor, re-initialise the linear layer, then train only that
+layer on the (poisoned) data (``mode="linear"``) or fine-tune everything (``mode="finetune"``)."""
+from __future__ import annotations
+
+import torch
+
+from lit_robust.classifier import ImageClassifier
+
+MODES = ("linear", "finetune")
+
+
+class TransferClassifier(ImageClassifier):
+    """``ImageClassifier`` whose extractor comes from ``weights_path`` or, when that is null, from the datamodule's
+    crafting extractor (``PoisonedDataModule.poisons.tensors["extractor_state"]``), so the victim sees the features
+    the poisons were crafted against. In linear mode the extractor is frozen and its BatchNorm statistics fixed."""
+
+    def __init__(self, mode: str = "linear", **kwargs):
+        if mode not in MODES:
+            raise ValueError(f"model.mode={mode!r}: use one of {MODES}")
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def head(self) -> torch.nn.Module:
+        net = self.net
+        return net.get_classifier() if hasattr(net, "get_classifier") else net.head
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        poisons = getattr(getattr(self.trainer, "datamodule", None), "poisons", None)
+        state = None if poisons is None else poisons.tensors.get("extractor_state")
+        if self.hparams.weights_path is None:
+            if state is None:
+                raise ValueError("TransferClassifier needs an extractor: set model.weights_path, or use a "
+                                 "PoisonedDataModule whose attack stores one (bullseye_polytope)")
+            self.load_state_dict(state, strict=False)
+        for module in self.head().modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        if self.hparams.mode == "linear":
+            head_params = {id(p) for p in self.head().parameters()}
+            for p in self.net.parameters():
+                p.requires_grad_(id(p) in head_params)
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.mode == "linear":  # a frozen extractor keeps its BatchNorm statistics
+            for module in self.net.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
+    def configure_optimizers(self):
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"] if isinstance(config, dict) else config
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        return config
