@@ -43,8 +43,8 @@ def test_itlm_trims_flipped_labels():
     inputs = torch.randn(400, 5, generator=generator) * 0.3 + labels[:, None].float() * 2 - 1
     noisy = labels.clone()
     noisy[:20] = 1 - noisy[:20]
-    keep = trimmed_loss_keep(inputs, noisy, 2, keep_fraction=0.95, rounds=2, first_epochs=3, epochs=3, hidden=16,
-                             generator=generator)
+    keep = trimmed_loss_keep(inputs, noisy, 2, keep_fraction=0.95, rounds=2, first_epochs=5, epochs=3, hidden=16,
+                             lr=1e-2, generator=generator)
     assert keep.sum() == 380 and not keep[:20].any()
     features = poisoned_model_features(inputs, labels, 2, epochs=1, hidden=16, generator=generator)
     assert features.shape == (400, 16)
