@@ -5,6 +5,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -23,6 +24,8 @@ def compose_train(*overrides: str):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment):
     cfg = compose_train(f"experiment={experiment}")
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():  # full-scale configs pin trainer=gpu
+        cfg = compose_train(f"experiment={experiment}", "trainer=cpu")
     OmegaConf.resolve(cfg)
     hydra.utils.instantiate(cfg.data, _convert_="all")
     hydra.utils.instantiate(cfg.model, _convert_="all")
