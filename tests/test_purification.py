@@ -1,4 +1,5 @@
 import subprocess
+import tempfile
 import sys
 import textwrap
 
@@ -17,11 +18,12 @@ def tiny_ebm(seed: int = 0) -> EBM:
     return EBM(img_size=8, channels=(4, 8), down=(True, False), bank_size=4)
 
 
-def fit_with(callback, cache_dir=None):
+def fit_with(callback, root=None):
+    root = root or tempfile.mkdtemp()
     datamodule = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
     trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
                         limit_val_batches=0, enable_model_summary=False, enable_progress_bar=False,
-                        default_root_dir=str(cache_dir) if cache_dir else None)
+                        default_root_dir=str(root))
     trainer.fit(ImageClassifier(), datamodule=datamodule)
     return datamodule
 
@@ -50,7 +52,8 @@ def test_callback_replaces_train_set_keeps_targets_and_moves_images(tmp_path):
     clean = DigitsDataModule(source="sklearn8x8", seed=0)
     clean.setup("fit")
     callback = EBMPurification(tiny_ebm(), steps=5, chunk_size=300, cache_dir=str(tmp_path), progress=False)
-    datamodule = fit_with(callback)
+    datamodule = fit_with(callback, tmp_path / "run")
+    assert (tmp_path / "run" / "plots" / "EBMPurification_before_after.png").stat().st_size > 1000
     purified = datamodule.train_dataset
     assert isinstance(purified, PurifiedDataset) and len(purified) == len(clean.train_dataset)
     assert torch.equal(purified[7][1], clean.train_dataset[7][1])
