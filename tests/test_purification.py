@@ -148,3 +148,25 @@ def test_two_ddp_processes_give_the_single_process_purified_set(tmp_path):
     assert (single - clean).abs().mean() > 1e-3  # the identity is not the trivial "nothing was purified"
     # 9 chunks of 150: rank 0 wrote chunks 0-4, rank 1 chunks 5-8, each its own files.
     assert len(list((tmp_path / "cache2").rglob("chunk_*.pt"))) == 9
+
+
+def test_poisoned_data_gets_the_fig_6_2_trajectory_plot_and_numbers(tmp_path):
+    import json
+
+    from lit_robust.datamodules import PoisonedDataModule
+
+    datamodule = PoisonedDataModule(DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0), attack="badnets",
+                                    params={"source_class": 1, "target_class": 7, "fraction": 0.5, "shape": "pixel",
+                                            "position": [6, 6], "value": 1.0}, cache_dir=str(tmp_path / "poisons"),
+                                    progress=False)
+    callback = EBMPurification(tiny_ebm(), steps=6, chunk_size=400, cache_dir=str(tmp_path), progress=False,
+                               trajectory_images=8)
+    trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, enable_model_summary=False, enable_progress_bar=False,
+                        default_root_dir=str(tmp_path / "run"))
+    trainer.fit(ImageClassifier(), datamodule=datamodule)
+    assert (tmp_path / "run" / "plots" / "EBMPurification_l2_trajectory.png").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # at step 6 the clean chain has moved away from x, and the poisoned chain started at x + δ (δ ≠ 0)
+    assert metrics["purify/fig62_clean_vs_clean_purified_at_6"] > 0
+    assert metrics["purify/fig62_clean_vs_poisoned_purified_at_6"] > metrics["purify/fig62_clean_vs_clean_purified_at_6"]
