@@ -263,9 +263,10 @@ class DDPMPurification(Purification):
 
     def __init__(self, ddpm, forward_steps: int = 75, **kwargs):
         super().__init__(**kwargs)
-        self.ddpm, self.forward_steps = _as_ddpm(ddpm), forward_steps
+        self.ddpm, self.forward_steps = ddpm, forward_steps  # a checkpoint path is loaded when the fit starts
 
     def models(self):
+        self.ddpm = _as_ddpm(self.ddpm)
         return {"ddpm": self.ddpm}
 
     def settings(self):

@@ -1,4 +1,5 @@
 import subprocess
+import tempfile
 import sys
 import textwrap
 
@@ -17,11 +18,12 @@ def tiny_ebm(seed: int = 0) -> EBM:
     return EBM(img_size=8, channels=(4, 8), down=(True, False), bank_size=4)
 
 
-def fit_with(callback, cache_dir=None):
+def fit_with(callback, root=None):
+    root = root or tempfile.mkdtemp()
     datamodule = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
     trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
                         limit_val_batches=0, enable_model_summary=False, enable_progress_bar=False,
-                        default_root_dir=str(cache_dir) if cache_dir else None)
+                        default_root_dir=str(root))
     trainer.fit(ImageClassifier(), datamodule=datamodule)
     return datamodule
 
@@ -50,7 +52,8 @@ def test_callback_replaces_train_set_keeps_targets_and_moves_images(tmp_path):
     clean = DigitsDataModule(source="sklearn8x8", seed=0)
     clean.setup("fit")
     callback = EBMPurification(tiny_ebm(), steps=5, chunk_size=300, cache_dir=str(tmp_path), progress=False)
-    datamodule = fit_with(callback)
+    datamodule = fit_with(callback, tmp_path / "run")
+    assert (tmp_path / "run" / "plots" / "EBMPurification_before_after.png").stat().st_size > 1000
     purified = datamodule.train_dataset
     assert isinstance(purified, PurifiedDataset) and len(purified) == len(clean.train_dataset)
     assert torch.equal(purified[7][1], clean.train_dataset[7][1])
@@ -145,3 +148,25 @@ def test_two_ddp_processes_give_the_single_process_purified_set(tmp_path):
     assert (single - clean).abs().mean() > 1e-3  # the identity is not the trivial "nothing was purified"
     # 9 chunks of 150: rank 0 wrote chunks 0-4, rank 1 chunks 5-8, each its own files.
     assert len(list((tmp_path / "cache2").rglob("chunk_*.pt"))) == 9
+
+
+def test_poisoned_data_gets_the_fig_6_2_trajectory_plot_and_numbers(tmp_path):
+    import json
+
+    from lit_robust.datamodules import PoisonedDataModule
+
+    datamodule = PoisonedDataModule(DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0), attack="badnets",
+                                    params={"source_class": 1, "target_class": 7, "fraction": 0.5, "shape": "pixel",
+                                            "position": [6, 6], "value": 1.0}, cache_dir=str(tmp_path / "poisons"),
+                                    progress=False)
+    callback = EBMPurification(tiny_ebm(), steps=6, chunk_size=400, cache_dir=str(tmp_path), progress=False,
+                               trajectory_images=8)
+    trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, enable_model_summary=False, enable_progress_bar=False,
+                        default_root_dir=str(tmp_path / "run"))
+    trainer.fit(ImageClassifier(), datamodule=datamodule)
+    assert (tmp_path / "run" / "plots" / "EBMPurification_l2_trajectory.png").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # at step 6 the clean chain has moved away from x, and the poisoned chain started at x + δ (δ ≠ 0)
+    assert metrics["purify/fig62_clean_vs_clean_purified_at_6"] > 0
+    assert metrics["purify/fig62_clean_vs_poisoned_purified_at_6"] > metrics["purify/fig62_clean_vs_clean_purified_at_6"]
