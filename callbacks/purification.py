@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from lit_robust.cache import fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.metrics_file import update_metrics_file
-from lit_robust.datamodules.base import stack_dataset
+from lit_robust.datamodules.base import stack_dataset, train_split_of
 from lit_robust.purification_plots import save_before_after_grid, save_trajectory_plot, trajectory_distances
 
 
@@ -114,10 +114,7 @@ class Purification(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
-        if datamodule is None or getattr(datamodule, "train_dataset", None) is None:
-            raise RuntimeError(f"{type(self).__name__} purifies trainer.datamodule.train_dataset: call "
-                               "trainer.fit(model, datamodule=...) with a DataModule whose setup() fills train_dataset")
-        dataset = datamodule.train_dataset
+        dataset = train_split_of(trainer, type(self).__name__)
         images, _ = stack_dataset(dataset)
         purified = self.purify_dataset(images, trainer, pl_module.device)
         datamodule.train_dataset = PurifiedDataset(dataset, purified)

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Subset
 
 from lit_robust.cache import fingerprint, load_verified, save_atomic
-from lit_robust.datamodules.base import stack_dataset
+from lit_robust.datamodules.base import stack_dataset, train_split_of
 from lit_robust.ispl import (ISPLSchedule, fit_component_learners, ispl_partition, modal_vote_agrees,
                              self_training)
 from lit_robust.weak_learners import flatten_images
@@ -74,10 +74,7 @@ class TrainingSetFilter(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
-        if datamodule is None or getattr(datamodule, "train_dataset", None) is None:
-            raise RuntimeError(f"{type(self).__name__} filters trainer.datamodule.train_dataset: pass a DataModule "
-                               "with a train_dataset attribute (trainer.fit(model, datamodule=...))")
-        dataset = datamodule.train_dataset
+        dataset = train_split_of(trainer, type(self).__name__)
         if self.keep is None:
             images, labels = stack_dataset(dataset)
             labels = labels.long()
