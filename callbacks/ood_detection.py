@@ -44,26 +44,18 @@ def _gather(tensor: torch.Tensor) -> torch.Tensor:
 def fit_victim(dataset: Dataset, in_chans: int, num_classes: int, epochs: int, seed: int) -> nn.Module:
     """A small CNN classifier (``ImageClassifier`` with ``small_cnn``) trained on ``dataset`` with Adam; the victim
     whose adversarial examples the detector must catch (the thesis uses Cleverhans' default classifier)."""
-    from lit_robust.classifier import ImageClassifier
+    from lit_robust.classifier import ImageClassifier, train_on_tensors
 
     images, labels = stack_dataset(dataset)
     if (labels < 0).any():
         raise ValueError("the inlier training set has no class labels (targets −1): a victim classifier needs them; "
                          "set callbacks.ood_detection.victim=null or use labelled inliers")
-    generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = ImageClassifier(backbone="small_cnn", num_classes=num_classes, in_chans=in_chans)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for batch in order.split(128):
-            loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return train_on_tensors(images, labels, num_classes, model=model, epochs=epochs, lr=2e-3, weight_decay=0.0,
+                            max_shift=0, cosine_schedule=False, generator=torch.Generator().manual_seed(seed),
+                            progress=False)
 
 
 def accept(scores: dict[str, torch.Tensor], thresholds: dict[str, float], score: str) -> torch.Tensor:
@@ -191,7 +183,7 @@ class OODDetection(L.Callback):
             in_chans = int(dm.train_dataset[0][0].shape[0])
             return fit_victim(dm.train_dataset, in_chans, getattr(dm, "num_classes", 10), self.victim_epochs,
                               self.seed)
-        from lit_robust.classifier import ImageClassifier
+        from lit_robust.classifier import ImageClassifier, train_on_tensors
 
         return ImageClassifier.load_from_checkpoint(self.victim, map_location="cpu").eval()
 

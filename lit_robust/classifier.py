@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
 
 from lit_robust.augment import random_hflip, random_shift
 from lit_robust.nets import create_backbone, load_weights
@@ -102,3 +103,37 @@ class ImageClassifier(L.LightningModule):
     def lr_scheduler_step(self, scheduler, metric):
         """timm schedulers step by epoch number rather than by call."""
         scheduler.step(epoch=self.current_epoch + 1)
+
+
+def train_on_tensors(images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, backbone: str = "small_cnn",
+                    epochs: int = 10, lr: float = 2e-3, weight_decay: float = 5e-4, batch_size: int = 128,
+                    max_shift: int = 2, generator: torch.Generator, progress: bool = True,
+                    desc: str = "surrogate", model: ImageClassifier | None = None,
+                     cosine_schedule: bool = True) -> ImageClassifier:
+    """Train (or continue training ``model``) with AdamW + cross-entropy on [0, 1] image tensors, without Lightning;
+    returns it in eval mode. The classifier's own recipe (normalisation, random-shift augmentation), so attack
+    surrogates are grey-box stand-ins for the victim (Witches' Brew §4, Narcissus §3); ``weight_decay=0`` with
+    ``cosine_schedule=False`` is plain Adam at a constant rate.
+    """
+    if model is None:
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        model = ImageClassifier(backbone=backbone, num_classes=num_classes, in_chans=images.shape[1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, -(-len(images) // batch_size))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch) if cosine_schedule else None
+    model.train()
+    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for batch in order.split(batch_size):
+            x = random_shift(images[batch], max_shift, generator=generator)
+            loss = F.cross_entropy(model(x), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return model.eval()

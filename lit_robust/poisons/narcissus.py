@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lit_robust.poisons.crafted import CraftingData, Poisons, additive_trigger, choose_indices
-from lit_robust.poisons.surrogate import load_or_train_surrogate, train_surrogate
+from lit_robust.classifier import train_on_tensors
+from lit_robust.poisons.surrogate import load_or_train_surrogate
 
 
 def logit_margin_loss(logits: torch.Tensor, target_class: int) -> torch.Tensor:
@@ -104,7 +105,7 @@ def craft_narcissus(data: CraftingData, *, target_class: int = 0, eps: float = 1
                                         torch.cat([pood_labels, torch.full((len(target_images),), extra)]), extra + 1,
                                         backbone=backbone, epochs=surrogate_epochs, seed=surrogate_seed,
                                         progress=progress, desc="narcissus surrogate (POOD + target)")
-    surrogate = train_surrogate(target_images, torch.full((len(target_images),), extra), extra + 1,
+    surrogate = train_on_tensors(target_images, torch.full((len(target_images),), extra), extra + 1,
                                 epochs=warmup_epochs, lr=1e-4, generator=generator, progress=progress,
                                 desc="narcissus warm-up (target)", model=surrogate)
     delta, losses = synthesize_trigger(surrogate, target_images, extra, eps, steps, lr, batch_size,

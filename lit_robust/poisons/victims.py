@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from lit_robust.classifier import ImageClassifier
-from lit_robust.poisons.surrogate import penultimate_features, train_surrogate
+from lit_robust.classifier import train_on_tensors
+from lit_robust.poisons.surrogate import penultimate_features
 
 VICTIMS = ("linear", "finetune")
 
@@ -46,7 +47,7 @@ def victim_predictions(surrogate: ImageClassifier, train_images: torch.Tensor, t
             return head(_features(model, eval_images)).argmax(-1)
     for p in model.parameters():
         p.requires_grad_(True)
-    model = train_surrogate(train_images, train_labels, num_classes, epochs=epochs, lr=lr, generator=generator,
+    model = train_on_tensors(train_images, train_labels, num_classes, epochs=epochs, lr=lr, generator=generator,
                             progress=False, model=model)
     with torch.no_grad():
         return model(eval_images).argmax(-1)
