@@ -14,31 +14,17 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-from lit_robust.runner import build
+from lit_robust.runner import run_experiment
 
 RUNS = {"undefended": "narcissus_digits", "PureEBM": "pureebm_narcissus_digits"}
 COLUMNS = ("poison/asr_x1", "poison/asr_x3", "poison/natural_acc")
-
-
-def run(experiment: str, overrides: list[str], output_dir: Path) -> dict:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(Path(__file__).resolve().parent / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", f"output_dir={output_dir}", *overrides])
-    datamodule, model, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-    return json.loads((output_dir / "metrics.json").read_text())
 
 
 def main(overrides: list[str]) -> None:
     root = Path("outputs/flagship") / time.strftime("%Y-%m-%d_%H-%M-%S")
     started, table = time.perf_counter(), {}
     for name, experiment in RUNS.items():
-        metrics = run(experiment, overrides, root / name)
+        metrics = run_experiment(experiment, overrides, root / name)
         table[name] = {key: metrics.get(key) for key in COLUMNS}
     table["wall_seconds"] = time.perf_counter() - started
     (root / "table.json").write_text(json.dumps(table, indent=2))

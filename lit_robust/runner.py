@@ -1,6 +1,7 @@
 """What ``train.py`` and ``evaluate.py`` share: config → datamodule, model, callbacks, loggers, trainer."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import hydra
@@ -41,3 +42,19 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     if trainer.is_global_zero:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return datamodule, model, trainer
+
+
+def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> dict:
+    """``train.py experiment=<experiment> <overrides>`` in this process, writing to ``output_dir``; returns the run's
+    ``metrics.json``. For drivers that chain several runs (the flagship, multi-seed tables)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", f"output_dir={output_dir}", *overrides])
+    datamodule, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    return json.loads((output_dir / "metrics.json").read_text())

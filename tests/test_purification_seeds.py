@@ -1,0 +1,34 @@
+"""The multi-seed purification table: means, sample std and the thesis bounds against the undefended run."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "purification_seeds", Path(__file__).resolve().parents[1] / "benchmarks" / "purification_seeds.py")
+purification_seeds = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(purification_seeds)
+
+
+def metrics(x1, x3, acc):
+    return {"poison/asr_x1": x1, "poison/asr_x3": x3, "poison/natural_acc": acc}
+
+
+def test_summary_means_std_and_bounds():
+    per_seed = {"undefended": {0: metrics(0.6, 1.0, 0.98), 1: metrics(0.8, 0.9, 0.96)},
+                "PureEBM": {0: metrics(0.0, 0.1, 0.97), 1: metrics(0.2, 0.1, 0.93)}}
+    s = purification_seeds.summarise(per_seed)
+    assert s["table/undefended/asr_x1/mean"] == pytest.approx(0.7)
+    assert s["table/undefended/asr_x1/std"] == pytest.approx(0.1414213562)
+    assert s["table/PureEBM/natural_acc/seed1"] == 0.93 and s["table/PureEBM/asr_x3/n"] == 2
+    assert s["bounds/PureEBM/asr_x1_fraction_of_undefended"] == pytest.approx(0.1 / 0.7)
+    assert s["bounds/PureEBM/asr_x3_fraction_of_undefended"] == pytest.approx(0.1 / 0.95)
+    assert s["bounds/PureEBM/natural_acc_drop"] == pytest.approx(0.02)
+    assert not any(key.startswith("bounds/undefended") for key in s)
+
+
+def test_run_spec_with_overrides():
+    assert purification_seeds.parse_run("P=pureebm_narcissus_digits:a.b=1:c=x") == (
+        "P", "pureebm_narcissus_digits", ["a.b=1", "c=x"])
+    with pytest.raises(SystemExit, match="name=experiment"):
+        purification_seeds.parse_run("pureebm_narcissus_digits")
