@@ -22,7 +22,8 @@ from pathlib import Path
 from lit_robust.callbacks.metrics_file import update_metrics_file
 from lit_robust.runner import run_experiment
 
-METRICS = ("poison/asr_x1", "poison/asr_x3", "poison/natural_acc")
+SUCCESS_METRICS = ("poison/asr_x1", "poison/asr_x3", "poison/target_success")  # backdoors: ASR ×1/×3; GM/BP: Eq. D.4
+METRICS = (*SUCCESS_METRICS, "poison/natural_acc")
 MAX_ASR_FRACTION, MAX_ACC_DROP = 0.25, 0.05
 
 
@@ -39,7 +40,7 @@ def finished_metrics(run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
-    return metrics if all(key in metrics for key in METRICS) else None
+    return metrics if "poison/natural_acc" in metrics else None  # written by the test phase
 
 
 def summarise(per_seed: dict[str, dict[int, dict]]) -> dict[str, float]:
@@ -47,30 +48,31 @@ def summarise(per_seed: dict[str, dict[int, dict]]) -> dict[str, float]:
     summary, means = {}, {}
     for name, seeds in per_seed.items():
         for metric in METRICS:
-            values = [m[metric] for m in seeds.values()]
+            values = [m[metric] for m in seeds.values() if metric in m]
             if not values:
                 continue
             key = f"table/{name}/{metric.split('/')[1]}"
             means[name, metric] = statistics.mean(values)
             summary.update({f"{key}/mean": means[name, metric], f"{key}/n": float(len(values)),
                             f"{key}/std": statistics.stdev(values) if len(values) > 1 else 0.0})
-            summary.update({f"{key}/seed{seed}": m[metric] for seed, m in seeds.items()})
+            summary.update({f"{key}/seed{seed}": m[metric] for seed, m in seeds.items() if metric in m})
     reference, *defended = per_seed
     for name in defended:
-        for metric in METRICS[:2]:
+        for metric in SUCCESS_METRICS:
             if (name, metric) in means and means.get((reference, metric)):
                 summary[f"bounds/{name}/{metric.split('/')[1]}_fraction_of_{reference}"] = (
                     means[name, metric] / means[reference, metric])
-        if (name, METRICS[2]) in means and (reference, METRICS[2]) in means:
-            summary[f"bounds/{name}/natural_acc_drop"] = means[reference, METRICS[2]] - means[name, METRICS[2]]
+        if (name, METRICS[-1]) in means and (reference, METRICS[-1]) in means:
+            summary[f"bounds/{name}/natural_acc_drop"] = means[reference, METRICS[-1]] - means[name, METRICS[-1]]
     return summary
 
 
 def print_table(per_seed: dict[str, dict[int, dict]], summary: dict[str, float]) -> None:
-    print(f"\n{'run':14s}" + "".join(f"{m.split('/')[1]:>22s}" for m in METRICS) + "   seeds")
+    shown = [m for m in METRICS if any(f"table/{n}/{m.split('/')[1]}/mean" in summary for n in per_seed)]
+    print(f"\n{'run':14s}" + "".join(f"{m.split('/')[1]:>22s}" for m in shown) + "   seeds")
     for name, seeds in per_seed.items():
         cells = []
-        for metric in METRICS:
+        for metric in shown:
             key = f"table/{name}/{metric.split('/')[1]}"
             cells.append(f"{100 * summary[key + '/mean']:13.1f} ± {100 * summary[key + '/std']:4.1f} %"
                          if key + "/mean" in summary else f"{'n/a':>22s}")

@@ -32,3 +32,12 @@ def test_run_spec_with_overrides():
         "P", "pureebm_narcissus_digits", ["a.b=1", "c=x"])
     with pytest.raises(SystemExit, match="name=experiment"):
         purification_seeds.parse_run("pureebm_narcissus_digits")
+
+
+def test_targeted_attacks_report_success_without_bounds_against_zero():
+    per_seed = {"undefended": {0: {"poison/target_success": 0.0, "poison/natural_acc": 0.98}},
+                "PureEBM": {0: {"poison/target_success": 1.0, "poison/natural_acc": 0.97}}}
+    s = purification_seeds.summarise(per_seed)
+    assert s["table/PureEBM/target_success/mean"] == 1.0 and "table/PureEBM/asr_x1/mean" not in s
+    assert "bounds/PureEBM/target_success_fraction_of_undefended" not in s  # 0 undefended: no ratio
+    assert s["bounds/PureEBM/natural_acc_drop"] == pytest.approx(0.01)
