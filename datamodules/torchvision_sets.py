@@ -1,8 +1,11 @@
 """Real datasets read from ``data_dir`` through torchvision's own classes (downloaded only when ``download=True``).
 
 CIFAR-10 (``cifar-10-batches-py``), MNIST and Fashion-MNIST (``<Name>/raw`` idx files), SVHN (``train_32x32.mat``,
-``test_32x32.mat``) and CINIC-10 (an ImageFolder tree ``cinic-10/{train,valid,test}/<class>/*.png``, no download).
-A validation split is carved out of the training set with a fixed seed (CINIC-10 has its own ``valid``).
+``test_32x32.mat``), CINIC-10 (an ImageFolder tree ``cinic-10/{train,valid,test}/<class>/*.png``, no download) and
+ImageNet-1k (torchvision's ``ImageNet`` layout: ``meta.bin`` + ``train/<wnid>/*.JPEG`` + ``val/<wnid>/*.JPEG``, made by
+torchvision from the official archives; no download; resized to 256 and centre-cropped to 224, the usual evaluation
+transform — the paper's flips happen in the model). A validation split is carved out of the training set with a
+fixed seed (CINIC-10 has its own ``valid``; ImageNet's ``val`` is the test split).
 """
 from __future__ import annotations
 
@@ -24,7 +27,10 @@ TORCHVISION_SETS = {
     "fashion_mnist": (datasets.FashionMNIST, 1, "FashionMNIST/raw", "train"),
     "svhn": (datasets.SVHN, 3, "train_32x32.mat", "split"),
     "cinic10": (datasets.ImageFolder, 3, "cinic-10", "folder"),
+    "imagenet": (datasets.ImageNet, 3, "meta.bin", "imagenet"),
 }
+NUM_CLASSES = {"imagenet": 1000}  # the others have 10
+IMAGENET_TRANSFORM = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), TO_TENSOR])
 
 
 def open_torchvision_split(name: str, data_dir: str, train: bool, download: bool) -> Dataset:
@@ -39,6 +45,12 @@ def open_torchvision_split(name: str, data_dir: str, train: bool, download: bool
             raise FileNotFoundError(f"data_dir {root} has no CINIC-10 folder {folder}; CINIC-10 is not downloadable "
                                     "through torchvision: unpack it there or set data.data_dir")
         return cls(str(folder), transform=TO_TENSOR)
+    if split_kind == "imagenet":
+        if not (root / expected).is_file() or not (root / ("train" if train else "val")).is_dir():
+            raise FileNotFoundError(f"data_dir {root} has no ImageNet meta.bin and {'train' if train else 'val'}/ "
+                                    "folder: let torchvision.datasets.ImageNet unpack the official archives there once, "
+                                    "or set data.data_dir")
+        return cls(str(root), split="train" if train else "val", transform=IMAGENET_TRANSFORM)
     split = {"split": "train" if train else "test"} if split_kind == "split" else {"train": train}
     try:
         return cls(str(root), download=download, transform=TO_TENSOR, **split)
@@ -67,6 +79,7 @@ class TorchvisionDataModule(ImageDataModule):
             raise ValueError(f"data.name={name!r}: use one of {sorted(TORCHVISION_SETS)}")
         self.name, self.data_dir, self.download, self.val_size = name, data_dir, download, val_size
         self.in_chans = TORCHVISION_SETS[name][1]
+        self.num_classes = NUM_CLASSES.get(name, 10)
 
     def prepare_data(self) -> None:
         if self.download:

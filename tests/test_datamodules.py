@@ -137,7 +137,22 @@ def test_cinic10_reads_image_folders(tmp_path):
     assert torch.allclose(dm.test_dataset[0][0], torch.full((3, 32, 32), 200 / 255))
 
 
-@pytest.mark.parametrize("name", ["cifar10", "mnist", "svhn", "cinic10"])
+def test_imagenet_reads_torchvisions_layout(tmp_path):
+    wnids = ["n01440764", "n01443537"]
+    torch.save(({w: (f"class {i}",) for i, w in enumerate(wnids)}, wnids), tmp_path / "meta.bin")
+    for split in ("train", "val"):
+        for wnid in wnids:
+            (tmp_path / split / wnid).mkdir(parents=True)
+            Image.fromarray(np.full((300, 400, 3), 100, np.uint8)).save(tmp_path / split / wnid / "a.JPEG")
+    dm = TorchvisionDataModule(name="imagenet", data_dir=str(tmp_path), val_size=1)
+    dm.setup()
+    image, label = dm.test_dataset[1]
+    assert dm.num_classes == 1000 and len(dm.test_dataset) == 2 and len(dm.train_dataset) + len(dm.val_dataset) == 2
+    assert image.shape == (3, 224, 224) and label == 1
+    assert abs(image.mean().item() - 100 / 255) < 0.02  # JPEG
+
+
+@pytest.mark.parametrize("name", ["cifar10", "mnist", "svhn", "cinic10", "imagenet"])
 def test_missing_dataset_names_the_path_and_the_fix(tmp_path, name):
     dm = TorchvisionDataModule(name=name, data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere") as error:
