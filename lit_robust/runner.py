@@ -44,6 +44,16 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, model, trainer
 
 
+def fit_and_test(cfg: DictConfig) -> None:
+    """What ``train.py`` does with a composed config: fit (resuming from ``cfg.ckpt_path`` if set), then test the
+    best checkpoint unless ``cfg.test`` is false."""
+    datamodule, model, trainer = build(cfg)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if cfg.test:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+
+
 def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> dict:
     """``train.py experiment=<experiment> <overrides>`` in this process, writing to ``output_dir``; returns the run's
     ``metrics.json``. For drivers that chain several runs (the flagship, multi-seed tables)."""
@@ -53,8 +63,5 @@ def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> d
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", f"output_dir={output_dir}", *overrides])
-    datamodule, model, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule)
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    fit_and_test(cfg)
     return json.loads((output_dir / "metrics.json").read_text())
