@@ -182,7 +182,9 @@ class CausalVAE(L.LightningModule):
         """(z, decoder input) from the encoder's sample, with ``clamp`` = {concept: (B, k) value} interventions.
 
         CausalVAE: z solves z = Aᵀz + ε (Eq. 3.2) with the clamped blocks held fixed (n passes reach the fixed
-        point on a DAG); the decoder input is g_i(A_i ∘ z) + ε_i (Eq. 3.3), the clamped value for an intervened i.
+        point on a DAG); the decoder input is g_i(A_i ∘ z) + ε_i (Eq. 3.3), where an intervened block's ε_i is the
+        one its clamped value implies, z_i − (Aᵀz)_i, so that the decoder sees its input in the form it was
+        trained on (replacing the whole input by the value drops g_i's offset and draws the wrong concept).
         CCGM: z' = g_i(G_i ∘ z' + B_i ∘ z) (Eq. 3.11), parents read from z', clamped blocks held fixed.
         """
         clamp = clamp or {}
@@ -196,13 +198,17 @@ class CausalVAE(L.LightningModule):
 
         if not self.hparams.ccgm:
             graph = self.dag()
-            if clamp:
-                z = hold(noise)
-                for _ in range(n):
-                    z = hold(torch.einsum("ji,bjk->bik", graph, z) + noise)
-            else:
+            if not clamp:
                 z = linear_scm(graph, noise)
-            return z, hold(self.masks(graph, z) + noise)
+                return z, self.masks(graph, z) + noise
+            z = hold(noise)
+            for _ in range(n):
+                z = hold(torch.einsum("ji,bjk->bik", graph, z) + noise)
+            parents = torch.einsum("ji,bjk->bik", graph, z)
+            exogenous = noise.clone()
+            for i in clamp:
+                exogenous[:, i] = z[:, i] - parents[:, i]
+            return z, self.masks(graph, z) + exogenous
         graph, diag = self.dag(), self.exogenous_diag
         z_out = hold(torch.zeros_like(noise))
         for _ in range(n):

@@ -22,7 +22,10 @@ def test_interventions_propagate_to_children_only(ccgm):
     torch.manual_seed(0)
     model = CausalVAE(img_size=16, fixed_dag=True, ccgm=ccgm).eval()
     noise = torch.randn(5, 4, 4)
-    _, base = model.causal_latents(noise)
+    base_z, base = model.causal_latents(noise)
+    for i in range(4):                                      # do(z_i = its own value) changes nothing
+        _, same = model.causal_latents(noise, {i: (base if ccgm else base_z)[:, i]})
+        assert torch.allclose(same, base, atol=1e-5)
     _, shadow = model.causal_latents(noise, {3: torch.full((5, 4), 0.9)})
     assert torch.equal(shadow[:, :2], base[:, :2])          # do(shadow position): θ and sun untouched
     assert torch.equal(shadow[:, 2], base[:, 2])            # and the sibling shadow length
