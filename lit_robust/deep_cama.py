@@ -167,6 +167,10 @@ class DeepCAMA(L.LightningModule):
             D' is the clean batch itself, so that q(m|x) and NN_M^p are trained to encode "no manipulation" under
             the joint ELBO — with λ = 1 (the paper's clean-only case read literally) q(m|x) would stay at its random
             initialisation and Eq. 6, which samples m ~ q(m|x), would feed the decoder values it never saw.
+        kl_warmup_steps: training steps over which the KL terms' weight rises linearly to 1. Trained from the
+            start at weight 1, the App. C model collapsed q(z|x, y, m) onto the prior within 50 steps (KL(z) ≈ 0.02
+            nats) and stayed there: p(x|y) became one template per class and clean accuracy stalled near 81 %.
+            The paper states no schedule; warm-up is the standard remedy (Bowman et al. 2016, Sønderby et al. 2016).
         num_samples: K of Eq. 6 at test time (``val_num_samples`` during validation, cheaper).
         ft_steps, ft_lr, ft_batch_size, ft_alpha, ft_intervention: test-time fine-tuning (Eq. 8): Adam steps, its
             learning rate, the batch of unlabelled test and labelled clean images, α, and whether the clean term uses
@@ -174,7 +178,8 @@ class DeepCAMA(L.LightningModule):
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, dim_z: int = 64, dim_m: int = 32,
-                 hidden: int = 500, lam: float = 0.5, augment_shift: int = 0, num_samples: int = 10,
+                 hidden: int = 500, lam: float = 0.5, augment_shift: int = 0, kl_warmup_steps: int = 0,
+                 num_samples: int = 10,
                  val_num_samples: int = 2, lr: float = 1e-3, weight_decay: float = 0.0, ft_steps: int = 50,
                  ft_lr: float = 1e-4, ft_batch_size: int = 64, ft_alpha: float = 0.5, ft_intervention: bool = True):
         super().__init__()
@@ -204,31 +209,41 @@ class DeepCAMA(L.LightningModule):
             raise ValueError(f"DeepCAMA expects images (B, {hp.in_chans}, {hp.img_size}, {hp.img_size}), got "
                              f"{tuple(x.shape)}: set model.img_size/in_chans to the data's (or data.img_size)")
 
-    def _elbo_given_m(self, x, y_onehot, h_x, m, kl_m):
+    def _elbo_given_m(self, x, y_onehot, h_x, m, kl_m, kl_weight: float = 1.0):
         z_mean, z_logvar = self.q_z.head(h_x, y_onehot, m)
         z = reparameterise(z_mean, z_logvar)
         logits = self.decoder(y_onehot, z, m)
-        return bernoulli_log_likelihood(logits, x) + self.log_prior_y - kl_to_standard_normal(z_mean, z_logvar) - kl_m
+        kl = kl_to_standard_normal(z_mean, z_logvar) + kl_m
+        return bernoulli_log_likelihood(logits, x) + self.log_prior_y - kl_weight * kl
 
     # -- equations -------------------------------------------------------------------------------------------------
-    def intervention_elbo(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Eq. 3: ELBO(x, y, do(m = 0)) = E_q(z|x,y,m=0)[log p(x|y,z,m=0) p(y) p(z) / q(z|x,y,m=0)], per sample."""
+    def intervention_elbo(self, x: torch.Tensor, y: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+        """Eq. 3: ELBO(x, y, do(m = 0)) = E_q(z|x,y,m=0)[log p(x|y,z,m=0) p(y) p(z) / q(z|x,y,m=0)], per sample
+        (``kl_weight`` < 1 only during the KL warm-up)."""
         m = x.new_zeros(x.shape[0], self.hparams.dim_m)
-        return self._elbo_given_m(x, self._onehot(y), self.q_z.features(x), m, 0.0)
+        return self._elbo_given_m(x, self._onehot(y), self.q_z.features(x), m, 0.0, kl_weight)
 
-    def joint_elbo(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def joint_elbo(self, x: torch.Tensor, y: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
         """Eq. 4: ELBO(x, y) = E_q(z,m|x,y)[log p(x, y, z, m) / q(z, m|x, y)], per sample (one sample of m, z)."""
         m_mean, m_logvar = self.q_m(x)
         m = reparameterise(m_mean, m_logvar)
-        return self._elbo_given_m(x, self._onehot(y), self.q_z.features(x), m, kl_to_standard_normal(m_mean, m_logvar))
+        return self._elbo_given_m(x, self._onehot(y), self.q_z.features(x), m, kl_to_standard_normal(m_mean, m_logvar),
+                                  kl_weight)
 
-    def augmented_objective(self, x_clean, y_clean, x_manip, y_manip) -> torch.Tensor:
+    def augmented_objective(self, x_clean, y_clean, x_manip, y_manip, kl_weight: float = 1.0) -> torch.Tensor:
         """Eq. 5: λ E_D[ELBO(x, y, do(m=0))] + (1 − λ) E_D'[ELBO(x, y)] (to be maximised)."""
         lam = self.hparams.lam
-        objective = lam * self.intervention_elbo(x_clean, y_clean).mean() if lam > 0 else x_clean.new_zeros(())
+        objective = x_clean.new_zeros(())
+        if lam > 0:
+            objective = lam * self.intervention_elbo(x_clean, y_clean, kl_weight).mean()
         if lam < 1:
-            objective = objective + (1 - lam) * self.joint_elbo(x_manip, y_manip).mean()
+            objective = objective + (1 - lam) * self.joint_elbo(x_manip, y_manip, kl_weight).mean()
         return objective
+
+    def kl_weight(self) -> float:
+        """The KL warm-up: the weight of the KL terms rises linearly from ~0 to 1 over ``kl_warmup_steps``."""
+        warmup = self.hparams.kl_warmup_steps
+        return min(1.0, (self.global_step + 1) / warmup) if warmup > 0 else 1.0
 
     def marginal_elbo(self, x: torch.Tensor) -> torch.Tensor:
         """Eq. 7: ELBO(x) = log Σ_c exp ELBO(x, y_c), per sample; all classes in one batched pass (one m sample per
@@ -315,7 +330,7 @@ class DeepCAMA(L.LightningModule):
         x_manip = x
         if self.hparams.augment_shift > 0:
             x_manip = random_shift(x, self.hparams.augment_shift)
-        objective = self.augmented_objective(x, y, x_manip, y)
+        objective = self.augmented_objective(x, y, x_manip, y, self.kl_weight())
         loss = -objective
         if not torch.isfinite(loss):
             raise FloatingPointError(f"deep CAMA loss became {loss.item()} at step {self.global_step}; lower model.lr")

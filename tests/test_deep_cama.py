@@ -36,6 +36,18 @@ def test_density_helpers_match_torch_distributions():
     assert torch.allclose(bernoulli_log_likelihood(logits, images), expected, atol=1e-4)
 
 
+def test_kl_warmup_weighs_only_the_kl_terms_and_reaches_one(deterministic):
+    model = tiny(kl_warmup_steps=4)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    m_mean, m_logvar = model.q_m(x)
+    z_mean, z_logvar = model.q_z.head(model.q_z.features(x), model._onehot(y), m_mean)
+    kl = (kl_to_standard_normal(z_mean, z_logvar) + kl_to_standard_normal(m_mean, m_logvar)).mean()
+    gap = model.joint_elbo(x, y, kl_weight=0.25).mean() - model.joint_elbo(x, y).mean()
+    assert gap.item() == pytest.approx(0.75 * kl.item(), rel=1e-4) and kl.item() > 0
+    assert model.kl_weight() == 0.25                        # global_step 0 of 4
+    assert tiny().kl_weight() == 1.0                        # no warm-up: the paper's ELBO from the first step
+
+
 def test_architecture_follows_appendix_c():
     model = DeepCAMA()  # MNIST sizes
     widths = lambda net: [m.out_features for m in net if isinstance(m, torch.nn.Linear)]
