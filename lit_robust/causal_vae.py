@@ -4,11 +4,12 @@
 Each concept owns ``concept_dim`` latent dimensions. CausalVAE (``ccgm=False``): the encoder gives the exogenous
 noise ε, the causal layer solves the linear SCM z = Aᵀz + ε, i.e. z = (I − Aᵀ)⁻¹ε (Eq. 3.2), and the decoder sees the
 non-linear mask layer's output z_i = g_i(A_i ∘ z) + ε_i (Eq. 3.3). Training loss (reference code, specs README):
-Bernoulli reconstruction + 0.3·KL(q(ε|x) ‖ N(0, I)) + KL to the label-conditioned prior N(u_i, I) of each concept
-(u the factors scaled to [−1, 1]) + the label loss ℓ_u (Eq. 3.4) + 3·h(A) + 0.5·h(A)² with h the acyclicity of
-Eq. 3.6. CCGM (``ccgm=True``, Eqs. 3.9–3.11): no leakage; the encoder gives z ~ N(0, I)-regularised, A = G + B with
-B = 1 on the diagonal of exogenous concepts, and the decoder sees z'_i = g_i(A_i ∘ z) (parents read from z', so that
-interventions propagate); ``without_edges`` breaks links of G without retraining (the counterfactual model).
+Bernoulli reconstruction + 0.3·KL(q(ε|x) ‖ N(0, I)) + KL to the label-conditioned prior N(u_i, I) of each concept,
+on z and on the decoder input (u the factors scaled to [−1, 1]) + the label loss ℓ_u (Eq. 3.4) + 3·h(A) + 0.5·h(A)²
+with h the acyclicity of Eq. 3.6. CCGM (``ccgm=True``, Eqs. 3.9–3.11): no leakage; the encoder gives
+z ~ N(0, I)-regularised, A = G + B with B = 1 on the diagonal of exogenous concepts, and the decoder sees
+z'_i = g_i(A_i ∘ z) (parents read from z', so that interventions propagate); ``without_edges``
+breaks links of G without retraining (the counterfactual model).
 
 ``fixed_dag=True`` fixes A (or G) to the true DAG θ → {length, position} ← sun. The augmented-Lagrangian schedule
 of Eqs. 3.7–3.8 is replaced by the reference code's fixed weights (3, 0.5).
@@ -247,9 +248,12 @@ class CausalVAE(L.LightningModule):
         logits = self.decoder(decoder_input)
         recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(-1).mean()
         kl = kl_to_standard_normal(mean.flatten(1), logvar.flatten(1)).mean()
-        concept = decoder_input if self.hparams.ccgm else linear_scm(self.dag(), mean)
-        # KL(N(z_i, σ²) ‖ N(u_i, I)) up to the σ² terms already in ``kl``: the label-conditioned prior
-        prior = 0.5 * ((concept - u.unsqueeze(-1)) ** 2).sum((1, 2)).mean()
+        # KL(N(c_i, σ²) ‖ N(u_i, I)) up to the σ² terms already in ``kl``: the label-conditioned prior, on the causal
+        # layer's z and (as the reference code's mask KL) on the decoder input, so that the decoder reads each
+        # concept from its own block; without the second term it drew the rod from the shadow blocks and do(θ)
+        # barely moved it. CCGM's decoder input is its concept latent.
+        concepts = [decoder_input] if self.hparams.ccgm else [linear_scm(self.dag(), mean), decoder_input]
+        prior = sum(0.5 * ((c - u.unsqueeze(-1)) ** 2).sum((1, 2)).mean() for c in concepts)
         h = acyclicity(self.dag())
         out = {"recon": recon, "kl": kl, "label_prior": prior, "label": self.label_loss(u), "h": h}
         out["loss"] = (recon + self.hparams.kl_weight * kl + prior + self.hparams.label_weight * out["label"]
