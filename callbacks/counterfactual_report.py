@@ -5,8 +5,9 @@ After testing, a small CNN regresses the four Pendulum factors from the DataModu
 report then decodes do(factor = value) for a sweep of values on test images and reads the factors back. Keys
 (factor changes as fractions of the factor's range, relative to the regressed values of the plain reconstructions):
 ``cf/do_<f>/<g>_change`` and ``cf/do_<f>/<f>_tracking`` (|regressed − set value| / range); the regressor's own
-error on real test images ``cf/regressor_mae/<g>``; grid ``counterfactual_grid.png`` (rows = intervened factor,
-columns = values, first column the input).
+error on real test images ``cf/regressor_mae/<g>``; where the DataModule simulates interventions
+(``intervene(factors, **values)``, Pendulum), the change the true SCM makes, ``cf/do_<f>/<g>_true_change``; grid
+``counterfactual_grid.png`` (rows = intervened factor, columns = values, first column the input).
 """
 from __future__ import annotations
 
@@ -93,6 +94,7 @@ class CounterfactualReport(L.Callback):
         model.eval()
         x, f = test_x[:self.eval_size].to(model.device), test_f[:self.eval_size].to(model.device)
         span = train_f.max(0).values - train_f.min(0).values
+        simulate = getattr(datamodule, "intervene", None)     # the data's own SCM, where it has one
         low, high = train_f.min(0).values + 0.1 * span, train_f.max(0).values - 0.1 * span
         metrics, grid = {}, []
         with torch.no_grad():
@@ -101,17 +103,22 @@ class CounterfactualReport(L.Callback):
             base = regressor(model.reconstruct(x))
             for i, name in enumerate(self.factors):
                 values = torch.linspace(low[i].item(), high[i].item(), self.num_values)
-                changes, tracking, row = torch.zeros(len(self.factors)), 0.0, [x[:1]]
+                changes, true_changes = torch.zeros(len(self.factors)), torch.zeros(len(self.factors))
+                tracking, row = 0.0, [x[:1]]
                 for value in values.tolist():
                     counterfactual = model.intervene(x, name, value)
                     read = regressor(counterfactual)
                     changes += ((read - base).abs().mean(0) / span.to(read.device)).cpu()
+                    if simulate is not None:
+                        true_changes += ((simulate(f, **{name: value}) - f).abs().mean(0).cpu() / span)
                     tracking += ((read[:, i] - value).abs().mean() / span[i]).item()
                     row.append(counterfactual[:1])
                 grid.append(torch.cat(row))
                 for j, other in enumerate(self.factors):
                     key = f"cf/do_{name}/{other}_{'tracking' if j == i else 'change'}"
                     metrics[key] = tracking / len(values) if j == i else (changes[j] / len(values)).item()
+                    if simulate is not None and j != i:
+                        metrics[f"cf/do_{name}/{other}_true_change"] = (true_changes[j] / len(values)).item()
         update_metrics_file(self.output_dir / "metrics.json", metrics)
         self._plot(torch.stack(grid).cpu())
 

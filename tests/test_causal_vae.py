@@ -79,4 +79,6 @@ def test_counterfactual_report_writes_measurements_and_grid(tmp_path):
     assert {"cf/do_theta/shadow_position_change", "cf/do_shadow_position/theta_change",
             "cf/do_theta/theta_tracking", "cf/regressor_mae/sun"} <= set(metrics)
     assert all(value >= 0 for value in metrics.values())
+    assert metrics["cf/do_shadow_position/theta_true_change"] == 0.0      # the data's SCM: parents never move
+    assert metrics["cf/do_theta/shadow_length_true_change"] > 0.05       # ... children do
     assert (tmp_path / "counterfactual_grid.png").stat().st_size > 1000
