@@ -96,7 +96,8 @@ def test_fine_tuning_updates_only_manipulation_networks():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     history = model.fine_tune(torch.rand(8, 1, 8, 8), torch.rand(8, 1, 8, 8), torch.randint(10, (8,)), steps=2)
     assert len(history) == 2 and all(math.isfinite(h) for h in history)
-    tuned = {f"decoder.nn_m.{k}" for k, _ in model.decoder.nn_m.named_parameters()}
+    tuned = {f"decoder.{net}.{k}" for net in ("nn_m", "project_m")
+             for k, _ in getattr(model.decoder, net).named_parameters()}
     tuned |= {f"q_m.{k}" for k, _ in model.q_m.named_parameters()}
     for name, value in model.state_dict().items():
         changed = not torch.equal(value, before[name])
