@@ -88,22 +88,32 @@ def conv_encoder(in_chans: int, img_size: int, out_features: int, width: int = 6
 
 
 class ConvDecoder(nn.Module):
-    """Linear to (width, s/16, s/16) and four stride-2 deconvolutions to Bernoulli logits."""
+    """Linear to (width, s/16, s/16) and four stride-2 deconvolutions to Bernoulli logits.
 
-    def __init__(self, in_features: int, in_chans: int, img_size: int, width: int = 64):
+    With ``groups`` = n the input splits into n equal blocks, each decoded by its own network of ``width`` channels
+    (grouped layers, one pass for all), and the n logit maps are averaged: the reference code's per-concept
+    decoders (``decode_sep``), which make each concept's block draw its own part of the scene."""
+
+    def __init__(self, in_features: int, in_chans: int, img_size: int, width: int = 64, groups: int = 1):
         super().__init__()
-        self.side, self.width = img_size // 16, width
-        self.project = nn.Sequential(nn.Linear(in_features, 256), nn.ELU(), nn.Linear(256, width * self.side ** 2),
-                                     nn.ELU())
+        if in_features % groups:
+            raise ValueError(f"ConvDecoder: {in_features} input features do not split into {groups} equal blocks")
+        self.side, self.width, self.groups, self.in_chans = img_size // 16, width, groups, in_chans
+        g = groups
+        self.project = nn.Sequential(nn.Conv2d(in_features, g * 256, 1, groups=g), nn.ELU(),
+                                     nn.Conv2d(g * 256, g * width * self.side ** 2, 1, groups=g), nn.ELU())
         layers = []
         for i in range(4):
-            layers.append(nn.ConvTranspose2d(width, in_chans if i == 3 else width, 4, stride=2, padding=1))
+            layers.append(nn.ConvTranspose2d(g * width, g * (in_chans if i == 3 else width), 4, stride=2, padding=1,
+                                             groups=g))
             if i < 3:
                 layers.append(nn.ELU())
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(self.project(z.flatten(1)).view(-1, self.width, self.side, self.side))
+        hidden = self.project(z.flatten(1)[:, :, None, None])
+        logits = self.net(hidden.view(-1, self.groups * self.width, self.side, self.side))
+        return logits.unflatten(1, (self.groups, self.in_chans)).mean(1)
 
 
 class CausalVAE(L.LightningModule):
@@ -115,13 +125,15 @@ class CausalVAE(L.LightningModule):
         ccgm: the counterfactual variant of ch. 3.5 (no leakage, A = G + B).
         exogenous: indices of exogenous concepts (B of Eq. 3.10; θ and the sun).
         factor_low, factor_high: factor ranges mapped to [−1, 1] for the label-conditioned prior.
+        per_concept_decoders: one decoder per concept block (32 channels each), logits averaged, as the reference
+            code's ``decode_sep``; otherwise one joint decoder (64 channels) over all blocks.
     """
 
     def __init__(self, in_chans: int = 3, img_size: int = 64, concept_dim: int = 4,
                  concepts: Sequence[str] = CONCEPTS, fixed_dag: bool = False, ccgm: bool = False,
                  exogenous: Sequence[int] = (0, 1), factor_low: Sequence[float] = FACTOR_LOW,
                  factor_high: Sequence[float] = FACTOR_HIGH, kl_weight: float = 0.3, label_weight: float = 1.0,
-                 dag_weights: Sequence[float] = (3.0, 0.5), lr: float = 1e-3):
+                 dag_weights: Sequence[float] = (3.0, 0.5), per_concept_decoders: bool = False, lr: float = 1e-3):
         super().__init__()
         if img_size % 16:
             raise ValueError(f"model.img_size={img_size}: use a multiple of 16 (e.g. data.img_size=32 or 64)")
@@ -130,7 +142,8 @@ class CausalVAE(L.LightningModule):
         self.save_hyperparameters()
         n, k = len(concepts), concept_dim
         self.encoder = conv_encoder(in_chans, img_size, 2 * n * k)
-        self.decoder = ConvDecoder(n * k, in_chans, img_size)
+        self.decoder = ConvDecoder(n * k, in_chans, img_size, **({"width": 32, "groups": n} if per_concept_decoders
+                                                                  else {}))
         self.masks = ConceptMasks(n, k, k)
         self.label_masks = ConceptMasks(n, 1, 1)
         true_dag = edges_matrix(n, TRUE_EDGES)
