@@ -133,7 +133,7 @@ class CausalVAE(L.LightningModule):
                  concepts: Sequence[str] = CONCEPTS, fixed_dag: bool = False, ccgm: bool = False,
                  exogenous: Sequence[int] = (0, 1), factor_low: Sequence[float] = FACTOR_LOW,
                  factor_high: Sequence[float] = FACTOR_HIGH, kl_weight: float = 0.3, label_weight: float = 1.0,
-                 dag_weights: Sequence[float] = (3.0, 0.5), per_concept_decoders: bool = False, lr: float = 1e-3):
+                 dag_weights: Sequence[float] = (3.0, 0.5), per_concept_decoders: bool = True, lr: float = 1e-3):
         super().__init__()
         if img_size % 16:
             raise ValueError(f"model.img_size={img_size}: use a multiple of 16 (e.g. data.img_size=32 or 64)")
