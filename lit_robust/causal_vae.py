@@ -88,7 +88,8 @@ def conv_encoder(in_chans: int, img_size: int, out_features: int, width: int = 6
 
 
 class ConvDecoder(nn.Module):
-    """Linear to (width, s/16, s/16) and four stride-2 deconvolutions to Bernoulli logits.
+    """Two dense layers (written as 1×1 convolutions) to (width, s/16, s/16), then four stride-2 deconvolutions to
+    Bernoulli logits.
 
     With ``groups`` = n the input splits into n equal blocks, each decoded by its own network of ``width`` channels
     (grouped layers, one pass for all), and the n logit maps are averaged: the reference code's per-concept
