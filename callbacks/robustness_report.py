@@ -192,25 +192,36 @@ class AdversarialRobustnessReport(RobustnessReport):
     """Accuracy under FGSM and ℓ∞ PGD at each ε (seed 002 Fig. 11), white-box against each model: for the
     generative classifier the attacked loss is the cross-entropy of its Eq. 6 prediction with ``attack_samples``
     importance samples (the sampling noise makes this an expectation-over-randomness attack).
+
+    With ``ft_size`` > 0 the generative model is also fine-tuned at test time (Eq. 8, as the paper's Fig. 11) on
+    ``ft_size`` other test images attacked the same way, and that copy is evaluated on the attacked evaluation images
+    (``<model_name>_ft``). The attacks are crafted against the model as trained: the copy meets them unseen.
     Keys: ``adv/<attack>_eps<ε>/<name>``; plot ``adversarial_accuracy.png``.
     """
 
     def __init__(self, output_dir: str, epsilons: list[float] = (0.1, 0.2, 0.3), attacks: list[str] = ("fgsm", "pgd"),
-                 pgd_steps: int = 10, attack_samples: int = 2, model_name: str = "cama", **kwargs):
+                 pgd_steps: int = 10, attack_samples: int = 2, model_name: str = "cama", ft_size: int = 0, **kwargs):
         super().__init__(output_dir, **kwargs)
         unknown = set(attacks) - {"fgsm", "pgd"}
         if unknown:
             raise ValueError(f"attacks {sorted(unknown)}: use 'fgsm' and/or 'pgd'")
         self.epsilons, self.attacks, self.pgd_steps = list(epsilons), list(attacks), pgd_steps
-        self.attack_samples, self.model_name = attack_samples, model_name
+        self.attack_samples, self.model_name, self.ft_size = attack_samples, model_name, ft_size
 
     def _attack(self, attack: str, loss_fn, x: torch.Tensor, eps: float) -> torch.Tensor:
         if attack == "fgsm":
             return fgsm(loss_fn, x, eps)
         return pgd_linf(loss_fn, x, eps, steps=self.pgd_steps)
 
+    def _attacked(self, attack: str, loss_fn, x_all: torch.Tensor, y_all: torch.Tensor, eps: float) -> torch.Tensor:
+        return torch.cat([self._attack(attack, lambda v: loss_fn(v, y_all[i:i + self.batch_size]),
+                                       x_all[i:i + self.batch_size], eps) for i in range(0, len(x_all), self.batch_size)])
+
     def report(self, model, baselines, images, labels, datamodule):
         x_all, y_all = images[:self.eval_size].to(model.device), labels[:self.eval_size].to(model.device)
+        ft_x = images[self.eval_size:self.eval_size + self.ft_size].to(model.device)
+        ft_y = labels[self.eval_size:self.eval_size + self.ft_size].to(model.device)
+        train = stack_dataset(datamodule.train_dataset) if self.ft_size else None
         losses = {name: (lambda b: lambda x, y: F.cross_entropy(b(x), y, reduction="none"))(b)
                   for name, b in baselines.items()}
         losses[self.model_name] = lambda x, y: F.nll_loss(model.predict_log_probs(x, self.attack_samples), y,
@@ -222,13 +233,14 @@ class AdversarialRobustnessReport(RobustnessReport):
             for attack in self.attacks:
                 curves[attack][name][0.0] = clean
                 for eps in self.epsilons:
-                    correct = 0
-                    for i in range(0, len(x_all), self.batch_size):
-                        x, y = x_all[i:i + self.batch_size], y_all[i:i + self.batch_size]
-                        adv = self._attack(attack, lambda v: losses[name](v, y), x, eps)
-                        correct += (batched_predictions(predict, adv, self.batch_size) == y).sum().item()
-                    curves[attack][name][eps] = correct / len(x_all)
-                    metrics[f"adv/{attack}_eps{eps:g}/{name}"] = correct / len(x_all)
+                    adv = self._attacked(attack, losses[name], x_all, y_all, eps)
+                    curves[attack][name][eps] = accuracy(predict, adv, y_all, self.batch_size)
+                    metrics[f"adv/{attack}_eps{eps:g}/{name}"] = curves[attack][name][eps]
+                    if name == self.model_name and len(ft_x):
+                        tuned = model.fine_tuned_copy(self._attacked(attack, losses[name], ft_x, ft_y, eps), *train)
+                        curves[attack].setdefault(f"{name}_ft", {0.0: clean})[eps] = accuracy(tuned, adv, y_all,
+                                                                                            self.batch_size)
+                        metrics[f"adv/{attack}_eps{eps:g}/{name}_ft"] = curves[attack][f"{name}_ft"][eps]
             metrics[f"adv/clean/{name}"] = clean
         metrics["adv/eval_images"] = float(len(x_all))
         self._plot(curves, "ε (ℓ∞, [0, 1] pixels)", "adversarial_accuracy.png")

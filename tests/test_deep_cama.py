@@ -133,7 +133,8 @@ def test_training_raises_the_elbo_and_reports_run(tmp_path):
     shift = ShiftRobustnessReport(str(tmp_path), shifts=[0, 1, 2], baselines=baselines, eval_size=20,
                                   cache_dir=str(tmp_path / "cache"))
     adversarial = AdversarialRobustnessReport(str(tmp_path), epsilons=[0.2], pgd_steps=1, attack_samples=1,
-                                              baselines=baselines, eval_size=10, cache_dir=str(tmp_path / "cache"))
+                                              baselines=baselines, eval_size=10, ft_size=8,
+                                              cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[shift, adversarial])
     trainer.fit(model, datamodule=data)
@@ -142,7 +143,7 @@ def test_training_raises_the_elbo_and_reports_run(tmp_path):
     trainer.test(model, datamodule=data)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("shift/vertical_2px/dnn", "shift/horizontal_1px/cama_ft", "shift/vertical/cama_ft_clean",
-                "adv/pgd_eps0.2/cnn", "adv/fgsm_eps0.2/cama"):
+                "adv/pgd_eps0.2/cnn", "adv/fgsm_eps0.2/cama", "adv/pgd_eps0.2/cama_ft"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["shift/vertical/ft_images"] == 10  # 10 % of the test split
     assert (tmp_path / "shift_accuracy.png").stat().st_size > 1000
