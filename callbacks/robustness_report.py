@@ -208,14 +208,15 @@ class AdversarialRobustnessReport(RobustnessReport):
         self.epsilons, self.attacks, self.pgd_steps = list(epsilons), list(attacks), pgd_steps
         self.attack_samples, self.model_name, self.ft_size = attack_samples, model_name, ft_size
 
-    def _attack(self, attack: str, loss_fn, x: torch.Tensor, eps: float) -> torch.Tensor:
-        if attack == "fgsm":
-            return fgsm(loss_fn, x, eps)
-        return pgd_linf(loss_fn, x, eps, steps=self.pgd_steps)
-
     def _attacked(self, attack: str, loss_fn, x_all: torch.Tensor, y_all: torch.Tensor, eps: float) -> torch.Tensor:
-        return torch.cat([self._attack(attack, lambda v: loss_fn(v, y_all[i:i + self.batch_size]),
-                                       x_all[i:i + self.batch_size], eps) for i in range(0, len(x_all), self.batch_size)])
+        """``x_all`` attacked ``batch_size`` images at a time; ``loss_fn(x, y)`` is the per-sample loss to raise."""
+        batches = []
+        for i in range(0, len(x_all), self.batch_size):
+            x, y = x_all[i:i + self.batch_size], y_all[i:i + self.batch_size]
+            batch_loss = lambda v, y=y: loss_fn(v, y)
+            batches.append(fgsm(batch_loss, x, eps) if attack == "fgsm"
+                           else pgd_linf(batch_loss, x, eps, steps=self.pgd_steps))
+        return torch.cat(batches)
 
     def report(self, model, baselines, images, labels, datamodule):
         x_all, y_all = images[:self.eval_size].to(model.device), labels[:self.eval_size].to(model.device)
@@ -236,11 +237,11 @@ class AdversarialRobustnessReport(RobustnessReport):
                     adv = self._attacked(attack, losses[name], x_all, y_all, eps)
                     curves[attack][name][eps] = accuracy(predict, adv, y_all, self.batch_size)
                     metrics[f"adv/{attack}_eps{eps:g}/{name}"] = curves[attack][name][eps]
-                    if name == self.model_name and len(ft_x):
+                    if name == self.model_name and self.ft_size:
                         tuned = model.fine_tuned_copy(self._attacked(attack, losses[name], ft_x, ft_y, eps), *train)
-                        curves[attack].setdefault(f"{name}_ft", {0.0: clean})[eps] = accuracy(tuned, adv, y_all,
-                                                                                            self.batch_size)
-                        metrics[f"adv/{attack}_eps{eps:g}/{name}_ft"] = curves[attack][f"{name}_ft"][eps]
+                        tuned_acc = accuracy(tuned, adv, y_all, self.batch_size)
+                        curves[attack].setdefault(f"{name}_ft", {0.0: clean})[eps] = tuned_acc
+                        metrics[f"adv/{attack}_eps{eps:g}/{name}_ft"] = tuned_acc
             metrics[f"adv/clean/{name}"] = clean
         metrics["adv/eval_images"] = float(len(x_all))
         self._plot(curves, "ε (ℓ∞, [0, 1] pixels)", "adversarial_accuracy.png")
