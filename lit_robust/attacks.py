@@ -1,5 +1,6 @@
 """Gradient attacks on inputs in [0, 1] (FGSM, ℓ∞ PGD), batched; ``loss_fn(x)`` returns per-sample losses to
-*increase* (e.g. cross-entropy of a classifier, or the negative ELBO of a VAE encoder attack)."""
+*increase* (e.g. cross-entropy of a classifier, or the negative ELBO of a VAE encoder attack). ``random_sign`` is
+their reference: an attack that does no better than random noise of the same size is not using its gradient."""
 from __future__ import annotations
 
 from typing import Callable
@@ -19,6 +20,12 @@ def _input_gradient(loss_fn: LossFn, x: torch.Tensor) -> torch.Tensor:
 def fgsm(loss_fn: LossFn, x: torch.Tensor, eps: float) -> torch.Tensor:
     """One signed-gradient step of size ``eps`` (Goodfellow et al.), clipped to [0, 1]."""
     return (x + eps * _input_gradient(loss_fn, x).sign()).clamp(0.0, 1.0).detach()
+
+
+def random_sign(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each pixel moved by ±``eps`` at random (FGSM's budget without the gradient), clipped to [0, 1]."""
+    signs = torch.randint(0, 2, x.shape, generator=generator).to(x.device) * 2 - 1
+    return (x + eps * signs).clamp(0.0, 1.0)
 
 
 def pgd_linf(loss_fn: LossFn, x: torch.Tensor, eps: float, step_size: float | None = None, steps: int = 10,

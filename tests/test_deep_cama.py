@@ -36,6 +36,22 @@ def test_density_helpers_match_torch_distributions():
     assert torch.allclose(bernoulli_log_likelihood(logits, images), expected, atol=1e-4)
 
 
+def test_pixel_floor_bounds_each_pixels_weight():
+    logits = torch.tensor([-40.0, -5.0, 0.0, 5.0, 40.0]).view(1, 1, 1, 5)
+    images = torch.tensor([0.0, 0.3, 1.0, 0.0, 0.05]).view(1, 1, 1, 5)
+    delta = 0.01
+    p = delta + (1 - 2 * delta) * torch.sigmoid(logits)
+    expected = (images * p.log() + (1 - images) * (1 - p).log()).sum()
+    assert torch.allclose(bernoulli_log_likelihood(logits, images, delta), expected.view(1), atol=1e-5)
+    # however confident the decoder, |∂ log p / ∂x| of a pixel stays within log((1 − δ)/δ) = 4.6 (plain: |logit| = 40)
+    x = torch.zeros(1, 1, 1, 5, requires_grad=True)
+    (grad,) = torch.autograd.grad(bernoulli_log_likelihood(logits, x, delta).sum(), x)
+    assert grad.abs().max() <= math.log((1 - delta) / delta) + 1e-5
+    assert grad.abs().max() > 4.0
+    with pytest.raises(ValueError, match="pixel_floor"):
+        tiny(pixel_floor=0.5)
+
+
 def test_kl_warmup_weighs_only_the_kl_terms_and_reaches_one(deterministic):
     model = tiny(kl_warmup_steps=4)
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
@@ -132,9 +148,9 @@ def test_training_raises_the_elbo_and_reports_run(tmp_path):
                  "cnn": {"backbone": "small_cnn", "max_epochs": 1}}
     shift = ShiftRobustnessReport(str(tmp_path), shifts=[0, 1, 2], baselines=baselines, eval_size=20,
                                   cache_dir=str(tmp_path / "cache"))
-    adversarial = AdversarialRobustnessReport(str(tmp_path), epsilons=[0.2], pgd_steps=1, attack_samples=1,
-                                              baselines=baselines, eval_size=10, ft_size=8,
-                                              cache_dir=str(tmp_path / "cache"))
+    adversarial = AdversarialRobustnessReport(str(tmp_path), epsilons=[0.2], attacks=["noise", "fgsm", "pgd"],
+                                              pgd_steps=1, attack_samples=1, baselines=baselines, eval_size=10,
+                                              ft_size=8, cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[shift, adversarial])
     trainer.fit(model, datamodule=data)
@@ -143,7 +159,7 @@ def test_training_raises_the_elbo_and_reports_run(tmp_path):
     trainer.test(model, datamodule=data)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("shift/vertical_2px/dnn", "shift/horizontal_1px/cama_ft", "shift/vertical/cama_ft_clean",
-                "adv/pgd_eps0.2/cnn", "adv/fgsm_eps0.2/cama", "adv/pgd_eps0.2/cama_ft"):
+                "adv/pgd_eps0.2/cnn", "adv/fgsm_eps0.2/cama", "adv/pgd_eps0.2/cama_ft", "adv/noise_eps0.2/dnn"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["shift/vertical/ft_images"] == 10  # 10 % of the test split
     assert (tmp_path / "shift_accuracy.png").stat().st_size > 1000
