@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_robust.callbacks.metrics_file import MetricsFile
+
+log = logging.getLogger(__name__)
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -26,6 +30,29 @@ def check_compatible(datamodule: L.LightningDataModule, model: L.LightningModule
         if data_value is not None and model_value is not None and data_value != model_value:
             raise ValueError(f"model.{key}={model_value} but the data ({type(datamodule).__name__}) has "
                              f"{key}={data_value}: set model.{key}={data_value}")
+
+
+def adopt_checkpoint_hparams(cfg: DictConfig, command_line: list[str]) -> dict[str, tuple]:
+    """Give ``cfg.model`` the hyperparameters saved in ``cfg.ckpt_path`` (as ``load_from_checkpoint`` would), except
+    the keys set on the ``command_line`` (Hydra overrides such as ``model.num_samples=20``). Without this, a
+    checkpoint trained with e.g. ``model.pixel_floor=0.01`` would be evaluated under the config's default: same
+    weights, other model, no error. Returns ``{key: (config value, checkpoint value)}`` for what was changed."""
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
+    saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    explicit = {item.split("=", 1)[0].lstrip("+~") for item in command_line}
+    changed = {}
+    for key, value in saved.items():
+        if key in cfg.model and f"model.{key}" not in explicit and cfg.model[key] != value:
+            changed[key] = (cfg.model[key], value)
+    with open_dict(cfg):
+        for key, (_, value) in changed.items():
+            cfg.model[key] = value
+    for key, (config_value, value) in changed.items():
+        log.warning(f"model.{key}={value} as saved in the checkpoint (config: {config_value}); set model.{key} on "
+                    f"the command line to evaluate otherwise")
+    return changed
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:

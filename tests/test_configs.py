@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_script
-from lit_robust.runner import instantiate_group
+from lit_robust.runner import adopt_checkpoint_hparams, instantiate_group
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -60,3 +60,16 @@ def test_logger_configs_instantiate(tmp_path):
     for logger in ("csv", "tensorboard"):
         cfg = compose_train(f"logger={logger}", f"output_dir={tmp_path}")
         assert len(instantiate_group(cfg.logger)) == 1
+
+
+def test_evaluation_takes_the_checkpoints_model_hyperparameters_unless_given(tmp_path):
+    checkpoint = tmp_path / "run.ckpt"
+    torch.save({"hyper_parameters": {"pixel_floor": 0.01, "num_samples": 10, "lr": 1e-3}}, checkpoint)
+    cfg = compose_train("experiment=cama_digits_shift", f"+ckpt_path={checkpoint}", "model.num_samples=20")
+    assert cfg.model.pixel_floor == 0.0
+    changed = adopt_checkpoint_hparams(cfg, ["experiment=cama_digits_shift", "model.num_samples=20"])
+    assert changed == {"pixel_floor": (0.0, 0.01)}
+    assert cfg.model.pixel_floor == 0.01 and cfg.model.num_samples == 20   # the command line still wins
+    cfg.ckpt_path = str(tmp_path / "missing.ckpt")
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        adopt_checkpoint_hparams(cfg, [])
