@@ -65,7 +65,7 @@ def test_logger_configs_instantiate(tmp_path):
 def test_evaluation_takes_the_checkpoints_model_hyperparameters_unless_given(tmp_path):
     checkpoint = tmp_path / "run.ckpt"
     torch.save({"hyper_parameters": {"pixel_floor": 0.01, "num_samples": 10, "lr": 1e-3}}, checkpoint)
-    cfg = compose_train("experiment=cama_digits_shift", f"+ckpt_path={checkpoint}", "model.num_samples=20")
+    cfg = compose_train("experiment=cama_digits_shift", f"ckpt_path={checkpoint}", "model.num_samples=20")
     assert cfg.model.pixel_floor == 0.0
     changed = adopt_checkpoint_hparams(cfg, ["experiment=cama_digits_shift", "model.num_samples=20"])
     assert changed == {"pixel_floor": (0.0, 0.01)}
