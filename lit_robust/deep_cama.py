@@ -15,7 +15,8 @@ The networks follow App. C (MNIST): NN_Y^p, NN_Z^p MLPs [·, 500, 500], NN_M^p [
 MLP [4·4·64, 500], then with y and m an MLP [500 + dim y + dim m, 500, 2·dim z].
 Deviations: the deconvolutions produce 8·⌈s/8⌉ pixels (32 for MNIST's 28) and the output is centre-cropped to the
 image size, since three stride-2 steps from 4×4 cannot give 28; the KL terms of the training ELBOs are analytic
-(same expectation as the paper's Monte Carlo form, lower variance) while Eq. 6 keeps the sampled importance weights.
+(same expectation as the paper's Monte Carlo form, lower variance) while Eq. 6 keeps the sampled importance weights;
+the Bernoulli pixel probabilities can be kept in [δ, 1 − δ] (``pixel_floor``, measured reason in the class docstring).
 Everything runs in float32: the Bernoulli log-likelihood sums 784 terms per image and decides the class by small
 differences, which bf16 would blur.
 """
@@ -175,7 +176,9 @@ class DeepCAMA(L.LightningModule):
             rewards ever more negative background logits (trained: mean −12.9, 1 % below −30), so a 0.05 change of a
             background pixel costs up to 1.5 nats, differently per class. Random ±0.05 sign noise — no attack —
             then dropped accuracy from 97.5 % to 67.5 %, and PGD at ε = 0.05 did no better than that noise. With
-            δ > 0 no pixel can weigh more than log((1 − δ)/δ) per unit of change.
+            δ > 0 no pixel can weigh more than log((1 − δ)/δ) per unit of change. Trained with δ = 0.01 (the config's
+            default): clean accuracy 94.1 % (plain: 93.0 %), random ±0.05 noise 95 %, PGD at ε = 0.05 85 % (plain:
+            67 %); δ = 0.02 cost 2.5 points of clean accuracy.
         lam: λ of Eq. 5, the weight of the do(m = 0) ELBO on clean data. The manipulated set D' is the batch
             translated by up to ``augment_shift`` pixels (the paper's augmented training); with ``augment_shift=0``
             D' is the clean batch itself, so that q(m|x) and NN_M^p are trained to encode "no manipulation" under

@@ -64,12 +64,14 @@ def test_logger_configs_instantiate(tmp_path):
 
 def test_evaluation_takes_the_checkpoints_model_hyperparameters_unless_given(tmp_path):
     checkpoint = tmp_path / "run.ckpt"
-    torch.save({"hyper_parameters": {"pixel_floor": 0.01, "num_samples": 10, "lr": 1e-3}}, checkpoint)
     cfg = compose_train("experiment=cama_digits_shift", f"ckpt_path={checkpoint}", "model.num_samples=20")
-    assert cfg.model.pixel_floor == 0.0
+    default_floor = cfg.model.pixel_floor
+    torch.save({"hyper_parameters": {"pixel_floor": default_floor + 0.01, "num_samples": 10, "lr": cfg.model.lr}},
+               checkpoint)
     changed = adopt_checkpoint_hparams(cfg, ["experiment=cama_digits_shift", "model.num_samples=20"])
-    assert changed == {"pixel_floor": (0.0, 0.01)}
-    assert cfg.model.pixel_floor == 0.01 and cfg.model.num_samples == 20   # the command line still wins
+    assert changed == {"pixel_floor": (default_floor, default_floor + 0.01)}
+    assert cfg.model.pixel_floor == default_floor + 0.01
+    assert cfg.model.num_samples == 20                                   # the command line still wins
     cfg.ckpt_path = str(tmp_path / "missing.ckpt")
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         adopt_checkpoint_hparams(cfg, [])
