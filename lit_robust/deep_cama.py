@@ -198,9 +198,9 @@ class DeepCAMA(L.LightningModule):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, dim_z: int = 64, dim_m: int = 32,
                  hidden: int = 500, pixel_floor: float = 0.0, lam: float = 0.5, augment_shift: int = 0,
-                 kl_warmup_steps: int = 0, num_samples: int = 10, val_num_samples: int = 2, lr: float = 1e-3, weight_decay: float = 0.0,
-                 ft_steps: int = 200, ft_lr: float = 1e-3, ft_batch_size: int = 32, ft_alpha: float = 0.5,
-                 ft_intervention: bool = False):
+                 kl_warmup_steps: int = 0, num_samples: int = 10, val_num_samples: int = 2, lr: float = 1e-3,
+                 weight_decay: float = 0.0, ft_steps: int = 200, ft_lr: float = 1e-3, ft_batch_size: int = 32,
+                 ft_alpha: float = 0.5, ft_intervention: bool = False):
         super().__init__()
         if not 0.0 <= lam <= 1.0 or not 0.0 <= ft_alpha <= 1.0:
             raise ValueError(f"model.lam={lam} and model.ft_alpha={ft_alpha} are mixing weights: use values in [0, 1]")

@@ -42,16 +42,13 @@ def adopt_checkpoint_hparams(cfg: DictConfig, command_line: list[str]) -> dict[s
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
     saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
     explicit = {item.split("=", 1)[0].lstrip("+~") for item in command_line}
-    changed = {}
-    for key, value in saved.items():
-        if key in cfg.model and f"model.{key}" not in explicit and cfg.model[key] != value:
-            changed[key] = (cfg.model[key], value)
+    changed = {key: (cfg.model[key], value) for key, value in saved.items()
+               if key in cfg.model and f"model.{key}" not in explicit and cfg.model[key] != value}
     with open_dict(cfg):
-        for key, (_, value) in changed.items():
+        for key, (config_value, value) in changed.items():
             cfg.model[key] = value
-    for key, (config_value, value) in changed.items():
-        log.warning(f"model.{key}={value} as saved in the checkpoint (config: {config_value}); set model.{key} on "
-                    f"the command line to evaluate otherwise")
+            log.warning(f"model.{key}={value} as saved in the checkpoint (config: {config_value}); set model.{key} "
+                        f"on the command line to evaluate otherwise")
     return changed
 
 
