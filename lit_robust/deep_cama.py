@@ -54,9 +54,9 @@ def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor, floor: float
     x = x.expand_as(logits)
     if floor == 0.0:
         return -F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(-3).sum(-1)
-    log_floor, log_rest = math.log(floor), math.log1p(-2 * floor)
-    log_p = torch.logaddexp(torch.full_like(logits, log_floor), log_rest + F.logsigmoid(logits))
-    log_not_p = torch.logaddexp(torch.full_like(logits, log_floor), log_rest + F.logsigmoid(-logits))
+    log_floor, log_rest = logits.new_tensor(math.log(floor)), math.log1p(-2 * floor)   # 0-dim: broadcast, not copied
+    log_p = torch.logaddexp(log_floor, log_rest + F.logsigmoid(logits))
+    log_not_p = torch.logaddexp(log_floor, log_rest + F.logsigmoid(-logits))
     return (x * log_p + (1 - x) * log_not_p).flatten(-3).sum(-1)
 
 
