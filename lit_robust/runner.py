@@ -40,7 +40,8 @@ def adopt_checkpoint_hparams(cfg: DictConfig, command_line: list[str]) -> dict[s
     path = Path(cfg.ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
-    saved = torch.load(path, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    # mmap: only the hyperparameters are read here; the weights stay on disk until the trainer loads them
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters", {})
     explicit = {item.split("=", 1)[0].lstrip("+~") for item in command_line}
     changed = {key: (cfg.model[key], value) for key, value in saved.items()
                if key in cfg.model and f"model.{key}" not in explicit and cfg.model[key] != value}
