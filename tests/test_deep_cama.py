@@ -107,6 +107,32 @@ def test_intervention_elbo_ignores_q_m(deterministic):
     assert not torch.allclose(model.joint_elbo(x, y), before_joint)
 
 
+def test_refined_posterior_raises_every_class_elbo_and_leaves_the_weights_alone(deterministic):
+    """``refine_posterior`` ascends the ELBO of each (class, image) q(z|x, y_c, m) from the encoder's output; the
+    network gets no gradients, and Eq. 6 runs with it inside inference mode (as in ``trainer.test``)."""
+    model = tiny(refine_steps=20, refine_lr=0.05).eval()
+    x = (torch.rand(6, 1, 8, 8) > 0.7).float()
+    classes = torch.eye(10).view(1, 10, 1, 10)
+    m = model.q_m(x)[0].unsqueeze(0).unsqueeze(0)
+
+    def elbo(mean, logvar):
+        return (bernoulli_log_likelihood(model.decoder(classes, mean, m), x)
+                - kl_to_standard_normal(mean, logvar))
+
+    with torch.no_grad():
+        start = model.q_z.head(model.q_z.features(x), classes, m)
+    refined = model.refine_posterior(x, classes, m, *start)
+    with torch.no_grad():
+        gain = elbo(*refined) - elbo(*start)                                  # (1, C, B)
+    assert gain.min() > 0                                                   # no refinement: gain 0
+    assert all(p.grad is None for p in model.parameters())
+    with torch.inference_mode():
+        log_probs = model.predict_log_probs(x, 3)
+    assert log_probs.shape == (6, 10) and torch.allclose(log_probs.exp().sum(-1), torch.ones(6), atol=1e-5)
+    with pytest.raises(ValueError, match="refine_steps"):
+        tiny(refine_steps=-1)
+
+
 def test_fine_tuning_updates_only_manipulation_networks():
     model = tiny(ft_lr=1e-2, ft_batch_size=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -136,7 +162,7 @@ def test_dense_baseline_shape():
 def test_training_raises_the_elbo_and_reports_run(tmp_path):
     torch.manual_seed(0)
     data = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
-    model = tiny(lr=3e-3, ft_steps=1, ft_batch_size=4, num_samples=2)
+    model = tiny(lr=3e-3, ft_steps=1, ft_batch_size=4, num_samples=2, refine_steps=2)
     data.setup()
     for split, size in (("train_dataset", 256), ("val_dataset", 64), ("test_dataset", 100)):
         full = getattr(data, split)
