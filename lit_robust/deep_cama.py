@@ -196,7 +196,7 @@ class DeepCAMA(L.LightningModule):
             poor z for shifted ones, so Eq. 6's estimate of p(x | y) is loosest exactly off the training manifold.
             With 30 steps at lr 0.05 (the ``cama_digits_shift`` setting; 900 test images, seeds 0 and 2) horizontal
             3 px accuracy went from 2.6 and 4.0 points below the dense DNN to −0.2 and +2.8 (five runs without it:
-            −2.5 to −8.4); clean accuracy stayed within 2 points of the DNN; the vertical lead shrank on seed 2
+            −2.6 to −8.4); clean accuracy stayed within 2 points of the DNN; the vertical lead shrank on seed 2
             (3 px: +9.7 → +3.5) but stayed. Costs 30 decoder forward/backward passes per class and image, hence off
             by default.
             Attacks need no gradient through the refinement: at its optimum, d ELBO*/dx = ∂ELBO/∂x (envelope
