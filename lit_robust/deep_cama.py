@@ -294,21 +294,23 @@ class DeepCAMA(L.LightningModule):
         elbos = self._elbo_given_m(x, classes, self.q_z.features(x), m, kl_to_standard_normal(m_mean, m_logvar))
         return torch.logsumexp(elbos, dim=0)                                        # (C, B) → (B,)
 
-    def predict_log_probs(self, x: torch.Tensor, num_samples: int | None = None) -> torch.Tensor:
+    def predict_log_probs(self, x: torch.Tensor, num_samples: int | None = None,
+                          refine_steps: int | None = None) -> torch.Tensor:
         """Eq. 6: log p(y | x) ≈ log-softmax_c log Σ_k p(x|y_c, z_c^k, m^k) p(y_c) p(z_c^k) / q(z_c^k|x, y_c, m^k),
         with m^k ~ q(m|x) shared across classes and z_c^k ~ q(z|x, y_c, m^k); batched over (K, C, B). With
-        ``refine_steps`` > 0, one m ~ q(m|x) per image (Eq. 6's single m^u) and each class's q(z|x, y_c, m) refined
-        on x first (``refine_posterior``)."""
+        ``refine_steps`` > 0 (default: the hyperparameter), one m ~ q(m|x) per image (Eq. 6's single m^u) and each
+        class's q(z|x, y_c, m) refined on x first (``refine_posterior``)."""
         self._check_images(x)
         k, c = num_samples or self.hparams.num_samples, self.hparams.num_classes
         m_mean, m_logvar = self.q_m(x)
-        refine = self.hparams.refine_steps > 0
+        refine_steps = self.hparams.refine_steps if refine_steps is None else refine_steps
+        refine = refine_steps > 0
         draws = 1 if refine else k
         m = reparameterise(m_mean.expand(draws, -1, -1), m_logvar.expand(draws, -1, -1)).unsqueeze(1)  # (K|1, 1, B, dm)
         classes = torch.eye(c, device=x.device).view(1, c, 1, c)                                 # (1, C, 1, C)
         z_mean, z_logvar = self.q_z.head(self.q_z.features(x), classes, m)                       # (K|1, C, B, dz)
         if refine:
-            z_mean, z_logvar = self.refine_posterior(x, classes, m, z_mean, z_logvar)
+            z_mean, z_logvar = self.refine_posterior(x, classes, m, z_mean, z_logvar, refine_steps)
         z = reparameterise(z_mean.expand(k, -1, -1, -1), z_logvar.expand(k, -1, -1, -1))        # (K, C, B, dz)
         logits = self.decoder(classes, z, m)                                                     # (K, C, B, ...)
         log_w = (bernoulli_log_likelihood(logits, x, self.hparams.pixel_floor) + self.log_prior_y
@@ -316,8 +318,8 @@ class DeepCAMA(L.LightningModule):
         log_px_y = torch.logsumexp(log_w, dim=0) - math.log(k)                                  # (C, B)
         return torch.log_softmax(log_px_y.t(), dim=-1)
 
-    def refine_posterior(self, x, classes, m, z_mean, z_logvar) -> tuple[torch.Tensor, torch.Tensor]:
-        """Semi-amortised inference (Kim et al. 2018): starting from the encoder's q(z|x, y_c, m), ``refine_steps``
+    def refine_posterior(self, x, classes, m, z_mean, z_logvar, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Semi-amortised inference (Kim et al. 2018): starting from the encoder's q(z|x, y_c, m), ``steps``
         Adam steps on each (class, image) Gaussian's mean and log-variance maximise the one-sample ELBO
         log p(x|y_c, z, m) − KL(q ‖ p(z)). Network weights stay fixed and get no gradients; the result is
         detached, so gradients of Eq. 6 with respect to x do not flow through the refinement."""
@@ -326,7 +328,7 @@ class DeepCAMA(L.LightningModule):
             x, m, classes = x.detach().clone(), m.detach().clone(), classes.clone()
             mean, logvar = z_mean.detach().clone().requires_grad_(), z_logvar.detach().clone().requires_grad_()
             optimizer = torch.optim.Adam([mean, logvar], lr=hp.refine_lr)
-            for _ in range(hp.refine_steps):
+            for _ in range(steps):
                 z = reparameterise(mean, logvar)
                 elbo = (bernoulli_log_likelihood(self.decoder(classes, z, m), x, hp.pixel_floor)
                         - kl_to_standard_normal(mean, logvar))
@@ -400,15 +402,16 @@ class DeepCAMA(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def _evaluate(self, batch, split: str, num_samples: int) -> None:
+    def _evaluate(self, batch, split: str, num_samples: int, refine_steps: int | None = None) -> None:
         x, y = batch[0], batch[1]
-        log_probs = self.predict_log_probs(x, num_samples)
+        log_probs = self.predict_log_probs(x, num_samples, refine_steps)
         self.metrics[f"{split}_acc"](log_probs, y)
         self.log(f"{split}/acc", self.metrics[f"{split}_acc"], prog_bar=True)
         self.log(f"{split}/neg_elbo", -self.intervention_elbo(x, y).mean(), sync_dist=True)
 
     def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val", self.hparams.val_num_samples)
+        # model selection with the encoder's q(z) as in training, cheap; refinement is for test-time scoring
+        self._evaluate(batch, "val", self.hparams.val_num_samples, refine_steps=0)
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test", self.hparams.num_samples)
