@@ -17,8 +17,8 @@ class SpectralSignatureFilter(TrainingSetFilter):
     expected poison share of a class; 20 % at ε = 5–10 %)."""
 
     def __init__(self, removal_fraction: float = 0.2, feature_epochs: int = 10, hidden: int = 256, seed: int = 0,
-                 cache_dir: str | None = None):
-        super().__init__(seed, cache_dir)
+                 cache_dir: str | None = None, **contract):
+        super().__init__(seed, cache_dir, **contract)
         self.removal_fraction, self.feature_epochs, self.hidden = removal_fraction, feature_epochs, hidden
 
     def select(self, inputs, labels, num_classes, trainer):
@@ -31,8 +31,8 @@ class ActivationClusteringFilter(TrainingSetFilter):
     """Remove, per class, a 2-means cluster holding < ``size_threshold`` of the class (ART's defaults)."""
 
     def __init__(self, dims: int = 10, size_threshold: float = 0.35, feature_epochs: int = 10, hidden: int = 256,
-                 seed: int = 0, cache_dir: str | None = None):
-        super().__init__(seed, cache_dir)
+                 seed: int = 0, cache_dir: str | None = None, **contract):
+        super().__init__(seed, cache_dir, **contract)
         self.dims, self.size_threshold, self.feature_epochs, self.hidden = dims, size_threshold, feature_epochs, hidden
 
     def select(self, inputs, labels, num_classes, trainer):
@@ -45,8 +45,8 @@ class TrimmedLossFilter(TrainingSetFilter):
     """ITLM: keep the ``keep_fraction`` lowest-loss samples after ``rounds`` of retraining (App. B: 96 % at ε = 10 %)."""
 
     def __init__(self, keep_fraction: float = 0.96, rounds: int = 3, first_epochs: int = 10, epochs: int = 5,
-                 hidden: int = 256, seed: int = 0, cache_dir: str | None = None):
-        super().__init__(seed, cache_dir)
+                 hidden: int = 256, seed: int = 0, cache_dir: str | None = None, **contract):
+        super().__init__(seed, cache_dir, **contract)
         self.keep_fraction, self.rounds, self.first_epochs, self.epochs, self.hidden = (
             keep_fraction, rounds, first_epochs, epochs, hidden)
 

@@ -1,17 +1,19 @@
-"""Purification callbacks: replace the train split of the attached DataModule by its purified version before fitting.
+"""Purification callbacks: replace the train split the loader reads by its purified version before fitting.
 
 Thesis 000 ch. 6 (PureEBM, Algorithm 1: mid-run Langevin from each training image), ch. 7 (PureGen-DDPM: diffuse to
-step t, reverse chain to 0) and §7.5 (PureGen-NAIVE / -REPS / -FILT). Work with any Lightning ``Trainer``:
+step t, reverse chain to 0) and §7.5 (PureGen-NAIVE / -REPS / -FILT). Work with any Lightning ``Trainer`` and any
+DataModule (the split, item format and pixel space follow :mod:`lit_robust.callbacks.contract`):
 
-    trainer = L.Trainer(callbacks=[EBMPurification(EBM.pretrained("digits"), steps=150)])
-    trainer.fit(classifier, datamodule=poisoned_digits)
+    trainer = L.Trainer(callbacks=[EBMPurification(EBM.pretrained("digits"), steps=150,
+                                                   normalization=((0.1307,), (0.3081,)))])
+    trainer.fit(classifier, datamodule=your_mnist_datamodule)
 
 :class:`Purification` does everything but the purification itself: it cuts the train set into fixed-size chunks,
-gives each DDP rank a contiguous run of chunks, seeds each chunk's noise from (seed, chunk index) — never from the rank
-— so 2 processes produce bit-for-bit the set 1 process does, caches every finished chunk (atomic write + sha256, keyed
-by the generative models' weights, the data and the parameters) so an interrupted run keeps its finished chunks and a
-repeated run recomputes nothing, gathers the chunks in the original order (padded ``all_gather``, then trimmed), and
-swaps ``trainer.datamodule.train_dataset``. Subclasses override :meth:`Purification.purify_chunk` only.
+shares the chunks out over DDP ranks, seeds each chunk's noise from (seed, chunk index) — never from the rank — so 2
+processes produce bit-for-bit the set 1 process does, checks every finished chunk (finite, not saturated) and caches
+it (atomic write + sha256, keyed by the generative models' weights, the data and the parameters) so an interrupted
+run keeps its finished chunks and a repeated run recomputes nothing, gathers the chunks in the original order and
+installs the purified split. Subclasses override :meth:`Purification.purify_chunk` only.
 """
 from __future__ import annotations
 
@@ -21,30 +23,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import Dataset
 
 from lit_robust.cache import fingerprint, load_verified, save_atomic
-from lit_robust.callbacks.metrics_file import update_metrics_file
-from lit_robust.datamodules.base import stack_dataset, train_split_of
+from lit_robust.callbacks.contract import (ReplacedImages, TrainSplitDefence, check_image_shape, gather_in_order,
+                                           output_folder, rank_share)
+from lit_robust.datamodules.base import stack_dataset
 from lit_robust.purification_plots import save_before_after_grid, save_trajectory_plot, trajectory_distances
-
-
-class PurifiedDataset(Dataset):
-    """The items of ``base`` with their image replaced by the purified one (targets and any extra fields kept)."""
-
-    def __init__(self, base: Dataset, images: torch.Tensor):
-        if len(base) != len(images):
-            raise ValueError(f"{len(images)} purified images for a dataset of {len(base)}")
-        self.base, self.images = base, images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        item = self.base[index]
-        return (self.images[index], *item[1:])
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -52,36 +37,49 @@ def chunk_seed(seed: int, chunk: int) -> int:
     return int(fingerprint("purification-chunk", seed, chunk), 16) % (2 ** 63)
 
 
-def rank_chunks(n_chunks: int, world_size: int, rank: int) -> range:
-    """The contiguous, disjoint run of chunk indices one rank purifies (later ranks may get fewer or none)."""
-    per_rank = math.ceil(n_chunks / world_size)
-    return range(min(rank * per_rank, n_chunks), min((rank + 1) * per_rank, n_chunks))
+def check_purified(before: torch.Tensor, after: torch.Tensor, max_saturated: float, user: str) -> None:
+    """Refuse a purified chunk that is not finite, or in which more than ``max_saturated`` of the pixels strictly
+    inside (0, 1) before were driven to 0 or 1 (the sign of a step size or temperature that destroys the images)."""
+    if not torch.isfinite(after).all():
+        raise FloatingPointError(f"{user} produced NaN or infinite pixels: lower step_size / raise temperature (or "
+                                 "check that step_size is a finite number); nothing was cached")
+    inside = (before > 0) & (before < 1)
+    if inside.any():
+        saturated = ((after <= 0) | (after >= 1))[inside].float().mean().item()
+        if saturated > max_saturated:
+            raise ValueError(f"{user} drove {100 * saturated:.1f} % of the non-saturated pixels to 0 or 1 (bound "
+                             f"max_saturated={max_saturated}): the purification destroys the images — lower "
+                             "step_size, raise temperature or use fewer steps; nothing was cached")
 
 
-class Purification(Callback):
-    """Base class: shard, cache, gather and swap in the purified train set (see the module docstring).
+class Purification(TrainSplitDefence):
+    """Base class: shard, check, cache, gather and install the purified train split (see the module docstring).
 
     Args:
-        cache_dir: folder of the chunk cache (default ``<trainer.default_root_dir>/purified``); point several runs at
-            one folder to share purified sets between them.
+        cache_dir: folder of the chunk cache (default ``<output folder>/purified``); point several runs at one folder
+            to share purified sets between them.
         chunk_size: images per chunk = per forward batch and per cache file. Part of the cache key and of the noise
             seeding: keep it fixed to reproduce a set.
         seed: noise seed of the purification (independent of the trainer's seed).
+        max_saturated: the largest share of in-range pixels a chunk may drive to 0 or 1 before it is refused.
         progress: show a progress bar on rank zero.
         plots: on rank zero, save ``plots/<name>_before_after.png`` (poisoned images first, if the DataModule marks
-            them with ``poison_mask``) in the trainer's ``default_root_dir`` and merge ``purify/*`` timings into its
-            ``metrics.json``.
+            them with ``poison_mask``) in the output folder.
+        split, item_keys, normalization, output_dir: the shared contract (:class:`TrainSplitDefence`).
+
+    Logged once per training epoch: ``purify/seconds``, ``purify/chunks_computed_rank0``, ``purify/mean_l2_change``
+    (in [0, 1] pixel space).
     """
 
-    def __init__(self, cache_dir: str | None = None, chunk_size: int = 250, seed: int = 0, progress: bool = True,
-                 plots: bool = True):
+    def __init__(self, cache_dir: str | None = None, chunk_size: int = 250, seed: int = 0,
+                 max_saturated: float = 0.5, progress: bool = True, plots: bool = True, **contract):
+        super().__init__(**contract)
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size}: must be >= 1")
         self.cache_dir, self.chunk_size, self.seed, self.progress = cache_dir, chunk_size, seed, progress
-        self.plots = plots
+        self.max_saturated, self.plots = max_saturated, plots
         self.key: str | None = None
         self.completed = False
-        self.stats: dict[str, float] = {}
 
     # ---- what subclasses provide -----------------------------------------------------------------------------------
     def models(self) -> dict[str, nn.Module]:
@@ -113,24 +111,23 @@ class Purification(Callback):
         self.stats = dict(state_dict.get("stats", {}))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        dataset = train_split_of(trainer, type(self).__name__)
-        images, _ = stack_dataset(dataset)
+        ref, images, _ = self.read_train_split(trainer)
+        for name, model in self.models().items():
+            check_image_shape(images, model, type(self).__name__, name)
         purified = self.purify_dataset(images, trainer, pl_module.device)
-        datamodule.train_dataset = PurifiedDataset(dataset, purified)
+        self.install(ref, ReplacedImages(ref.dataset, self.pixel_space.from_unit(purified), self.item_format))
         if self.plots and trainer.is_global_zero:
-            self.report(Path(trainer.default_root_dir), datamodule, images, purified, pl_module.device)
+            self.report(output_folder(trainer, self.output_dir), trainer.datamodule, images, purified,
+                        pl_module.device)
 
     def report(self, folder: Path, datamodule, images: torch.Tensor, purified: torch.Tensor,
                device: torch.device) -> None:
-        """Rank zero only (no collectives here): before/after grid and ``purify/*`` numbers in metrics.json."""
+        """Rank zero only (no collectives here): the before/after grid."""
         mask = getattr(datamodule, "poison_mask", None)
-        order = torch.cat([mask.nonzero().flatten(), (~mask).nonzero().flatten()]) if mask is not None else \
-            torch.arange(len(images))
+        order = torch.cat([mask.nonzero().flatten(), (~mask).nonzero().flatten()]) \
+            if mask is not None and len(mask) == len(images) else torch.arange(len(images))
         shown = order[:10]
-        name = type(self).__name__
-        save_before_after_grid(images[shown], purified[shown], folder / "plots" / f"{name}_before_after.png")
-        update_metrics_file(folder / "metrics.json", {f"purify/{k}": float(v) for k, v in self.stats.items()})
+        save_before_after_grid(images[shown], purified[shown], folder / "plots" / f"{type(self).__name__}_before_after.png")
 
     # ---- the work --------------------------------------------------------------------------------------------------
     def cache_key(self, images: torch.Tensor) -> str:
@@ -142,52 +139,37 @@ class Purification(Callback):
         """All images purified, identical on every rank; each rank computes (or loads) only its own chunks."""
         started = time.perf_counter()
         self.key = self.cache_key(images)
-        folder = Path(self.cache_dir or Path(trainer.default_root_dir) / "purified") / self.key
+        folder = Path(self.cache_dir or output_folder(trainer, self.output_dir) / "purified") / self.key
         for model in self.models().values():
             model.to(device).eval()
         self.prepare(images, device)
         n = len(images)
-        n_chunks = math.ceil(n / self.chunk_size)
-        world_size, rank = trainer.world_size, trainer.global_rank
-        mine = rank_chunks(n_chunks, world_size, rank)
-        outputs, computed = [], 0
+        mine = rank_share(math.ceil(n / self.chunk_size), trainer)
+        outputs, indices, computed = [], [], 0
         bar = self._progress_bar(len(mine), trainer.is_global_zero)
-        for chunk in mine:
-            rows = slice(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, n))
+        for chunk in mine.tolist():
+            rows = torch.arange(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, n))
             path = folder / f"chunk_{chunk:05d}.pt"
             cached = load_verified(path)
             if cached is None or cached.shape != images[rows].shape:
                 generator = torch.Generator(device=device).manual_seed(chunk_seed(self.seed, chunk))
-                indices = torch.arange(rows.start, rows.stop)
-                cached = self.purify_chunk(images[rows].to(device), indices, generator).detach().float().cpu()
+                cached = self.purify_chunk(images[rows].to(device), rows, generator).detach().float().cpu()
+                check_purified(images[rows], cached, self.max_saturated, type(self).__name__)
                 save_atomic(path, cached)
                 computed += 1
             outputs.append(cached)
+            indices.append(rows)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
         local = torch.cat(outputs) if outputs else images[:0].float()
-        purified = self.gather(local, n, n_chunks, trainer, device)
+        purified = gather_in_order(local, torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+                                   trainer).cpu()
         self.completed = True
-        self.stats = {"seconds": time.perf_counter() - started, "chunks_computed_rank0": computed,
-                      "mean_l2_change": (purified - images).flatten(1).norm(dim=1).mean().item()}
+        self.stats = {"purify/seconds": time.perf_counter() - started, "purify/chunks_computed_rank0": float(computed),
+                      "purify/mean_l2_change": (purified - images).flatten(1).norm(dim=1).mean().item()}
         return purified
-
-    def gather(self, local: torch.Tensor, n: int, n_chunks: int, trainer: L.Trainer,
-               device: torch.device) -> torch.Tensor:
-        """Every rank's chunks in the original order: pad to the largest share, ``all_gather``, trim, concatenate."""
-        world_size = trainer.world_size
-        if world_size == 1:
-            return local
-        lengths = []
-        for rank in range(world_size):
-            chunks = rank_chunks(n_chunks, world_size, rank)
-            lengths.append(0 if not chunks else min(chunks.stop * self.chunk_size, n) - chunks.start * self.chunk_size)
-        padded = local.new_zeros((max(lengths), *local.shape[1:]))
-        padded[: len(local)] = local
-        gathered = trainer.strategy.all_gather(padded.to(device)).cpu()
-        return torch.cat([gathered[rank, :length] for rank, length in enumerate(lengths)])
 
     def _progress_bar(self, total: int, is_global_zero: bool):
         if not (self.progress and is_global_zero and total):
@@ -236,7 +218,7 @@ class EBMPurification(Purification):
     def report(self, folder, datamodule, images, purified, device):
         """Also the thesis' Fig. 6.2 when the DataModule knows the clean originals of its poisons (``base`` +
         ``poison_mask``, as ``PoisonedDataModule``): ℓ2 distances along chains of 2 × ``steps`` from
-        ``trajectory_images`` clean and poisoned images; the values land in metrics.json as ``purify/fig62_*``."""
+        ``trajectory_images`` clean and poisoned images, logged as ``purify/fig62_*``. Rank zero only."""
         super().report(folder, datamodule, images, purified, device)
         mask, base = getattr(datamodule, "poison_mask", None), getattr(datamodule, "base", None)
         if not self.trajectory_images or mask is None or not mask.any() or base is None:
@@ -251,8 +233,7 @@ class EBMPurification(Purification):
         steps = list(range(0, 2 * self.steps + 1, every))[: len(chains[0])]
         save_trajectory_plot(steps, distances, folder / "plots" / "EBMPurification_l2_trajectory.png", self.steps)
         at = steps.index(min(steps, key=lambda s: abs(s - self.steps)))
-        update_metrics_file(folder / "metrics.json", {f"purify/fig62_{k}_at_{steps[at]}": float(v[at])
-                                                      for k, v in distances.items()})
+        self.stats.update({f"purify/fig62_{k}_at_{steps[at]}": float(v[at]) for k, v in distances.items()})
 
 
 class DDPMPurification(Purification):

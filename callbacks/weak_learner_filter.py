@@ -1,11 +1,12 @@
-"""Data-filter callbacks: before fit, decide which training samples to keep and shrink the DataModule's train split.
+"""Data-filter callbacks: before fit, decide which training samples to keep and shrink the train split the loader
+reads.
 
-``TrainingSetFilter`` is the thin shared part (stack the train split, call ``select``, agree across ranks, replace
-``trainer.datamodule.train_dataset`` by the kept subset, log counts and — where the DataModule carries a poison
-manifest — removal precision and recall). ``WeakLearnerFilter`` is seed 003's defence (ISPL + boosting of weak
-learners, ``lit_robust.ispl``); the baselines of its Table 1 override only ``select``
-(``lit_robust.callbacks.baseline_filters``). Usable in any Lightning ``Trainer`` whose DataModule follows the
-``ImageDataModule`` contract (``train_dataset`` attribute, items ``(image, label, ...)``).
+``TrainingSetFilter`` is the thin shared part (read the train split through :mod:`lit_robust.callbacks.contract`,
+call ``select`` on its [0, 1] images, agree across ranks, install the kept subset, log counts and — where the
+DataModule carries a poison manifest — removal precision and recall). ``WeakLearnerFilter`` is seed 003's defence
+(ISPL + boosting of weak learners, ``lit_robust.ispl``); the baselines of its Table 1 override only ``select``
+(``lit_robust.callbacks.baseline_filters``). Usable in any Lightning ``Trainer`` and DataModule (split, item format
+and normalisation as in the contract).
 
 Logged once per training epoch (so they reach loggers and ``metrics.json``): ``filter/removed``, ``filter/kept`` and,
 with a poison manifest, ``filter/poisons``, ``filter/precision`` (removed samples that are poisons),
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import Subset
 
 from lit_robust.cache import fingerprint, load_verified, save_atomic
-from lit_robust.datamodules.base import stack_dataset, train_split_of
+from lit_robust.callbacks.contract import TrainSplitDefence
 from lit_robust.ispl import (ISPLSchedule, fit_component_learners, ispl_partition, modal_vote_agrees,
                              self_training)
 from lit_robust.weak_learners import flatten_images
@@ -49,21 +50,22 @@ def removal_stats(keep: torch.Tensor, is_poison: torch.Tensor | None) -> dict[st
     return stats
 
 
-class TrainingSetFilter(L.Callback):
+class TrainingSetFilter(TrainSplitDefence):
     """Base of the data filters: subclasses implement ``select(inputs, labels, num_classes, trainer) → keep mask``.
 
     Runs at ``on_fit_start`` (after a checkpoint's callback state is restored, before any train loader exists): a
     resumed fit reuses the stored mask instead of filtering again. ``select`` runs on every rank (a subclass may
     shard its work and gather); rank 0's mask is broadcast so all ranks train on the same subset. With
     ``cache_dir`` the mask is cached (``lit_robust.cache``, keyed by the filter's parameters, the train split and the
-    world size), so repeated runs on the same data skip the filtering.
+    world size), so repeated runs on the same data skip the filtering. ``contract`` takes the shared keywords
+    ``split``, ``item_keys``, ``normalization``, ``output_dir`` (:class:`TrainSplitDefence`).
     """
 
-    def __init__(self, seed: int = 0, cache_dir: str | None = None):
+    def __init__(self, seed: int = 0, cache_dir: str | None = None, **contract):
+        super().__init__(**contract)
         self.seed = seed
         self.cache_dir = cache_dir
         self.keep: torch.Tensor | None = None
-        self.stats: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -73,24 +75,23 @@ class TrainingSetFilter(L.Callback):
         raise NotImplementedError
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        dataset = train_split_of(trainer, type(self).__name__)
+        ref, images, labels = self.read_train_split(trainer)
         if self.keep is None:
-            images, labels = stack_dataset(dataset)
-            labels = labels.long()
-            self.keep = self._cached_or_selected(images, labels, datamodule, trainer)
-        if len(self.keep) != len(dataset):
+            self.keep = self._cached_or_selected(images, labels.long(), trainer.datamodule, trainer)
+        if len(self.keep) != len(ref.dataset):
             raise RuntimeError(f"{type(self).__name__} holds a mask for {len(self.keep)} samples but the train split "
-                               f"has {len(dataset)}; the data changed since the checkpoint — resume with the same data")
-        self.stats = removal_stats(self.keep, poison_mask_of(datamodule, len(dataset)))
-        datamodule.train_dataset = Subset(dataset, self.keep.nonzero().squeeze(1).tolist())
+                               f"has {len(ref.dataset)}; the data changed since the checkpoint — resume with the same "
+                               "data")
+        self.stats = removal_stats(self.keep, poison_mask_of(trainer.datamodule, len(ref.dataset)))
+        self.install(ref, Subset(ref.dataset, self.keep.nonzero().squeeze(1).tolist()))
 
     def _cached_or_selected(self, images, labels, datamodule, trainer) -> torch.Tensor:
         """The keep mask from rank 0's verified cache entry, else from ``select`` (all ranks), then cached."""
         path = None
         if self.cache_dir is not None:
             params = {k: v for k, v in vars(self).items()
-                      if k not in ("keep", "stats", "cache_dir") and not callable(v)}
+                      if k not in ("keep", "stats", "cache_dir", "installed", "split", "item_format", "pixel_space",
+                                   "output_dir") and not callable(v)}
             key = fingerprint(type(self).__name__, params, trainer.world_size, images, labels)
             path = Path(self.cache_dir) / f"{type(self).__name__}-{key}.pt"
         cached = load_verified(path) if path is not None and trainer.is_global_zero else None
@@ -102,10 +103,6 @@ class TrainingSetFilter(L.Callback):
         if path is not None and trainer.is_global_zero:
             save_atomic(path, keep)
         return keep
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.stats:
-            pl_module.log_dict(self.stats, on_step=False, on_epoch=True, sync_dist=True)
 
     def state_dict(self) -> dict:
         return {"keep": self.keep}
@@ -133,8 +130,8 @@ class WeakLearnerFilter(TrainingSetFilter):
     def __init__(self, runs: int = 3, rounds: int = 8, alpha: float = 0.25, eta: float = 0.9, warmup_epochs: int = 8,
                  epochs: int = 4, class_floor: float = 0.125, learner_epochs: int = 20, self_train_epochs: int = 40,
                  resample_every: int = 5, self_train_momentum: float = 0.8, hidden: int = 256, lr: float = 1e-3,
-                 batch_size: int = 64, seed: int = 0, cache_dir: str | None = None):
-        super().__init__(seed, cache_dir)
+                 batch_size: int = 64, seed: int = 0, cache_dir: str | None = None, **contract):
+        super().__init__(seed, cache_dir, **contract)
         if runs < 1:
             raise ValueError(f"runs={runs}: need at least one ISPL run")
         self.runs = runs

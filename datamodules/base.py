@@ -106,12 +106,3 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-
-def train_split_of(trainer: L.Trainer, user: str) -> Dataset:
-    """The train split that a data-changing callback (``user``) replaces before fit, or a clear error saying how to
-    pass one."""
-    datamodule = trainer.datamodule
-    if datamodule is None or getattr(datamodule, "train_dataset", None) is None:
-        raise RuntimeError(f"{user} changes trainer.datamodule.train_dataset: call trainer.fit(model, datamodule=...) "
-                           "with a DataModule whose setup() fills train_dataset")
-    return datamodule.train_dataset

@@ -5,6 +5,8 @@ lower energy = more likely image.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -49,8 +51,8 @@ def langevin_chain(energy_fn: EnergyFn, x: torch.Tensor, steps: int, step_size: 
     """
     if steps < 0:
         raise ValueError(f"steps={steps}: the number of Langevin steps must be >= 0")
-    if step_size <= 0 or temperature <= 0:
-        raise ValueError(f"step_size={step_size}, temperature={temperature}: both must be > 0")
+    if not (math.isfinite(step_size) and math.isfinite(temperature) and step_size > 0 and temperature > 0):
+        raise ValueError(f"step_size={step_size}, temperature={temperature}: both must be finite numbers > 0")
     records = [x.detach().clone()] if record_every else []
     x = x.detach()
     for step in range(1, steps + 1):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from lit_robust import EBM, ImageClassifier
-from lit_robust.callbacks.purification import (EBMPurification, PureGenFilt, Purification, PurifiedDataset,
-                                               rank_chunks)
+from lit_robust.callbacks import MetricsFile
+from lit_robust.callbacks.contract import ReplacedImages, rank_share
+from lit_robust.callbacks.purification import EBMPurification, PureGenFilt, Purification
 from lit_robust.datamodules import DigitsDataModule, TensorImageDataset
 
 
@@ -42,10 +43,10 @@ class CountingPurification(EBMPurification):
         return super().purify_chunk(images, indices, generator)
 
 
-def test_rank_chunks_are_disjoint_contiguous_and_cover_everything():
+def test_rank_shares_are_disjoint_and_cover_everything():
     for n_chunks, world in [(13, 2), (3, 4), (8, 3), (1, 2)]:
-        shares = [rank_chunks(n_chunks, world, r) for r in range(world)]
-        assert [c for share in shares for c in share] == list(range(n_chunks))
+        shares = [rank_share(n_chunks, _Trainer(world, rank)).tolist() for rank in range(world)]
+        assert sorted(c for share in shares for c in share) == list(range(n_chunks))
 
 
 def test_callback_replaces_train_set_keeps_targets_and_moves_images(tmp_path):
@@ -55,11 +56,11 @@ def test_callback_replaces_train_set_keeps_targets_and_moves_images(tmp_path):
     datamodule = fit_with(callback, tmp_path / "run")
     assert (tmp_path / "run" / "plots" / "EBMPurification_before_after.png").stat().st_size > 1000
     purified = datamodule.train_dataset
-    assert isinstance(purified, PurifiedDataset) and len(purified) == len(clean.train_dataset)
+    assert isinstance(purified, ReplacedImages) and len(purified) == len(clean.train_dataset)
     assert torch.equal(purified[7][1], clean.train_dataset[7][1])
     change = (purified.images - clean.train_dataset.images).abs()
     assert 0 < change.mean() < 0.2 and purified.images.min() >= 0 and purified.images.max() <= 1
-    assert callback.stats["chunks_computed_rank0"] == 5  # ceil(1,258 / 300)
+    assert callback.stats["purify/chunks_computed_rank0"] == 5  # ceil(1,258 / 300)
 
 
 def test_repeated_run_reuses_cache_and_interrupted_run_keeps_finished_chunks(tmp_path):
@@ -105,7 +106,11 @@ def test_filt_purifies_only_the_highest_energy_fraction(tmp_path):
 
 
 class _Trainer:
-    world_size, global_rank, is_global_zero, default_root_dir = 1, 0, True, "."
+    """The few trainer attributes the purification's work loop reads."""
+
+    def __init__(self, world_size: int = 1, global_rank: int = 0):
+        self.world_size, self.global_rank, self.is_global_zero = world_size, global_rank, global_rank == 0
+        self.default_root_dir = "."
 
 
 def _images_and_trainer():
@@ -146,7 +151,7 @@ def test_two_ddp_processes_give_the_single_process_purified_set(tmp_path):
     clean = _images_and_trainer()[0]
     assert single.shape == clean.shape and torch.equal(single, double)
     assert (single - clean).abs().mean() > 1e-3  # the identity is not the trivial "nothing was purified"
-    # 9 chunks of 150: rank 0 wrote chunks 0-4, rank 1 chunks 5-8, each its own files.
+    # 9 chunks of 150: rank 0 wrote chunks 0, 2, …, 8, rank 1 chunks 1, 3, 5, 7, each its own files.
     assert len(list((tmp_path / "cache2").rglob("chunk_*.pt"))) == 9
 
 
@@ -161,9 +166,9 @@ def test_poisoned_data_gets_the_fig_6_2_trajectory_plot_and_numbers(tmp_path):
                                     progress=False)
     callback = EBMPurification(tiny_ebm(), steps=6, chunk_size=400, cache_dir=str(tmp_path), progress=False,
                                trajectory_images=8)
-    trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, enable_model_summary=False, enable_progress_bar=False,
-                        default_root_dir=str(tmp_path / "run"))
+    trainer = L.Trainer(max_steps=1, callbacks=[callback, MetricsFile(str(tmp_path / "run"))], logger=False,
+                        enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
+                        enable_progress_bar=False, default_root_dir=str(tmp_path / "run"))
     trainer.fit(ImageClassifier(), datamodule=datamodule)
     assert (tmp_path / "run" / "plots" / "EBMPurification_l2_trajectory.png").exists()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
