@@ -1,34 +1,37 @@
 """Certify a split against adversarial patches at the end of validation/test (derandomized smoothing, thesis 001
 §1.1.1, Eqs. 1.1–1.2), in any Lightning project.
 
-The module only has to provide ``ablated_logits(images, masks[, token_dropping=...])`` → logits (N, A, K) for
-[0, 1] images (N, C, H, W) under ablation masks (A, H, W) — ``lit_robust.SmoothedViT`` does. The callback shards the
-split's images across DDP ranks (rank r takes images r, r + W, …), counts votes over the whole ablation set,
-logs smoothed and certified accuracy through a torchmetrics metric (its sums sync across ranks, so the numbers equal
-a single process's), gathers the per-image counts and, on rank zero, writes ``<dirpath>/<split>_records.json``
-(index, target, prediction, margin, votes per image) and a certified-accuracy-vs-patch-size plot.
+The module provides ``ablated_logits(images, masks[, token_dropping=...])`` → logits (N, A, K) for [0, 1] images
+(N, C, H, W) under ablation masks (A, H, W) — ``lit_robust.SmoothedViT`` does; any other classifier is wrapped in
+:class:`~lit_robust.SmoothedClassifier` (ablated pixels black, then the declared ``normalization``), so a user's own
+model is certified as it is. The split is the one the trainer's loop iterates, read through
+:mod:`lit_robust.callbacks.contract` (item format, pixel space). Images are shared out over DDP ranks
+(:func:`rank_share`), votes are counted over the whole ablation set, smoothed and certified accuracy go through a
+torchmetrics metric (its sums sync across ranks) and ``log_dict``; the per-image counts are gathered and rank zero
+writes ``<output_dir>/<split>_records.json`` (index, target, prediction, margin, votes) and a certified-accuracy plot.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Subset
-from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lit_robust.ablations import ablation_masks, ablation_positions
+from lit_robust.callbacks.contract import ItemFormat, evaluated_split, gather_in_order, output_folder, shard_batches
 from lit_robust.callbacks.metrics_file import write_json_atomic
 from lit_robust.certification import (CertifiedAccuracy, ablation_votes, certified_margin, patch_delta,
                                       smoothed_prediction)
+from lit_robust.pixel_space import PixelSpace
+from lit_robust.smoothed_classifier import SmoothedClassifier
 
 
 class Certification(L.Callback):
     """Certified accuracy of a smoothed classifier for a list of patch sizes.
 
     Args:
-        dirpath: where the records and plots go.
+        output_dir: where the records and plots go (default: ``certification/`` in the trainer's output folder).
         patch_sizes: adversarial patch sides m to certify against.
         kind, width, stride: the ablation set; ``None`` reads ``ablation``, ``ablation_width``, ``ablation_stride``
             from the module's hparams.
@@ -36,90 +39,109 @@ class Certification(L.Callback):
             ``cert/<split>/full/...``); ``None``: the module's own mode only (``cert/<split>/...``).
         splits: ``val`` and/or ``test``.
         batch_size: images per call of ``ablated_logits`` (it batches the positions itself).
+        split: the DataModule attribute (or a callable) holding the split to certify; default: what the loop iterates.
+        item_keys, normalization: the item format and the loader's normalisation (contract); a module without
+            ``ablated_logits`` receives ablated images in that normalisation.
     """
 
-    def __init__(self, dirpath: str, patch_sizes: Sequence[int] = (1, 2, 3, 4), kind: str | None = None,
-                 width: int | None = None, stride: int | None = None,
+    def __init__(self, output_dir: str | None = None, patch_sizes: Sequence[int] = (1, 2, 3, 4),
+                 kind: str | None = None, width: int | None = None, stride: int | None = None,
                  token_dropping: Sequence[bool] | None = None, splits: Sequence[str] = ("test",),
-                 batch_size: int = 64):
+                 batch_size: int = 64, split: str | Callable | None = None, item_keys: tuple | None = None,
+                 normalization=None):
         bad = set(splits) - {"val", "test"}
         if bad:
             raise ValueError(f"Certification splits {sorted(bad)}: use 'val' and/or 'test'")
-        self.dirpath = Path(dirpath)
+        self.output_dir = output_dir
         self.patch_sizes = list(patch_sizes)
         self.kind, self.width, self.stride = kind, width, stride
         self.token_dropping = list(token_dropping) if token_dropping is not None else None
-        self.splits, self.batch_size = list(splits), batch_size
+        self.splits, self.batch_size, self.split = list(splits), batch_size, split
+        self.item_format = ItemFormat(item_keys)
+        self.normalization = normalization
+        self.pixel_space = PixelSpace(normalization, "Certification")
 
-    def _ablation_set(self, pl_module: L.LightningModule, size: tuple[int, int]) -> tuple[str, int, int, torch.Tensor]:
-        hp = getattr(pl_module, "hparams", {})
+    def smoothed(self, pl_module: L.LightningModule):
+        """The module itself when it has ``ablated_logits``, else the module wrapped as a smoothed classifier."""
+        if hasattr(pl_module, "ablated_logits"):
+            return pl_module
+        if self.token_dropping:
+            raise ValueError(f"{type(pl_module).__name__} is certified through SmoothedClassifier, which has no token "
+                             "dropping: set Certification(token_dropping=None)")
+        return SmoothedClassifier(pl_module, self.normalization, self.kind, self.width, self.stride or 1)
+
+    def _ablation_set(self, model, size: tuple[int, int]) -> tuple[str, int, int, torch.Tensor]:
+        hp = getattr(model, "hparams", {})
         kind, width = self.kind or hp.get("ablation"), self.width or hp.get("ablation_width")
-        stride = self.stride or hp.get("ablation_stride", 1)
+        stride = self.stride or hp.get("ablation_stride") or 1
         if kind is None or width is None:
-            raise ValueError("Certification needs the ablation set: pass kind= and width= (the module has no "
-                             "'ablation'/'ablation_width' hparams)")
+            raise ValueError("Certification needs the ablation set: pass kind= ('column' or 'block') and width= (the "
+                             "module has no 'ablation'/'ablation_width' hparams)")
         return kind, width, stride, ablation_masks(kind, ablation_positions(kind, size, width, stride), size, width)
 
-    def _local_counts(self, trainer, pl_module, dataset, masks, token_dropping) -> tuple[torch.Tensor, ...]:
-        """Votes of this rank's shard: (indices, targets, counts)."""
-        indices = torch.arange(trainer.global_rank, len(dataset), trainer.world_size)
-        loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=self.batch_size, shuffle=False)
+    def _num_classes(self, classify, images: torch.Tensor, masks: torch.Tensor) -> int:
+        """K, read from the logits of one ablated image (fails early, naming shapes, if the model cannot take it)."""
+        try:
+            with torch.no_grad():
+                return int(classify(images[:1], masks[:1]).shape[-1])
+        except RuntimeError as error:
+            raise RuntimeError(f"Certification: the model cannot classify the split's images of shape "
+                               f"{tuple(images.shape[1:])} ({error}); use data of the model's channels and size") \
+                from error
+
+    def _local_counts(self, trainer, model, dataset, masks, token_dropping) -> tuple[torch.Tensor, ...]:
+        """Votes of this rank's share: (indices, targets, counts)."""
         kwargs = {} if token_dropping is None else {"token_dropping": token_dropping}
-        classify = lambda x, m: pl_module.ablated_logits(x, m, **kwargs)  # noqa: E731
-        targets, counts = [], []
-        masks = masks.to(pl_module.device)
-        for batch in loader:
-            images = batch[0].to(pl_module.device)
-            counts.append(ablation_votes(classify, images, masks, pl_module.hparams.num_classes))
-            targets.append(torch.as_tensor(batch[1]).to(pl_module.device))
-        empty = torch.zeros(0, pl_module.hparams.num_classes, dtype=torch.long, device=pl_module.device)
-        return (indices.to(pl_module.device), torch.cat(targets) if targets else empty[:, 0],
+        classify = lambda x, m: model.ablated_logits(x, m, **kwargs)  # noqa: E731
+        device = trainer.strategy.root_device
+        masks = masks.to(device)
+        first = self.pixel_space.to_unit(self.item_format.collate([dataset[0]])[0].to(device))
+        num_classes = self._num_classes(classify, first, masks)  # the same on every rank, even one with no share
+        indices, targets, counts = [], [], []
+        for rows, images, labels in shard_batches(dataset, trainer, self.batch_size, self.item_format):
+            counts.append(ablation_votes(classify, self.pixel_space.to_unit(images.to(device)), masks, num_classes))
+            targets.append(labels.to(device))
+            indices.append(rows.to(device))
+        empty = torch.zeros(0, num_classes, dtype=torch.long, device=device)
+        return (torch.cat(indices) if indices else empty[:, 0], torch.cat(targets) if targets else empty[:, 0],
                 torch.cat(counts) if counts else empty)
 
     def certify(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Certify one split; log and return the flat metrics."""
-        if not hasattr(pl_module, "ablated_logits"):
-            raise TypeError(f"{type(pl_module).__name__} has no ablated_logits(images, masks): Certification needs "
-                            "a smoothed model such as lit_robust.SmoothedViT")
-        dataset = getattr(trainer.datamodule, f"{split}_dataset", None)
-        if dataset is None or len(dataset) == 0:
-            raise ValueError(f"the datamodule has no {split}_dataset to certify: drop '{split}' from "
-                             "Certification(splits=...)")
-        size = tuple(dataset[0][0].shape[-2:])
-        kind, width, stride, masks = self._ablation_set(pl_module, size)
+        dataset = evaluated_split(trainer, split, self.split, "Certification")
+        model = self.smoothed(pl_module)
+        size = tuple(self.item_format.read(dataset[0])[0].shape[-2:])
+        kind, width, stride, masks = self._ablation_set(model, size)
         deltas = {m: patch_delta(masks, m) for m in self.patch_sizes}
         results, records = {}, {}
         for mode in self.token_dropping or [None]:
             tag = f"cert/{split}" + ("" if mode is None else ("/drop" if mode else "/full"))
-            indices, targets, counts = self._local_counts(trainer, pl_module, dataset, masks, mode)
-            metric = CertifiedAccuracy(deltas).to(pl_module.device)
+            indices, targets, counts = self._local_counts(trainer, model, dataset, masks, mode)
+            metric = CertifiedAccuracy(deltas).to(counts.device)
             metric.update(counts, targets)
-            for name, value in metric.compute().items():  # synced over ranks
-                results[f"{tag}/{name}"] = float(value)
-                pl_module.log(f"{tag}/{name}", float(value), sync_dist=False, rank_zero_only=False)
-            if trainer.world_size > 1:  # every rank takes part; only rank zero writes
-                indices, targets, counts = (torch.cat(gather_all_tensors(t)) for t in (indices, targets, counts))
-            records[mode] = (indices, targets, counts)
+            results.update({f"{tag}/{name}": float(value) for name, value in metric.compute().items()})  # synced
+            records[mode] = (indices.cpu(), *(gather_in_order(t, indices, trainer).cpu() for t in (targets, counts)))
+        pl_module.log_dict(results, sync_dist=False)
         if trainer.is_global_zero:
-            self._write(split, kind, width, stride, deltas, results, records)
+            folder = Path(self.output_dir) if self.output_dir else output_folder(trainer, None) / "certification"
+            self._write(folder, split, kind, width, stride, deltas, results, records)
         return results
 
-    def _write(self, split, kind, width, stride, deltas, results, records) -> None:
-        self.dirpath.mkdir(parents=True, exist_ok=True)
+    def _write(self, folder: Path, split, kind, width, stride, deltas, results, records) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
         payload = {"ablation": kind, "width": width, "stride": stride, "deltas": deltas, "metrics": results,
                    "modes": {}}
-        for mode, (indices, targets, counts) in records.items():
-            order = indices.argsort()
-            indices, targets, counts = indices[order].cpu(), targets[order].cpu(), counts[order].cpu()
+        for mode, (_, targets, counts) in records.items():
+            indices = torch.arange(len(targets))
             name = "model" if mode is None else ("token_dropping" if mode else "all_tokens")
             payload["modes"][name] = [
                 {"index": int(i), "target": int(t), "prediction": int(p), "margin": int(g), "votes": c.tolist()}
                 for i, t, p, g, c in zip(indices, targets, smoothed_prediction(counts), certified_margin(counts),
                                          counts)]
-        write_json_atomic(self.dirpath / f"{split}_records.json", payload)
-        self._plot(split, results)
+        write_json_atomic(folder / f"{split}_records.json", payload)
+        self._plot(folder, split, results)
 
-    def _plot(self, split: str, results: dict[str, float]) -> None:
+    def _plot(self, folder: Path, split: str, results: dict[str, float]) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -135,7 +157,7 @@ class Certification(L.Callback):
                ylim=(0, 100), xticks=self.patch_sizes)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(self.dirpath / f"{split}_certified_accuracy.png", dpi=120)
+        fig.savefig(folder / f"{split}_certified_accuracy.png", dpi=120)
         plt.close(fig)
 
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -145,3 +167,4 @@ class Certification(L.Callback):
     def on_test_epoch_end(self, trainer, pl_module):
         if "test" in self.splits:
             self.certify(trainer, pl_module, "test")
+

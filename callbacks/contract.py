@@ -28,10 +28,11 @@ from typing import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lit_robust.datamodules.base import TensorImageDataset
+from lit_robust.pixel_space import PixelSpace
 
 IMAGE_KEYS = ("image", "img", "images", "x", "input", "inputs", "pixel_values")
 TARGET_KEYS = ("label", "target", "labels", "targets", "y", "class", "cls")
@@ -73,16 +74,19 @@ class ItemFormat:
         fields[image_key] = image
         return tuple(fields) if isinstance(item, tuple) else fields
 
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch (images, targets) of items."""
+        pairs = [self.read(item) for item in items]
+        return torch.stack([image for image, _ in pairs]), torch.stack([target for _, target in pairs])
+
     def stack(self, dataset: Dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         """All (images, targets) of ``dataset`` as two tensors."""
         if isinstance(dataset, TensorImageDataset):
             return dataset.images, dataset.targets
         if len(dataset) == 0:
             raise ValueError("the split is empty: check the DataModule's setup() and the split the callback reads")
-        parts = [(torch.stack([i for i, _ in rows]), torch.stack([t for _, t in rows]))
-                 for rows in DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                        collate_fn=lambda items: [self.read(item) for item in items])]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        parts = list(DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.collate))
+        return torch.cat([images for images, _ in parts]), torch.cat([targets for _, targets in parts])
 
 
 class ReplacedImages(Dataset):
@@ -99,57 +103,6 @@ class ReplacedImages(Dataset):
 
     def __getitem__(self, index: int):
         return self.item_format.with_image(self.base[index], self.images[index])
-
-
-# ---- pixel space ----------------------------------------------------------------------------------------------------
-class PixelSpace:
-    """Maps the loader's images to [0, 1] and back: identity (checked), ``Normalize(mean, std)``, or two callables."""
-
-    def __init__(self, normalization=None, user: str = "the defence"):
-        self.user = user
-        self.mean = self.std = None
-        self.to_unit_fn = self.from_unit_fn = None
-        if normalization is None:
-            return
-        first, second = normalization
-        if callable(first) and callable(second):
-            self.to_unit_fn, self.from_unit_fn = first, second
-        else:
-            self.mean = torch.as_tensor(first, dtype=torch.float32).view(-1, 1, 1)
-            self.std = torch.as_tensor(second, dtype=torch.float32).view(-1, 1, 1)
-            if (self.std <= 0).any():
-                raise ValueError(f"{user}: normalization std {second} must be positive")
-
-    @property
-    def declared(self) -> bool:
-        return self.mean is not None or self.to_unit_fn is not None
-
-    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images from loader images; refuses values outside [0, 1] (a normalisation not declared, or declared
-        wrongly) before any work."""
-        images = images.float()
-        if self.mean is not None:
-            images = images * self.std.to(images.device) + self.mean.to(images.device)
-        elif self.to_unit_fn is not None:
-            images = self.to_unit_fn(images)
-        self.check_unit(images)
-        return images
-
-    def from_unit(self, images: torch.Tensor) -> torch.Tensor:
-        if self.mean is not None:
-            return (images - self.mean.to(images.device)) / self.std.to(images.device)
-        return self.from_unit_fn(images) if self.from_unit_fn is not None else images
-
-    def check_unit(self, images: torch.Tensor, tolerance: float = 1e-3) -> None:
-        if not torch.isfinite(images).all():
-            raise ValueError(f"{self.user}: the split holds NaN or infinite pixels")
-        low, high = images.min().item(), images.max().item()
-        if low < -tolerance or high > 1 + tolerance:
-            fix = ("the declared normalization does not match the loader's Normalize(mean, std)" if self.declared else
-                   "declare the loader's normalisation with normalization=(mean, std) — the values of its "
-                   "Normalize — or (to_unit, from_unit) callables")
-            raise ValueError(f"{self.user} works on images in [0, 1] but the split's pixels span "
-                             f"[{low:.3g}, {high:.3g}]: {fix}")
 
 
 # ---- splits ---------------------------------------------------------------------------------------------------------
@@ -242,6 +195,16 @@ class SplitRef:
         return next((k for k, v in vars(self.datamodule).items() if v is dataset and dataset is not None), None)
 
 
+def evaluated_split(trainer: L.Trainer, stage: str, split: str | Callable | None, user: str) -> Dataset:
+    """The dataset the trainer's ``stage`` loop iterates now (``trainer.val_dataloaders`` / ``test_dataloaders``),
+    else the DataModule's split found as :class:`SplitRef` does."""
+    if split is None:
+        loader = _first_loader({"val": trainer.val_dataloaders, "test": trainer.test_dataloaders}.get(stage))
+        if loader is not None:
+            return loader.dataset
+    return SplitRef(trainer, stage, split, user).dataset
+
+
 def check_train_loader_reads(trainer: L.Trainer, installed: Dataset, user: str) -> None:
     """At ``on_train_start``: the trainer's own train loader must iterate ``installed``."""
     loader = _first_loader(trainer.train_dataloader)
@@ -273,6 +236,17 @@ def check_image_shape(images: torch.Tensor, model, user: str, model_name: str = 
 def rank_share(count: int, trainer: L.Trainer) -> torch.Tensor:
     """The items this rank works on: r, r + W, r + 2W, … (every item on exactly one rank)."""
     return torch.arange(trainer.global_rank, count, trainer.world_size)
+
+
+def shard_batches(dataset: Dataset, trainer: L.Trainer, batch_size: int, item_format: ItemFormat):
+    """This rank's share of ``dataset`` (:func:`rank_share`) as batches ``(indices, images, targets)``, images in the
+    loader's space."""
+    indices = rank_share(len(dataset), trainer)
+    start = 0
+    for images, targets in DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
+                                      collate_fn=item_format.collate):
+        yield indices[start:start + len(images)], images, targets
+        start += len(images)
 
 
 def gather_in_order(local: torch.Tensor, indices: torch.Tensor, trainer: L.Trainer) -> torch.Tensor:

@@ -14,9 +14,13 @@ At the end of ``trainer.test`` the callback
    for every score and pair as ``ood/<table>/<pair>/<score>/<metric>`` in ``metrics.json`` (``<table>`` = the
    module's ``posterior`` hyperparameter when it has one), a markdown table and ID-vs-OOD histograms (PNG).
 
-Under DDP every rank scores its own unpadded shard; scores are gathered with ``gather_all_tensors`` (uneven shards
-are padded and trimmed), so every rank computes the same metrics and rank zero writes the files.
-``accept`` / ``FilteredClassifier`` put the fitted detector in front of any classifier.
+The detector is the module under test, or any ``detector=`` module with that protocol — so a fitted detector can
+be dropped into a project that trains its own classifier. Splits, item format and pixel space follow
+:mod:`lit_robust.callbacks.contract`: the detector and the attacks see [0, 1] images, whatever the loader's
+``Normalize`` (declare it with ``normalization=``). Under DDP every rank scores its share (:func:`rank_share`) and
+the scores are gathered in order (:func:`gather_in_order`), so every rank computes the same metrics; they are logged
+through ``log_dict`` and rank zero writes the files. ``accept`` / ``FilteredClassifier`` put the fitted detector in
+front of any classifier.
 """
 from __future__ import annotations
 
@@ -24,29 +28,22 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchmetrics.utilities.distributed import gather_all_tensors
+from torch.utils.data import Dataset, Subset
 
-from lit_robust.callbacks.metrics_file import update_metrics_file
-from lit_robust.datamodules.base import TensorImageDataset, stack_dataset
+from lit_robust.callbacks.contract import (ItemFormat, SplitRef, check_image_shape, evaluated_split, gather_in_order,
+                                           output_folder, rank_share, shard_batches)
 from lit_robust.ood_adversarial import classifier_attack, encoder_attack
 from lit_robust.ood_scores import detection_metrics
+from lit_robust.pixel_space import PixelSpace
 
 
-def _gather(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.cat(gather_all_tensors(tensor.contiguous()))
-    return tensor
-
-
-def fit_victim(dataset: Dataset, in_chans: int, num_classes: int, epochs: int, seed: int) -> nn.Module:
-    """A small CNN classifier (``ImageClassifier`` with ``small_cnn``) trained on ``dataset`` with Adam; the victim
-    whose adversarial examples the detector must catch (the thesis uses Cleverhans' default classifier)."""
+def fit_victim(images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, seed: int) -> nn.Module:
+    """A small CNN classifier (``ImageClassifier`` with ``small_cnn``) trained on [0, 1] ``images`` with Adam; the
+    victim whose adversarial examples the detector must catch (the thesis uses Cleverhans' default classifier)."""
     from lit_robust.classifier import ImageClassifier, train_on_tensors
 
-    images, labels = stack_dataset(dataset)
+    in_chans = images.shape[1]
     if (labels < 0).any():
         raise ValueError("the inlier training set has no class labels (targets −1): a victim classifier needs them; "
                          "set callbacks.ood_detection.victim=null or use labelled inliers")
@@ -84,19 +81,23 @@ class OODDetection(L.Callback):
     """Fit thresholds on validation inliers; report AUROC/AUPRC/FPR80 per score and outlier set after testing.
 
     Args:
-        output_dir: where ``metrics.json``, ``ood_<table>.md`` and ``ood_<table>_<pair>.png`` go (None: no files).
-        ood_datasets: ``{name: dataset}`` of outliers (default: the datamodule's ``ood_test_datasets``, else its
-            ``ood_test_dataset``).
+        output_dir: where ``ood_<table>.md`` and ``ood_<table>_<pair>.png`` go (default: the trainer's output folder).
+        ood_datasets: ``{name: dataset}`` of outliers, items and pixel space as the loader's (default: the
+            datamodule's ``ood_test_datasets``, else its ``ood_test_dataset``).
         keep_inliers: quantile of the validation inlier scores used as threshold.
         encoder_eps, classifier_eps: ℓ∞ budgets of the encoder attack (Eq. 5.1) and the classifier attack;
             None skips that attack. ``attack_count`` test inliers are attacked.
         classifier_attack_method: ``fgsm`` or ``pgd``.
         victim: ``"train"`` (fit a small CNN on the labelled inlier training set for ``victim_epochs``), a path to
             an ``ImageClassifier`` checkpoint, or None.
-        restoration_steps, restoration_step_size: Algorithm 2 (ch. 5) when the module has ``restoration_gain``:
+        restoration_steps, restoration_step_size: Algorithm 2 (ch. 5) when the detector has ``restoration_gain``:
             the SSIM gain of a latent Langevin re-evaluation on ``attack_count`` images of every set, reported as its
             mean and as the AUROC separating each adversarial set from each OOD set (0 steps: skipped).
         filter_score: the score ``accept``/``FilteredClassifier`` use by default.
+        detector: the scoring module (default: the module under test).
+        val_split, test_split, train_split: DataModule attributes (or callables) of the inlier splits (default: the
+            loaders' datasets; the train split only feeds the victim).
+        item_keys, normalization: the loader's item format and normalisation (contract).
     """
 
     def __init__(self, output_dir: str | None = None, ood_datasets: dict[str, Dataset] | None = None,
@@ -104,10 +105,12 @@ class OODDetection(L.Callback):
                  classifier_eps: float | None = 0.2, classifier_attack_method: str = "fgsm",
                  attack_count: int = 500, attack_steps: int = 20, victim: str | None = "train",
                  victim_epochs: int = 5, restoration_steps: int = 20, restoration_step_size: float = 0.3,
-                 filter_score: str = "std_ll", histograms: bool = True, seed: int = 0):
+                 filter_score: str = "std_ll", histograms: bool = True, seed: int = 0,
+                 detector: nn.Module | None = None, val_split=None, test_split=None, train_split=None,
+                 item_keys: tuple | None = None, normalization=None):
         if not 0.0 < keep_inliers < 1.0:
             raise ValueError(f"keep_inliers={keep_inliers}: use a quantile in (0, 1), e.g. 0.95")
-        self.output_dir = Path(output_dir) if output_dir else None
+        self.output_dir = output_dir
         self.ood_datasets = ood_datasets
         self.keep_inliers, self.batch_size = keep_inliers, batch_size
         self.encoder_eps, self.classifier_eps = encoder_eps, classifier_eps
@@ -116,6 +119,9 @@ class OODDetection(L.Callback):
         self.victim, self.victim_epochs = victim, victim_epochs
         self.restoration_steps, self.restoration_step_size = restoration_steps, restoration_step_size
         self.filter_score, self.histograms, self.seed = filter_score, histograms, seed
+        self.detector, self.val_split, self.test_split, self.train_split = detector, val_split, test_split, train_split
+        self.item_format = ItemFormat(item_keys)
+        self.pixel_space = PixelSpace(normalization, "OODDetection")
         self.thresholds: dict[str, float] = {}
         self.results: dict[str, float] = {}
 
@@ -130,74 +136,95 @@ class OODDetection(L.Callback):
         self.thresholds = dict(state_dict.get("thresholds", {}))
 
     # ---- scoring --------------------------------------------------------------------------------------------------
-    def score_dataset(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Dataset) -> dict:
-        """All scores of ``dataset``, sharded over ranks and gathered (same result on every rank)."""
-        sampler = None
-        if trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
-                                                   rank=trainer.global_rank, shuffle=False)
+    def score(self, trainer: L.Trainer, detector: nn.Module, data: Dataset | torch.Tensor) -> dict:
+        """All scores of a dataset (loader space) or of [0, 1] images, shared out over ranks and gathered in order
+        (the same result on every rank)."""
+        device = trainer.strategy.root_device
+        if isinstance(data, torch.Tensor):
+            rows = rank_share(len(data), trainer)
+            batches = ((rows[i:i + self.batch_size], data[rows[i:i + self.batch_size]], None)
+                       for i in range(0, len(rows), self.batch_size))
+        else:
+            batches = ((i, self.pixel_space.to_unit(x), y)
+                       for i, x, y in shard_batches(data, trainer, self.batch_size, self.item_format))
         parts: dict[str, list[torch.Tensor]] = {}
+        indices = []
         with torch.no_grad():
-            for batch in DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False):
-                for name, value in pl_module.outlier_scores(batch[0].to(pl_module.device)).items():
-                    parts.setdefault(name, []).append(value.float().cpu())
-        return {name: _gather(torch.cat(values).to(pl_module.device)).cpu() for name, values in parts.items()}
+            for rows, images, _ in batches:
+                indices.append(rows)
+                for name, value in detector.outlier_scores(images.to(device)).items():
+                    parts.setdefault(name, []).append(value.float())
+        if not parts:  # an empty share: learn the score names from one image so every rank gathers the same keys
+            with torch.no_grad():
+                parts = {name: [value.float()[:0]] for name, value in
+                         detector.outlier_scores(self.unit_images(data, 1).to(device)).items()}
+        index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+        return {name: gather_in_order(torch.cat(values), index, trainer).cpu() for name, values in parts.items()}
 
-    def fit(self, trainer: L.Trainer, pl_module: L.LightningModule, dataset: Dataset) -> dict:
-        """Score validation inliers (after the module's own fit hook) and set ``thresholds``."""
-        scores = self.score_dataset(trainer, pl_module, dataset)
-        if hasattr(pl_module, "fit_outlier_scores"):
-            pl_module.fit_outlier_scores(scores)
-            scores = self.score_dataset(trainer, pl_module, dataset)
+    def unit_images(self, data: Dataset | torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """The first ``count`` images of a dataset or tensor, in [0, 1]."""
+        if isinstance(data, torch.Tensor):
+            return data[:count]
+        subset = Subset(data, range(min(count or len(data), len(data))))
+        return self.pixel_space.to_unit(self.item_format.stack(subset)[0])
+
+    def fit(self, trainer: L.Trainer, detector: nn.Module, dataset: Dataset) -> dict:
+        """Score validation inliers (after the detector's own fit hook) and set ``thresholds``."""
+        scores = self.score(trainer, detector, dataset)
+        if hasattr(detector, "fit_outlier_scores"):
+            detector.fit_outlier_scores(scores)
+            scores = self.score(trainer, detector, dataset)
         self.thresholds = {name: torch.quantile(value, self.keep_inliers).item() for name, value in scores.items()}
         return scores
 
-    def adversarial_sets(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                         inliers: Dataset) -> dict[str, Dataset]:
-        """Adversarial versions of the first ``attack_count`` test inliers (each rank attacks its shard)."""
-        images, labels = stack_dataset(inliers)
-        images, labels = images[:self.attack_count], labels[:self.attack_count]
-        shard = torch.arange(trainer.global_rank, len(images), trainer.world_size)
-        x, y = images[shard].to(pl_module.device), labels[shard].to(pl_module.device)
+    def adversarial_sets(self, trainer: L.Trainer, detector: nn.Module, inliers: Dataset) -> dict[str, torch.Tensor]:
+        """[0, 1] adversarial versions of the first ``attack_count`` test inliers (each rank attacks its share)."""
+        subset = Subset(inliers, range(min(self.attack_count, len(inliers))))
+        images, labels = self.item_format.stack(subset)
+        images = self.pixel_space.to_unit(images)
+        shard = rank_share(len(images), trainer)
+        device = trainer.strategy.root_device
+        x, y = images[shard].to(device), labels[shard].to(device)
         out = {}
         with torch.inference_mode(False), torch.enable_grad():
             x = x.clone()
-            if self.encoder_eps is not None and hasattr(pl_module, "encode"):
+            if self.encoder_eps is not None and hasattr(detector, "encode"):
                 generator = torch.Generator(device=x.device).manual_seed(self.seed + trainer.global_rank)
                 out[f"adv_encoder_pgd{self.encoder_eps:g}"] = encoder_attack(
-                    pl_module.encode, x, self.encoder_eps, self.attack_steps, generator=generator)
+                    detector.encode, x, self.encoder_eps, self.attack_steps, generator=generator)
             if self.classifier_eps is not None and self.victim is not None:
-                victim = self._victim(trainer, pl_module).to(x.device)
+                victim = self._victim(trainer).to(x.device)
                 adv = classifier_attack(victim, x, y.clone(), self.classifier_eps, self.classifier_attack_method,
                                         self.attack_steps)
                 with torch.no_grad():
-                    self.results["adv/victim_clean_acc"] = (victim(x).argmax(-1) == y).float().mean().item()
-                    self.results["adv/victim_adv_acc"] = (victim(adv).argmax(-1) == y).float().mean().item()
+                    correct = torch.stack([(victim(x).argmax(-1) == y), (victim(adv).argmax(-1) == y)], 1).float()
+                correct = gather_in_order(correct, shard.to(device), trainer).mean(0)
+                self.results["adv/victim_clean_acc"], self.results["adv/victim_adv_acc"] = correct.tolist()
                 out[f"adv_classifier_{self.classifier_attack_method}{self.classifier_eps:g}"] = adv
-        gathered = {name: _gather(adv.detach()).cpu() for name, adv in out.items()}
-        return {name: TensorImageDataset(adv, torch.zeros(len(adv), dtype=torch.long)) for name, adv in gathered.items()}
+        return {name: gather_in_order(adv.detach(), shard.to(adv.device), trainer).cpu() for name, adv in out.items()}
 
-    def _victim(self, trainer: L.Trainer, pl_module: L.LightningModule) -> nn.Module:
+    def _victim(self, trainer: L.Trainer) -> nn.Module:
         if self.victim == "train":
             dm = trainer.datamodule
-            in_chans = int(dm.train_dataset[0][0].shape[0])
-            return fit_victim(dm.train_dataset, in_chans, getattr(dm, "num_classes", 10), self.victim_epochs,
-                              self.seed)
-        from lit_robust.classifier import ImageClassifier, train_on_tensors
+            dataset = SplitRef(trainer, "train", self.train_split, "OODDetection's victim").dataset
+            images, labels = self.item_format.stack(dataset)
+            return fit_victim(self.pixel_space.to_unit(images), labels, getattr(dm, "num_classes", None) or
+                              int(labels.max()) + 1, self.victim_epochs, self.seed)
+        from lit_robust.classifier import ImageClassifier
 
         return ImageClassifier.load_from_checkpoint(self.victim, map_location="cpu").eval()
 
-    def restoration_report(self, trainer: L.Trainer, pl_module: L.LightningModule, table: str, inliers: Dataset,
-                           outliers: dict[str, Dataset]) -> dict[str, float]:
+    def restoration_report(self, trainer: L.Trainer, detector: nn.Module, table: str,
+                           sets: dict[str, Dataset | torch.Tensor]) -> dict[str, float]:
         """Algorithm 2's second stage: mean SSIM gain per set and the gain's AUROC for adversarial vs OOD sets."""
         gains = {}
-        for pair, dataset in {"inliers": inliers, **outliers}.items():
-            images = stack_dataset(dataset)[0][:self.attack_count]
-            shard = images[torch.arange(trainer.global_rank, len(images), trainer.world_size)]
+        for pair, data in sets.items():
+            images = self.unit_images(data, self.attack_count)
+            shard = rank_share(len(images), trainer)
             with torch.inference_mode(False), torch.enable_grad():
-                gain = pl_module.restoration_gain(shard.clone().to(pl_module.device), self.restoration_steps,
-                                                  self.restoration_step_size)
-            gains[pair] = _gather(gain.detach().float()).cpu()
+                gain = detector.restoration_gain(images[shard].clone().to(trainer.strategy.root_device),
+                                                 self.restoration_steps, self.restoration_step_size)
+            gains[pair] = gather_in_order(gain.detach().float(), shard.to(gain.device), trainer).cpu()
         out = {f"ood/{table}/{pair}/restoration_gain": g.mean().item() for pair, g in gains.items()}
         for adv in (p for p in gains if p.startswith("adv_")):
             for ood in (p for p in gains if p != "inliers" and not p.startswith("adv_")):
@@ -207,19 +234,25 @@ class OODDetection(L.Callback):
     # ---- the hook -------------------------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
-        if dm is None or getattr(dm, "val_dataset", None) is None:
-            raise RuntimeError("OODDetection needs a datamodule with val_dataset and test_dataset (inliers)")
-        outliers = dict(self.ood_datasets or getattr(dm, "ood_test_datasets", None) or {})
+        detector = (self.detector or pl_module).to(trainer.strategy.root_device).eval()
+        test = evaluated_split(trainer, "test", self.test_split, "OODDetection (test inliers)")
+        val = SplitRef(trainer, "val", self.val_split, "OODDetection (validation inliers for the thresholds)").dataset
+        check_image_shape(self.unit_images(test, 1), detector, "OODDetection", "detector")
+        outliers: dict[str, Dataset | torch.Tensor] = dict(self.ood_datasets or getattr(dm, "ood_test_datasets", None)
+                                                           or {})
         if not outliers and getattr(dm, "ood_test_dataset", None) is not None:
             outliers["ood"] = dm.ood_test_dataset
-        table = str(getattr(pl_module, "hparams", {}).get("posterior", "scores"))
-        self.fit(trainer, pl_module, dm.val_dataset)
-        inlier = self.score_dataset(trainer, pl_module, dm.test_dataset)
+        if not outliers and not (self.encoder_eps or self.classifier_eps):
+            raise ValueError("OODDetection has no outlier set: pass ood_datasets={name: dataset} or enable an attack")
+        table = str(getattr(detector, "hparams", {}).get("posterior", "scores"))
+        self.fit(trainer, detector, val)
+        inlier = self.score(trainer, detector, test)
         self.results[f"ood/{table}/inliers/count"] = float(len(next(iter(inlier.values()))))
-        outliers.update(self.adversarial_sets(trainer, pl_module, dm.test_dataset))
+        outliers.update(self.adversarial_sets(trainer, detector, test))
+        folder = Path(self.output_dir) if self.output_dir else output_folder(trainer, None)
         rows = {}
-        for pair, dataset in outliers.items():
-            scores = self.score_dataset(trainer, pl_module, dataset)
+        for pair, data in outliers.items():
+            scores = self.score(trainer, detector, data)
             rows[pair] = {}
             for name, value in scores.items():
                 metrics = detection_metrics(inlier[name], value)
@@ -228,16 +261,16 @@ class OODDetection(L.Callback):
                 for key, number in metrics.items():
                     self.results[f"ood/{table}/{pair}/{name}/{key}"] = number
             self.results[f"ood/{table}/{pair}/count"] = float(len(next(iter(scores.values()))))
-            if self.histograms and trainer.is_global_zero and self.output_dir is not None:
-                save_histograms(inlier, scores, self.output_dir / f"ood_{table}_{pair}.png",
-                                f"{table}: inliers vs {pair}")
+            if self.histograms and trainer.is_global_zero:
+                save_histograms(inlier, scores, folder / f"ood_{table}_{pair}.png", f"{table}: inliers vs {pair}")
         for name, value in self.thresholds.items():
             self.results[f"ood/{table}/threshold/{name}"] = value
-        if self.restoration_steps and hasattr(pl_module, "restoration_gain"):
-            self.results.update(self.restoration_report(trainer, pl_module, table, dm.test_dataset, outliers))
-        if trainer.is_global_zero and self.output_dir is not None:
-            update_metrics_file(self.output_dir / "metrics.json", self.results)
-            (self.output_dir / f"ood_{table}.md").write_text(markdown_table(table, rows))
+        if self.restoration_steps and hasattr(detector, "restoration_gain"):
+            self.results.update(self.restoration_report(trainer, detector, table, {"inliers": test, **outliers}))
+        pl_module.log_dict(self.results, sync_dist=False)  # identical on every rank (gathered scores)
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"ood_{table}.md").write_text(markdown_table(table, rows))
 
 
 def markdown_table(table: str, rows: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -11,8 +11,9 @@ from lit_robust.ddpm import DDPM
 from lit_robust.deep_cama import DeepCAMA
 from lit_robust.ebm import EBM
 from lit_robust.lavae import LAVAE
+from lit_robust.smoothed_classifier import SmoothedClassifier
 from lit_robust.smoothed_vit import SmoothedViT
 from lit_robust.transfer_classifier import TransferClassifier
 
-__all__ = ["BayesianVAE", "CausalVAE", "DDPM", "DeepCAMA", "EBM", "ImageClassifier", "LAVAE", "SmoothedViT",
+__all__ = ["BayesianVAE", "CausalVAE", "DDPM", "DeepCAMA", "EBM", "ImageClassifier", "LAVAE", "SmoothedClassifier", "SmoothedViT",
            "TransferClassifier"]

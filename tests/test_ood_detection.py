@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lit_robust import BayesianVAE
-from lit_robust.callbacks import OODDetection
+from lit_robust.callbacks import MetricsFile, OODDetection
 from lit_robust.callbacks.ood_detection import FilteredClassifier
 from lit_robust.datamodules import OODPairDataModule
 from lit_robust.datamodules.base import stack_dataset
@@ -19,8 +19,8 @@ def test_ood_detection_end_to_end(tmp_path):
     callback = OODDetection(output_dir=str(tmp_path), attack_count=60, attack_steps=3, victim_epochs=8,
                             encoder_eps=0.2, classifier_eps=0.3, restoration_steps=5)
     trainer = L.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, callbacks=[callback],
-                        default_root_dir=tmp_path)
+                        enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[callback, MetricsFile(str(tmp_path))], default_root_dir=tmp_path)
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm)
 
