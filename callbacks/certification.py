@@ -6,7 +6,7 @@ The module provides ``ablated_logits(images, masks[, token_dropping=...])`` → 
 :class:`~lit_robust.SmoothedClassifier` (ablated pixels black, then the declared ``normalization``), so a user's own
 model is certified as it is. The split is the one the trainer's loop iterates, read through
 :mod:`lit_robust.callbacks.contract` (item format, pixel space). Images are shared out over DDP ranks
-(:func:`rank_share`), votes are counted over the whole ablation set, smoothed and certified accuracy go through a
+(:func:`rank_batches`), votes are counted over the whole ablation set, smoothed and certified accuracy go through a
 torchmetrics metric (its sums sync across ranks) and ``log_dict``; the per-image counts are gathered and rank zero
 writes ``<output_dir>/<split>_records.json`` (index, target, prediction, margin, votes) and a certified-accuracy plot.
 """

@@ -13,14 +13,16 @@
   loader hook is called again to prove it now returns the replacement, and ``on_train_start`` checks that the
   trainer's own train loader iterates it; otherwise the error names the attribute the loader reads.
 - **Shapes**: images are checked against the model's ``in_chans`` / ``img_size`` before any work.
-- **DDP**: work is shared out by :func:`rank_share` (rank r takes items r, r + W, …) and put back in order by
-  :func:`gather_in_order` (uneven shares are fine), so every rank ends with the single-process result.
+- **DDP**: work is shared out by :func:`rank_batches` (rank r takes batches r, r + W, … of the single-process
+  batching) and put back in order by :func:`gather_in_order` (uneven shares are fine), so every rank ends with the
+  single-process result.
 - **Outputs**: files go to ``output_dir``, else the trainer's ``default_root_dir`` when it was set, else its
   ``log_dir`` (never the bare working directory); metrics go through ``log_dict`` (every logger, and
   ``metrics.json`` through :class:`~lit_robust.callbacks.MetricsFile`).
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lit_robust.datamodules.base import TensorImageDataset
@@ -238,15 +240,19 @@ def rank_share(count: int, trainer: L.Trainer) -> torch.Tensor:
     return torch.arange(trainer.global_rank, count, trainer.world_size)
 
 
+def rank_batches(count: int, batch_size: int, trainer: L.Trainer):
+    """Row indices of this rank's batches: batch b holds items [b·B, (b + 1)·B) and rank r takes batches r, r + W, … —
+    the very batches one process forms, so a model whose output depends on its batch (seeded draws per call, a
+    chunk's noise seed) gives the single-process result."""
+    for batch in rank_share(math.ceil(count / batch_size), trainer).tolist():
+        yield torch.arange(batch * batch_size, min((batch + 1) * batch_size, count))
+
+
 def shard_batches(dataset: Dataset, trainer: L.Trainer, batch_size: int, item_format: ItemFormat):
-    """This rank's share of ``dataset`` (:func:`rank_share`) as batches ``(indices, images, targets)``, images in the
+    """This rank's batches of ``dataset`` (:func:`rank_batches`) as ``(indices, images, targets)``, images in the
     loader's space."""
-    indices = rank_share(len(dataset), trainer)
-    start = 0
-    for images, targets in DataLoader(Subset(dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
-                                      collate_fn=item_format.collate):
-        yield indices[start:start + len(images)], images, targets
-        start += len(images)
+    for rows in rank_batches(len(dataset), batch_size, trainer):
+        yield (rows, *item_format.collate([dataset[i] for i in rows.tolist()]))
 
 
 def gather_in_order(local: torch.Tensor, indices: torch.Tensor, trainer: L.Trainer) -> torch.Tensor:

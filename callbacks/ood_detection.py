@@ -17,7 +17,7 @@ At the end of ``trainer.test`` the callback
 The detector is the module under test, or any ``detector=`` module with that protocol — so a fitted detector can
 be dropped into a project that trains its own classifier. Splits, item format and pixel space follow
 :mod:`lit_robust.callbacks.contract`: the detector and the attacks see [0, 1] images, whatever the loader's
-``Normalize`` (declare it with ``normalization=``). Under DDP every rank scores its share (:func:`rank_share`) and
+``Normalize`` (declare it with ``normalization=``). Under DDP every rank scores its batches (:func:`rank_batches`) and
 the scores are gathered in order (:func:`gather_in_order`), so every rank computes the same metrics; they are logged
 through ``log_dict`` and rank zero writes the files. ``accept`` / ``FilteredClassifier`` put the fitted detector in
 front of any classifier.
@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from lit_robust.callbacks.contract import (ItemFormat, SplitRef, check_image_shape, evaluated_split, gather_in_order,
-                                           output_folder, rank_share, shard_batches)
+                                           output_folder, rank_batches, rank_share, shard_batches)
 from lit_robust.ood_adversarial import classifier_attack, encoder_attack
 from lit_robust.ood_scores import detection_metrics
 from lit_robust.pixel_space import PixelSpace
@@ -141,9 +141,7 @@ class OODDetection(L.Callback):
         (the same result on every rank)."""
         device = trainer.strategy.root_device
         if isinstance(data, torch.Tensor):
-            rows = rank_share(len(data), trainer)
-            batches = ((rows[i:i + self.batch_size], data[rows[i:i + self.batch_size]], None)
-                       for i in range(0, len(rows), self.batch_size))
+            batches = ((rows, data[rows], None) for rows in rank_batches(len(data), self.batch_size, trainer))
         else:
             batches = ((i, self.pixel_space.to_unit(x), y)
                        for i, x, y in shard_batches(data, trainer, self.batch_size, self.item_format))

@@ -17,7 +17,6 @@ installs the purified split. Subclasses override :meth:`Purification.purify_chun
 """
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch import nn
 
 from lit_robust.cache import fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.contract import (ReplacedImages, TrainSplitDefence, check_image_shape, gather_in_order,
-                                           output_folder, rank_share)
+                                           output_folder, rank_batches)
 from lit_robust.datamodules.base import stack_dataset
 from lit_robust.purification_plots import save_before_after_grid, save_trajectory_plot, trajectory_distances
 
@@ -143,12 +142,11 @@ class Purification(TrainSplitDefence):
         for model in self.models().values():
             model.to(device).eval()
         self.prepare(images, device)
-        n = len(images)
-        mine = rank_share(math.ceil(n / self.chunk_size), trainer)
+        mine = list(rank_batches(len(images), self.chunk_size, trainer))
         outputs, indices, computed = [], [], 0
         bar = self._progress_bar(len(mine), trainer.is_global_zero)
-        for chunk in mine.tolist():
-            rows = torch.arange(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, n))
+        for rows in mine:
+            chunk = int(rows[0]) // self.chunk_size
             path = folder / f"chunk_{chunk:05d}.pt"
             cached = load_verified(path)
             if cached is None or cached.shape != images[rows].shape:

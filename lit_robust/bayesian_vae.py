@@ -204,11 +204,10 @@ class BayesianVAE(L.LightningModule):
 
     # ---- training -------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if self.hparams.dataset_size is None and self.trainer is not None and self.trainer.datamodule is not None:
-            dm = self.trainer.datamodule
-            if getattr(dm, "train_dataset", None) is None:
-                dm.setup(stage)
-            self.hparams.dataset_size = len(dm.train_dataset)
+        """The training-set size N (weight prior scaling) from the dataset the DataModule's train loader reads."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if self.hparams.dataset_size is None and dm is not None and stage == "fit":
+            self.hparams.dataset_size = len(dm.train_dataloader().dataset)
 
     def _dataset_size(self) -> int:
         if not self.hparams.dataset_size:
