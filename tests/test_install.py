@@ -21,7 +21,7 @@ from conftest import REPO
 SOURCES = ("pyproject.toml", "README.md", "lit_robust", "datamodules", "callbacks", "conf")
 TINY = ["experiment=digits_classifier", "data=digits_8x8", "trainer.max_epochs=1", "callbacks.rich_progress_bar=null"]
 USER_EXPERIMENT = """# @package _global_
-# A user's own experiment: a packaged one with one key changed.
+# A user's own experiment: a shipped one on the 8×8 digits for one epoch.
 defaults:
   - digits_classifier
   - override /data: digits_8x8
@@ -81,12 +81,16 @@ def test_the_wheel_carries_configs_weights_and_console_scripts(installed):
         assert script in text and (installed["bin"] / script).exists()
 
 
-def test_installed_package_is_the_wheel_and_finds_configs_and_weights(installed, tmp_path):
-    code = ("import json, lit_robust, lit_robust.conf, importlib.resources as r; "
-            "from lit_robust import EBM; EBM.pretrained('digits'); "
+def test_installed_package_is_the_wheel_and_finds_configs_weights_and_flagship_help(installed, tmp_path):
+    # one interpreter for all (each start imports torch and Lightning): the flagship script's --help, then the checks
+    code = ("import runpy, sys; sys.argv = ['lit-robust-flagship', '--help']\n"
+            f"try: runpy.run_path({str(installed['bin'] / 'lit-robust-flagship')!r}, run_name='__main__')\n"
+            "except SystemExit as stop: assert not stop.code, stop.code\n"
+            "import json, lit_robust, importlib.resources as r; from lit_robust import EBM; EBM.pretrained('digits'); "
             "print(json.dumps([lit_robust.__file__, str(r.files('lit_robust.conf').joinpath('train.yaml'))]))")
-    package, train_yaml = json.loads(_run([installed["bin"] / "python", "-c", code], tmp_path,
-                                          installed["env"]).stdout.strip().splitlines()[-1])
+    stdout = _run([installed["bin"] / "python", "-c", code], tmp_path, installed["env"]).stdout
+    assert "Narcissus" in stdout and not (tmp_path / "outputs").exists()
+    package, train_yaml = json.loads(stdout.strip().splitlines()[-1])
     assert Path(package).resolve().is_relative_to(installed["venv"].resolve())
     assert Path(train_yaml).resolve().is_relative_to(installed["venv"].resolve())
 
@@ -110,11 +114,6 @@ def test_a_users_config_dir_adds_experiments(installed, tmp_path):
           "callbacks.rich_progress_bar=null", "test=false"], tmp_path, installed["env"])
     config = (next(tmp_path.glob("outputs/my_exp/*/config.yaml"))).read_text()
     assert "max_epochs: 1" in config and "sklearn8x8" in config
-
-
-def test_flagship_help(installed, tmp_path):
-    result = _run([installed["bin"] / "lit-robust-flagship", "--help"], tmp_path, installed["env"])
-    assert "Narcissus" in result.stdout and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.slow
