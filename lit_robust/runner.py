@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lit_robust.callbacks.metrics_file import MetricsFile
 
 log = logging.getLogger(__name__)
+# The Hydra configs: the repo's conf/, installed as this package (pyproject.toml), so they travel with the wheel.
+CONFIG_MODULE = "lit_robust.conf"
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -82,11 +84,11 @@ def fit_and_test(cfg: DictConfig) -> None:
 def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> dict:
     """``train.py experiment=<experiment> <overrides>`` in this process, writing to ``output_dir``; returns the run's
     ``metrics.json``. For drivers that chain several runs (the flagship, multi-seed tables)."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", f"output_dir={output_dir}", *overrides])
     fit_and_test(cfg)
     return json.loads((output_dir / "metrics.json").read_text())
