@@ -9,15 +9,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lit_robust.runner import adopt_checkpoint_hparams, build
+from lit_robust.runner import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    adopt_checkpoint_hparams(cfg, list(HydraConfig.get().overrides.task))
-    datamodule, model, trainer = build(cfg)
-    trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    evaluate(cfg, list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":
