@@ -77,13 +77,17 @@ class CounterfactualReport(L.Callback):
         if self.cache_dir:
             key = fingerprint(train_x[:32], train_f, self.regressor_epochs, self.regressor_widths, self.seed)
             path = Path(self.cache_dir) / f"factor_regressor-{key}.pt"
-            cached = load_verified(path)
+            cached = load_verified(path)  # a state dict: caches hold tensors only
             if cached is not None:
-                return cached
+                net = create_backbone("small_cnn", num_classes=train_f.shape[1], in_chans=train_x.shape[1],
+                                      widths=self.regressor_widths)
+                regressor = FactorRegressor(net, torch.zeros(train_f.shape[1]), torch.ones(train_f.shape[1]))
+                regressor.load_state_dict(cached)
+                return regressor.eval()
         regressor = fit_factor_regressor(train_x, train_f, self.regressor_epochs, seed=self.seed,
                                          widths=self.regressor_widths)
         if path:
-            save_atomic(path, regressor)
+            save_atomic(path, regressor.state_dict())
         return regressor
 
     def _run(self, trainer, model) -> None:

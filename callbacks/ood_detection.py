@@ -209,8 +209,10 @@ class OODDetection(L.Callback):
             return fit_victim(self.pixel_space.to_unit(images), labels, getattr(dm, "num_classes", None) or
                               int(labels.max()) + 1, self.victim_epochs, self.seed)
         from lit_robust.classifier import ImageClassifier
+        from lit_robust.serialization import load_plain
 
-        return ImageClassifier.load_from_checkpoint(self.victim, map_location="cpu").eval()
+        load_plain(self.victim, "victim checkpoint", mmap=True)  # refuses a file that would run code, naming it
+        return ImageClassifier.load_from_checkpoint(self.victim, map_location="cpu", weights_only=True).eval()
 
     def restoration_report(self, trainer: L.Trainer, detector: nn.Module, table: str,
                            sets: dict[str, Dataset | torch.Tensor]) -> dict[str, float]:

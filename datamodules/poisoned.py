@@ -30,6 +30,14 @@ def _jsonable(value):
     return value
 
 
+def _describes(manifest_path: Path, manifest: dict) -> bool:
+    """Whether the JSON at ``manifest_path`` is the manifest of these poisons (False if missing, corrupt or stale)."""
+    try:
+        return json.loads(manifest_path.read_text()).get("checksum") == manifest["checksum"]
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class PoisonedDataModule(WrappedDataModule):
     """Wrap ``base`` (never edited) and poison its training split with ``attack`` (``badnets``, ``narcissus``,
     ``gradient_matching``, ``bullseye_polytope``; see ``lit_robust.poisons``).
@@ -135,7 +143,7 @@ class PoisonedDataModule(WrappedDataModule):
         self.train_dataset = TensorImageDataset(images, labels)
         self.val_dataset, self.test_dataset = self.base.val_dataset, self.base.test_dataset
         self.manifest = self._manifest(path)
-        if crafted or not path.with_suffix(".json").exists():
+        if crafted or not _describes(path.with_suffix(".json"), self.manifest):
             if self.trainer is None or self.trainer.is_global_zero:
                 write_json_atomic(path.with_suffix(".json"), self.manifest)
 

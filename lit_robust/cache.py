@@ -2,7 +2,9 @@
 
 A cache entry is ``<name>.pt`` plus ``<name>.pt.sha256``; both are written to temporary files and renamed, the
 checksum last, so an interrupted write leaves no entry that passes verification. ``load_verified`` returns None for a
-missing, truncated or corrupted entry — callers rebuild it.
+missing, truncated or corrupted entry — callers rebuild it. Entries hold tensors and plain containers only
+(``lit_robust.serialization``): ``save_atomic`` refuses anything else, and ``load_verified`` refuses to unpickle
+anything else even when the checksum matches (whoever can write the entry can write its checksum).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from lit_robust.serialization import CorruptFileError, check_plain, load_plain
 
 
 def sha256_bytes(payload: bytes) -> str:
@@ -44,12 +48,14 @@ def _replace_atomic(path: Path, payload: bytes) -> None:
 
 
 def save_atomic(path: str | Path, obj) -> str:
-    """``torch.save`` ``obj`` to ``path`` atomically with a sha256 sidecar; returns the checksum."""
+    """``torch.save`` ``obj`` (tensors and plain containers, e.g. a state dict) to ``path`` atomically with a sha256
+    sidecar; returns the checksum."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     payload = buffer.getvalue()
+    check_plain(payload, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
     checksum = sha256_bytes(payload)
     _replace_atomic(path, payload)
     _replace_atomic(path.with_name(path.name + ".sha256"), checksum.encode())
@@ -57,7 +63,8 @@ def save_atomic(path: str | Path, obj) -> str:
 
 
 def load_verified(path: str | Path):
-    """The object saved at ``path`` if its checksum matches, else None (missing, partial or corrupted)."""
+    """The object saved at ``path`` if its checksum matches, else None (missing, partial or corrupted); raises
+    ``NotPlainFileError`` for an entry that is not tensors and plain containers."""
     path = Path(path)
     sidecar = path.with_name(path.name + ".sha256")
     if not path.exists() or not sidecar.exists():
@@ -65,4 +72,7 @@ def load_verified(path: str | Path):
     payload = path.read_bytes()
     if sha256_bytes(payload) != sidecar.read_text().strip():
         return None
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    try:
+        return load_plain(payload, "cache entry", str(path))
+    except CorruptFileError:
+        return None

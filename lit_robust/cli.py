@@ -17,7 +17,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lit_robust.runner import CONFIG_MODULE, adopt_checkpoint_hparams, build, fit_and_test, run_experiment
+from lit_robust import runner
+from lit_robust.runner import CONFIG_MODULE, fit_and_test, run_experiment
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
@@ -35,10 +36,7 @@ def evaluate(cfg: DictConfig) -> None:
     test split with every configured (evaluation) callback, writing ``metrics.json`` — the numbers of the training
     run's test phase. The model takes the hyperparameters saved in the checkpoint, except ``model.*`` keys given on
     the command line (e.g. ``model.num_samples=20``)."""
-    adopt_checkpoint_hparams(cfg, list(HydraConfig.get().overrides.task))
-    datamodule, model, trainer = build(cfg)
-    trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    runner.evaluate(cfg, list(HydraConfig.get().overrides.task))
 
 
 FLAGSHIP_RUNS = {"undefended": "narcissus_digits", "PureEBM": "pureebm_narcissus_digits"}

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
+from lit_robust.serialization import load_plain
+
 
 def q_sample(scheduler: DDPMScheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Forward diffusion q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I) (DDPM Eq. 4; thesis §2 background on DDPMs)."""
@@ -105,4 +107,5 @@ def load_ddpm(source: str) -> DDPM:
     if not Path(source).is_file():
         raise FileNotFoundError(f"DDPM checkpoint {source!r} not found: train one with "
                                 "`python train.py experiment=ddpm_digits` and pass its checkpoints/last.ckpt")
-    return DDPM.load_from_checkpoint(source, map_location="cpu").eval()
+    load_plain(source, "DDPM checkpoint", mmap=True)  # refuse code in the file with its name, before Lightning
+    return DDPM.load_from_checkpoint(source, map_location="cpu", weights_only=True).eval()

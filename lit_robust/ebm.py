@@ -16,6 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from lit_robust.langevin import langevin_chain
+from lit_robust.serialization import load_plain
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
 PRETRAINED = {"digits": "ebm_digits.pt"}
@@ -220,7 +221,7 @@ class EBM(L.LightningModule):
 
     @classmethod
     def load_exported(cls, path: str | Path) -> "EBM":
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = load_plain(path, "exported EBM weights")
         hparams = dict(payload["hparams"], bank_size=1)
         model = cls(**hparams)
         model.net.load_state_dict({k: v.float() for k, v in payload["net"].items()})
@@ -247,5 +248,6 @@ def load_ebm(source: str) -> EBM:
         raise FileNotFoundError(f"EBM weights {source!r} not found: pass pretrained:digits, an exported .pt "
                                 "or a checkpoint of `train.py experiment=ebm_digits`")
     if source.endswith(".ckpt"):
-        return EBM.load_from_checkpoint(source, map_location="cpu").eval()
+        load_plain(source, "EBM checkpoint", mmap=True)  # refuse code in the file with its name, before Lightning
+        return EBM.load_from_checkpoint(source, map_location="cpu", weights_only=True).eval()
     return EBM.load_exported(source)

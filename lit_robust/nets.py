@@ -13,6 +13,8 @@ import timm
 import torch
 from torch import nn
 
+from lit_robust.serialization import load_plain
+
 
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU blocks with 2× max-pooling, global average pooling and a linear classifier."""
@@ -100,7 +102,7 @@ def create_backbone(name: str, num_classes: int = 10, in_chans: int = 3, **kwarg
 def load_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load a state dict (or a Lightning checkpoint's ``state_dict``) from ``path``; the paper's pretrained weights
     enter this way, since nothing is downloaded at run time."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_plain(path, "weights")
     state = state.get("state_dict", state)
     model.load_state_dict(state, strict=strict)
     return model

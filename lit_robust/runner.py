@@ -1,16 +1,28 @@
-"""What ``train.py`` and ``evaluate.py`` share: config → datamodule, model, callbacks, loggers, trainer."""
+"""What ``train.py`` and ``evaluate.py`` share: config → datamodule, model, callbacks, loggers, trainer.
+
+Safe by default: the experiment name must be a file of ``conf/experiment/``, numeric settings are checked against the
+constructors' annotations before anything is built, and checkpoints are read with ``weights_only=True`` only (see
+``lit_robust.serialization``). Checkpoints record the model's ``_target_`` and the training images' shape
+(``checkpoint["lit_robust"]``); evaluating one with another model class or image size fails at the start. A
+non-finite ``test/*`` metric (a diverged model, NaN weights) is logged as a warning and counted in ``metrics.json``
+as ``test/non_finite``; the run still succeeds, so its other numbers stay inspectable.
+"""
 from __future__ import annotations
 
 import json
+from importlib import resources
 import logging
+import math
+import types
+import typing
 from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lit_robust.callbacks.metrics_file import MetricsFile
+from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
+from lit_robust.serialization import load_plain
 
 log = logging.getLogger(__name__)
 # The Hydra configs: the repo's conf/, installed as this package (pyproject.toml), so they travel with the wheel.
@@ -24,6 +36,56 @@ def instantiate_group(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(spec, _convert_="all") for spec in group.values() if spec is not None and "_target_" in spec]
 
 
+def check_experiment(name: str | None) -> None:
+    """An experiment is the name of a file in an ``experiment/`` config folder — the package's, or a user's on the
+    search path (``--config-dir``) — never a path such as ``../model/ebm`` that reaches other config groups."""
+    if name is not None and ("/" in name or "\\" in name or ".." in name):
+        shipped = sorted(entry.name[:-5] for entry in resources.files(CONFIG_MODULE).joinpath("experiment").iterdir()
+                         if entry.name.endswith(".yaml"))
+        raise ValueError(f"experiment={name} is a path, not an experiment name; use one of: {', '.join(shipped)} "
+                         "(or a file of your own experiment/ folder, added with --config-dir)")
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Fail naming the key when a numeric setting is not a number: ``seed``, and every argument annotated ``int`` or
+    ``float`` of the ``_target_`` classes in the config (``model.lr=abc`` fails here, not inside the optimiser)."""
+    if not isinstance(cfg.get("seed"), int) or isinstance(cfg.get("seed"), bool):
+        raise ValueError(f"seed={cfg.get('seed')!r} is not an integer: pass e.g. seed=0")
+    for key, spec in _targets(OmegaConf.to_container(cfg, resolve=True)):
+        try:
+            hints = typing.get_type_hints(hydra.utils.get_class(spec["_target_"]).__init__)
+        except Exception:  # an unresolvable annotation or target: instantiation will say what is wrong
+            continue
+        for name, value in spec.items():
+            wanted = _numeric(hints.get(name))
+            if wanted and value is not None and (isinstance(value, bool) or not isinstance(value, wanted)):
+                raise ValueError(f"{key}.{name}={value!r} is not {'an integer' if wanted == (int,) else 'a number'}: "
+                                 f"set {key}.{name}=<number>")
+
+
+def _targets(node, key: str = ""):
+    """(dotted key, mapping) of every mapping with a ``_target_`` in a resolved config."""
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            yield key, node
+        for name, value in node.items():
+            yield from _targets(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _targets(value, f"{key}[{index}]")
+
+
+def _numeric(hint) -> tuple[type, ...] | None:
+    """The types a value annotated ``hint`` may have if it is ``int``/``float`` (optionally ``| None``), else None."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    options = set(typing.get_args(hint)) - {type(None)} if union else {hint}
+    if options == {int}:
+        return (int,)
+    if options in ({float}, {int, float}):
+        return (int, float)
+    return None
+
+
 def check_compatible(datamodule: L.LightningDataModule, model: L.LightningModule) -> None:
     """Fail early, naming the config keys, when the data and the model disagree on channels or classes."""
     hparams = getattr(model, "hparams", {})
@@ -34,16 +96,76 @@ def check_compatible(datamodule: L.LightningDataModule, model: L.LightningModule
                              f"{key}={data_value}: set model.{key}={data_value}")
 
 
-def adopt_checkpoint_hparams(cfg: DictConfig, command_line: list[str]) -> dict[str, tuple]:
-    """Give ``cfg.model`` the hyperparameters saved in ``cfg.ckpt_path`` (as ``load_from_checkpoint`` would), except
-    the keys set on the ``command_line`` (Hydra overrides such as ``model.num_samples=20``). Without this, a
-    checkpoint trained with e.g. ``model.pixel_floor=0.01`` would be evaluated under the config's default: same
-    weights, other model, no error. Returns ``{key: (config value, checkpoint value)}`` for what was changed."""
+def check_image_size(image_shape: tuple[int, ...], model: L.LightningModule, recorded: dict) -> None:
+    """Fail naming the keys when the data's images (C, H, W) differ from the checkpoint's training images or, unless
+    the model resizes its inputs (``resizes_inputs``), from the model's ``img_size``."""
+    trained = tuple(recorded.get("input_shape") or ())
+    if trained and tuple(trained[-2:]) != tuple(image_shape[-2:]):
+        raise ValueError(f"the checkpoint was trained on {'×'.join(map(str, trained))} images but the data gives "
+                         f"{'×'.join(map(str, image_shape))}: use the training run's data (data=..., "
+                         f"data.img_size={trained[-1]})")
+    size = getattr(model, "hparams", {}).get("img_size")
+    if isinstance(size, int) and not getattr(model, "resizes_inputs", False) and image_shape[-2:] != (size, size):
+        raise ValueError(f"model.img_size={size} but the data ({'×'.join(map(str, image_shape))} images) has "
+                         f"img_size={image_shape[-1]}: set model.img_size={image_shape[-1]} or data.img_size={size}")
+
+
+class CheckpointRecord(L.Callback):
+    """Adds ``checkpoint["lit_robust"] = {"model_target", "input_shape"}`` (Lightning stores neither the class nor
+    the data), and at setup checks the data's image shape against the model and ``recorded`` (a loaded
+    checkpoint's record)."""
+
+    def __init__(self, model_target: str, recorded: dict | None = None):
+        self.model_target, self.recorded, self.input_shape = model_target, recorded or {}, None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        for split in ("train_dataset", "val_dataset", "test_dataset"):
+            dataset = getattr(datamodule, split, None)
+            item = dataset[0] if dataset is not None and len(dataset) else None
+            image = item[0] if isinstance(item, (tuple, list)) else item
+            if hasattr(image, "shape"):
+                self.input_shape = tuple(int(n) for n in image.shape)
+                check_image_size(self.input_shape, pl_module, self.recorded)
+                return
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint["lit_robust"] = {"model_target": self.model_target,
+                                    "input_shape": list(self.input_shape) if self.input_shape else None}
+
+
+def read_checkpoint(cfg: DictConfig) -> dict:
+    """The checkpoint at ``cfg.ckpt_path`` (tensor data memory-mapped), refused if it holds anything but tensors and
+    plain values, and checked to be of the model ``cfg.model._target_``."""
     path = Path(cfg.ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file")
-    # mmap: only the hyperparameters are read here; the weights stay on disk until the trainer loads them
-    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("hyper_parameters", {})
+    checkpoint = load_plain(path, "checkpoint", mmap=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"ckpt_path={path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint: pass a "
+                         ".ckpt written by train.py (<run>/checkpoints/)")
+    saved, wanted = (checkpoint.get("lit_robust") or {}).get("model_target"), cfg.model.get("_target_")
+    if saved and wanted and _resolve(saved) != _resolve(wanted):
+        raise ValueError(f"ckpt_path={path} holds a {saved} but the config builds a {wanted}: pass the experiment= "
+                         f"of the training run that wrote it (see its config.yaml)")
+    return checkpoint
+
+
+def _resolve(target: str):
+    try:
+        return hydra.utils.get_class(target)
+    except Exception:  # a class that no longer exists: compare the names
+        return target
+
+
+def adopt_checkpoint_hparams(cfg: DictConfig, command_line: list[str], checkpoint: dict | None = None
+                             ) -> dict[str, tuple]:
+    """Give ``cfg.model`` the hyperparameters saved in ``cfg.ckpt_path`` (as ``load_from_checkpoint`` would), except
+    the keys set on the ``command_line`` (Hydra overrides such as ``model.num_samples=20``). Without this, a
+    checkpoint trained with e.g. ``model.pixel_floor=0.01`` would be evaluated under the config's default: same
+    weights, other model, no error. ``checkpoint``: the one ``read_checkpoint(cfg)`` returned (read if None).
+    Returns ``{key: (config value, checkpoint value)}`` for what was changed."""
+    saved = (checkpoint if checkpoint is not None else read_checkpoint(cfg)).get("hyper_parameters", {})
     explicit = {item.split("=", 1)[0].lstrip("+~") for item in command_line}
     changed = {key: (cfg.model[key], value) for key, value in saved.items()
                if key in cfg.model and f"model.{key}" not in explicit and cfg.model[key] != value}
@@ -55,15 +177,22 @@ def adopt_checkpoint_hparams(cfg: DictConfig, command_line: list[str]) -> dict[s
     return changed
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Seed, instantiate the run's objects, and save the resolved config in the output dir."""
+def build(cfg: DictConfig, checkpoint: dict | None = None
+          ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Check the config, seed, instantiate the run's objects, and save the resolved config in the output dir.
+    ``checkpoint``: the one the run will load (its record is checked against the data)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    check_experiment(HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None)
+    check_numbers(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     model = hydra.utils.instantiate(cfg.model, _convert_="all")  # plain types in checkpoints
     check_compatible(datamodule, model)
-    callbacks = instantiate_group(cfg.get("callbacks")) + [MetricsFile(str(output_dir))]
+    record = CheckpointRecord(cfg.model._target_, (checkpoint or {}).get("lit_robust"))
+    callbacks = instantiate_group(cfg.get("callbacks")) + [MetricsFile(str(output_dir)), record]
     loggers = instantiate_group(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
@@ -71,14 +200,40 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, model, trainer
 
 
+def evaluate_test_split(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule,
+                    ckpt_path: str | None, output_dir: str | Path) -> None:
+    """``trainer.test`` (checkpoint loaded with ``weights_only=True``); a non-finite ``test/*`` metric is logged as a
+    warning and counted as ``test/non_finite`` in ``metrics.json``."""
+    trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    bad = {key: value for key, value in flat_metrics(trainer.callback_metrics).items()
+           if key.startswith("test/") and not math.isfinite(value)}
+    if bad:
+        log.warning(f"non-finite test metrics {bad} (checkpoint {ckpt_path or 'in memory'}): the model diverged or "
+                    f"has NaN/inf weights, so its test numbers mean nothing; retrain (e.g. lower model.lr) or "
+                    f"evaluate an earlier checkpoint")
+        if trainer.is_global_zero:
+            update_metrics_file(Path(output_dir) / "metrics.json", {"test/non_finite": float(len(bad))})
+
+
 def fit_and_test(cfg: DictConfig) -> None:
     """What ``train.py`` does with a composed config: fit (resuming from ``cfg.ckpt_path`` if set), then test the
     best checkpoint unless ``cfg.test`` is false."""
-    datamodule, model, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    checkpoint = read_checkpoint(cfg) if cfg.ckpt_path else None
+    datamodule, model, trainer = build(cfg, checkpoint)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        evaluate_test_split(trainer, model, datamodule, best or None, cfg.output_dir)
+
+
+def evaluate(cfg: DictConfig, command_line: list[str]) -> None:
+    """What ``evaluate.py`` does: validate and test ``cfg.ckpt_path`` under its saved hyperparameters, except the
+    ``model.*`` keys on the ``command_line``."""
+    checkpoint = read_checkpoint(cfg)
+    adopt_checkpoint_hparams(cfg, command_line, checkpoint)
+    datamodule, model, trainer = build(cfg, checkpoint)
+    trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    evaluate_test_split(trainer, model, datamodule, cfg.ckpt_path, cfg.output_dir)
 
 
 def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> dict:
@@ -87,6 +242,7 @@ def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> d
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    check_experiment(experiment)
     GlobalHydra.instance().clear()
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", f"output_dir={output_dir}", *overrides])

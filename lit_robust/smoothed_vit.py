@@ -20,6 +20,7 @@ from lit_robust.ablations import (ablate, ablation_masks, ablation_positions, gr
                                   random_ablation_mask, tokens_touched)
 from lit_robust.certification import ablation_votes, smoothed_prediction
 from lit_robust.classifier import ImageClassifier
+from lit_robust.serialization import load_plain
 from lit_robust.nets import create_backbone
 
 
@@ -87,6 +88,8 @@ class SmoothedViT(ImageClassifier):
         weights_path: weights of the base network (a state dict with the mask channel, or a Lightning checkpoint).
     """
 
+    resizes_inputs = True  # images of any size are upsampled to img_size (the runner skips its img_size check)
+
     def __init__(self, backbone: str = "vit_tiny_patch16_224", num_classes: int = 10, in_chans: int = 1,
                  backbone_kwargs: dict | None = None, img_size: int | None = None, ablation: str = "column",
                  ablation_width: int = 4, ablation_stride: int = 1, token_dropping: bool = True,
@@ -111,8 +114,7 @@ class SmoothedViT(ImageClassifier):
         if token_dropping:
             check_droppable_vit(self.net)
         if weights_path:
-            self.net.load_state_dict(base_state_dict(torch.load(weights_path, map_location="cpu",
-                                                                weights_only=False), self.net))
+            self.net.load_state_dict(base_state_dict(load_plain(weights_path, "model.weights_path"), self.net))
 
     # ---- ablation sets -------------------------------------------------------------------------------------------
     @staticmethod

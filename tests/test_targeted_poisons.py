@@ -46,6 +46,7 @@ def test_craft_gradient_matching_budget_clean_labels(setting):
     _, images, labels, _, path = setting
     data = CraftingData(images[:800], labels[:800], images[1000:1100], labels[1000:1100], 10)
     p = craft_gradient_matching(data, eps=EPS, budget=0.01, restarts=1, steps=4, target_index=3, adversarial_class=None,
+                                surrogate_epochs=2,
                                 surrogate_path=str(path), generator=torch.Generator().manual_seed(0), progress=False)
     assert len(p.indices) == 8 == len(p.indices.unique())
     assert (data.train_labels[p.indices] == p.target_class).all() and torch.equal(p.labels, data.train_labels[p.indices])
@@ -70,10 +71,10 @@ def test_bullseye_lowers_feature_distance_below_start_and_random(setting, threat
 def test_craft_bullseye_stores_extractor_and_keeps_labels(setting):
     _, images, labels, _, path = setting
     data = CraftingData(images[:800], labels[:800], images[1000:1100], labels[1000:1100], 10)
-    p = craft_bullseye_polytope(data, budget=0.02, steps=3, target_index=5, adversarial_class=2,
+    p = craft_bullseye_polytope(data, budget=0.02, steps=3, target_index=5, adversarial_class=2, surrogate_epochs=2,
                                 surrogate_path=str(path), generator=torch.Generator().manual_seed(0), progress=False)
     assert len(p.indices) == 16 and (p.labels == 2).all() and p.target_class == 2
     assert "net.head.1.weight" in p.tensors["extractor_state"]
     with pytest.raises(ValueError, match="other than"):
-        craft_bullseye_polytope(data, target_index=5, adversarial_class=int(data.test_labels[5]),
+        craft_bullseye_polytope(data, target_index=5, adversarial_class=int(data.test_labels[5]), surrogate_epochs=2,
                                 surrogate_path=str(path), generator=torch.Generator(), progress=False)

@@ -2,9 +2,18 @@
 crafting is a pure function of data and seed, run once and cached), and the feature map the collision attacks read."""
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import torch
 
+from lit_robust.cache import fingerprint, load_verified, save_atomic
 from lit_robust.classifier import ImageClassifier, train_on_tensors
+from lit_robust.serialization import load_plain
+
+# train_on_tensors' recipe (lr, weight decay, batch size, augmentation, schedule): part of every surrogate's cache key
+RECIPE = {name: p.default for name, p in inspect.signature(train_on_tensors).parameters.items()
+          if p.default is not p.empty and name not in ("progress", "desc", "model")}
 
 
 def penultimate_features(model: ImageClassifier, images: torch.Tensor) -> torch.Tensor:
@@ -26,29 +35,37 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512)
 def load_or_train_surrogate(path: str | None, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                             backbone: str = "small_cnn", epochs: int = 10, seed: int = 0, progress: bool = True,
                             desc: str = "surrogate") -> ImageClassifier:
-    """The attacker's surrogate trained on clean data: loaded from ``path`` (a verified cache entry, or a plain state
-    dict / Lightning checkpoint of an ``ImageClassifier``) when it exists, else trained with its own ``seed`` and —
-    when ``path`` is given — cached there, so many targeted trials share one surrogate."""
-    from pathlib import Path
+    """The attacker's surrogate trained on clean data with its own ``seed``, so many trials share one surrogate.
 
-    from lit_robust.cache import load_verified, save_atomic
-
+    ``path`` names the cache: the surrogate lives in ``<stem>-<key>.pt`` beside it, ``key`` a fingerprint of
+    everything that determines it (images, labels, classes, backbone, epochs, seed, ``RECIPE``), so changing any of
+    them trains a new one instead of reusing a stale one. A file at ``path`` itself without a ``.sha256`` sidecar is a
+    user-supplied surrogate (a state dict or a Lightning checkpoint of an ``ImageClassifier``), used as it is."""
     model = ImageClassifier(backbone=backbone, num_classes=num_classes, in_chans=images.shape[1])
-    if path is not None and Path(path).exists():
-        state = load_verified(path)
-        if state is None and not Path(str(path) + ".sha256").exists():  # a user-supplied checkpoint, no sidecar
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            state = state.get("state_dict", state)
-        if state is not None:
-            model.load_state_dict(state)
-            return model.eval()
+    if path is not None and Path(path).is_file() and not Path(f"{path}.sha256").exists():
+        state = load_plain(path, "surrogate")
+        model.load_state_dict(state.get("state_dict", state))
+        return model.eval()
+    cached = surrogate_cache_path(path, images, labels, num_classes, backbone, epochs, seed) if path else None
+    state = load_verified(cached) if cached else None
+    if state is not None:
+        model.load_state_dict(state)
+        return model.eval()
     with torch.random.fork_rng():
         model = train_on_tensors(images, labels, num_classes, backbone=backbone, epochs=epochs,
                                 generator=torch.Generator(device=images.device).manual_seed(seed), progress=progress,
                                 desc=desc)
-    if path is not None:
-        save_atomic(path, model.state_dict())
+    if cached:
+        save_atomic(cached, model.state_dict())
     return model
+
+
+def surrogate_cache_path(path: str | Path, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                         backbone: str, epochs: int, seed: int) -> Path:
+    """``<stem>-<key><suffix>`` beside ``path``; ``key`` covers the data and the training recipe."""
+    path = Path(path)
+    key = fingerprint(tuple(images.shape), images, labels, num_classes, backbone, epochs, seed, RECIPE)
+    return path.with_name(f"{path.stem}-{key}{path.suffix or '.pt'}")
 
 
 def pick_target(test_labels: torch.Tensor, num_classes: int, generator: torch.Generator,
