@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +31,43 @@ def read_metrics(run_dir: Path) -> dict:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+# The sources a wheel of this checkout is built from (``installed``).
+SOURCES = ("pyproject.toml", "README.md", "lit_robust", "datamodules", "callbacks", "conf")
+
+
+def run_checked(command: list, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, command))} failed in {cwd}:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory) -> dict:
+    """A fresh venv with the wheel of this checkout installed; returns its bin dir and the env to run it with."""
+    root = tmp_path_factory.mktemp("install")
+    source = root / "src"  # a copy, so that the in-tree build (build/, *.egg-info) never touches the checkout
+    source.mkdir()
+    for name in SOURCES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, source / name)
+    run_checked([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "wheel",
+          source], cwd=root)
+    wheel = next((root / "wheel").glob("lit_robust-*.whl"))
+    venv = root / "venv"
+    run_checked([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root)
+    # before the .pth below: pip must not see (and replace) this environment's own lit_robust
+    run_checked([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps", wheel],
+         cwd=root)
+    purelib = subprocess.check_output([venv / "bin" / "python", "-c", "import sysconfig; "
+                                       "print(sysconfig.get_paths()['purelib'])"], text=True).strip()
+    (Path(purelib) / "_lit_robust_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1", PYTHONNOUSERSITE="1")
+    return {"bin": venv / "bin", "venv": venv, "env": env, "wheel": wheel}

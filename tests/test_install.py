@@ -7,18 +7,13 @@ and ``lit_robust`` can only come from the wheel."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import site
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
+from conftest import run_checked as _run
 
-SOURCES = ("pyproject.toml", "README.md", "lit_robust", "datamodules", "callbacks", "conf")
 TINY = ["experiment=digits_classifier", "data=digits_8x8", "trainer.max_epochs=1", "callbacks.rich_progress_bar=null"]
 USER_EXPERIMENT = """# @package _global_
 # A user's own experiment: a shipped one on the 8×8 digits for one epoch.
@@ -30,42 +25,6 @@ task_name: my_exp
 trainer:
   max_epochs: 1
 """
-
-
-def _run(command: list, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, command))} failed in {cwd}:\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-5000:]}")
-    return result
-
-
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> dict:
-    """A fresh venv with the wheel of this checkout installed; returns its bin dir and the env to run it with."""
-    root = tmp_path_factory.mktemp("install")
-    source = root / "src"  # a copy, so that the in-tree build (build/, *.egg-info) never touches the checkout
-    source.mkdir()
-    for name in SOURCES:
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(REPO / name, source / name)
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "wheel",
-          source], cwd=root)
-    wheel = next((root / "wheel").glob("lit_robust-*.whl"))
-    venv = root / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root)
-    # before the .pth below: pip must not see (and replace) this environment's own lit_robust
-    _run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps", wheel],
-         cwd=root)
-    purelib = subprocess.check_output([venv / "bin" / "python", "-c", "import sysconfig; "
-                                       "print(sysconfig.get_paths()['purelib'])"], text=True).strip()
-    (Path(purelib) / "_lit_robust_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1", PYTHONNOUSERSITE="1")
-    return {"bin": venv / "bin", "venv": venv, "env": env, "wheel": wheel}
 
 
 def test_the_wheel_carries_configs_weights_and_console_scripts(installed):

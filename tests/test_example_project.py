@@ -1,0 +1,170 @@
+"""The defences in a Lightning project written the usual way (``examples/plain_lightning``), with lit_robust installed
+from its wheel (not editable): they act on what the project's loader reads, give the same numbers whether the loader
+normalises (declared with ``normalization=``) or not, give the single-process numbers on 2 DDP processes, and stop
+with an error naming the fix where they cannot act correctly.
+
+A stubbed defence fails here: an identity purification leaves ``loader_l2_change`` at 0, a filter that removes
+nothing (or at random) has no recall of the planted poisons, and a callback that replaces the wrong attribute is
+caught by the probe's loader length / change."""
+from __future__ import annotations
+
+import json
+import sys
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from conftest import REPO, run_checked
+
+EXAMPLE = REPO / "examples" / "plain_lightning"
+sys.path.insert(0, str(EXAMPLE))
+
+from project import MNIST_MEAN, MNIST_STD, LitClassifier, MNISTDataModule  # noqa: E402
+
+from lit_robust import EBM  # noqa: E402
+from lit_robust.callbacks import EBMPurification, SpectralSignatureFilter  # noqa: E402
+
+ALL = ["purify", "spectral", "certify", "ood"]
+
+
+def defend(installed, tmp_path, name: str, *flags: str, defences=ALL) -> dict:
+    """``defend.py`` with the wheel's Python, from a folder outside the checkout."""
+    out = tmp_path / f"{name}.json"
+    run_checked([installed["bin"] / "python", EXAMPLE / "defend.py", *defences, "--out", out, "--workdir",
+                 tmp_path / name, *flags], cwd=tmp_path, env={**installed["env"], "PYTHONPATH": str(EXAMPLE)},
+                timeout=600)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def normalised(installed, tmp_path_factory) -> dict:
+    """One process, Normalize declared, the split aliased as ``train_dataset`` (the loader still reads
+    ``mnist_train``)."""
+    return defend(installed, tmp_path_factory.mktemp("example"), "normalised", "--alias")
+
+
+def test_defences_act_on_what_the_loader_reads(normalised):
+    purify, spectral = normalised["purify"], normalised["spectral"]
+    # the train loader iterates the purified images (not the originals): the same change the callback reports
+    assert purify["probe"]["loader_l2_change"] == pytest.approx(purify["mean_l2_change"], rel=0.05)
+    assert purify["probe"]["loader_l2_change"] > 0.3 and purify["probe"]["loader_len"] == 600
+    assert 0 <= purify["probe"]["loader_min"] and purify["probe"]["loader_max"] <= 1  # [0, 1] after undoing Normalize
+    # the loader iterates the filtered split, and the filter caught the planted trigger far above chance
+    assert spectral["probe"]["loader_len"] == 600 - spectral["removed"]
+    chance = spectral["removed"] / 600
+    assert spectral["recall"] > chance + 0.3
+
+
+def test_certification_and_ood_run_on_the_users_own_models(normalised):
+    certify, ood = normalised["certify"], normalised["ood"]
+    assert certify["cert/test/acc"] >= certify["cert/test/acc_m2"] >= certify["cert/test/acc_m4"]
+    assert certify["cert/test/acc"] > 0.3  # the smoothed vote of a trained CNN, far above chance (0.1)
+    assert ood["ood/bbb/noise/count"] == 200 and ood["ood/bbb/inliers/count"] == 200
+    assert ood["ood/bbb/noise/expected_ll/auroc"] > 0.95  # uniform noise is unlikely under the digits' VAE
+
+
+def test_unnormalised_dict_items_give_the_normalised_numbers(installed, normalised, tmp_path):
+    raw = defend(installed, tmp_path, "raw", "--raw", "--dict-items", defences=["purify", "spectral", "ood"])
+    assert raw["purify"]["mean_l2_change"] == pytest.approx(normalised["purify"]["mean_l2_change"], abs=0.02)
+    assert raw["spectral"]["recall"] == pytest.approx(normalised["spectral"]["recall"], abs=0.02)
+    for key, value in normalised["ood"].items():
+        if key.endswith("/auroc"):
+            assert raw["ood"][key] == pytest.approx(value, abs=0.02), key
+
+
+def test_two_ddp_processes_give_the_single_process_numbers(installed, normalised, tmp_path):
+    ddp = defend(installed, tmp_path, "ddp", "--alias", "--devices", "2")
+    assert ddp["purify"]["mean_l2_change"] == pytest.approx(normalised["purify"]["mean_l2_change"], rel=1e-5)
+    assert ddp["purify"]["probe"] == normalised["purify"]["probe"]
+    assert ddp["spectral"] == normalised["spectral"]
+    for key in ("cert/test/acc", "cert/test/acc_m2", "cert/test/acc_m4"):
+        assert ddp["certify"][key] == pytest.approx(normalised["certify"][key], abs=1e-6), key
+    for key, value in normalised["ood"].items():
+        assert ddp["ood"][key] == pytest.approx(value, abs=1e-5), key
+
+
+# ---- the cases that used to go wrong silently now stop before any work, naming the fix ----------------------------
+def fit(callback, datamodule, tmp_path, **kwargs):
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(LitClassifier(), datamodule=datamodule, **kwargs)
+    return trainer
+
+
+def purification(**kwargs) -> EBMPurification:
+    return EBMPurification(EBM.pretrained("digits"), steps=2, chunk_size=200, plots=False, progress=False, **kwargs)
+
+
+def test_normalised_images_without_a_declaration_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"normalization=\(mean, std\)"):
+        fit(purification(cache_dir=str(tmp_path)), MNISTDataModule(train_size=200), tmp_path)
+    assert not list(tmp_path.rglob("chunk_*.pt"))
+
+
+def test_a_wrong_declaration_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="does not match the loader's Normalize"):
+        fit(purification(normalization=((0.0,), (1.0,))), MNISTDataModule(train_size=200), tmp_path)
+
+
+def test_naming_an_attribute_the_loader_does_not_read_names_the_one_it_reads(tmp_path):
+    class Renamed(MNISTDataModule):
+        def setup(self, stage):
+            super().setup(stage)
+            if stage == "fit":
+                self.train_dataset = Subset(self.mnist_train, range(100))  # a copy the loader never reads
+
+    with pytest.raises(RuntimeError, match="still reads mnist_train: pass split='mnist_train'"):
+        fit(purification(split="train_dataset", normalization=(MNIST_MEAN, MNIST_STD)), Renamed(train_size=200),
+            tmp_path)
+
+
+def test_a_loader_that_builds_its_dataset_anew_is_refused(tmp_path):
+    class Fresh(MNISTDataModule):
+        def train_dataloader(self):
+            return DataLoader(Subset(self.mnist_train, range(len(self.mnist_train))), batch_size=64)
+
+    with pytest.raises(RuntimeError, match="builds its dataset anew"):
+        fit(SpectralSignatureFilter(feature_epochs=1, normalization=(MNIST_MEAN, MNIST_STD)), Fresh(train_size=200),
+            tmp_path)
+
+
+def test_loaders_without_a_datamodule_are_refused(tmp_path):
+    data = MNISTDataModule(train_size=200)
+    data.setup("fit")
+    with pytest.raises(RuntimeError, match="datamodule=your_datamodule"):
+        fit(purification(normalization=(MNIST_MEAN, MNIST_STD)), None, tmp_path,
+            train_dataloaders=data.train_dataloader())
+
+
+def test_dict_items_with_other_keys_name_item_keys(tmp_path):
+    class Keys(MNISTDataModule):
+        def setup(self, stage):
+            super().setup(stage)
+            if stage == "fit":
+                self.mnist_train = [{"pixels": image, "digit": label} for image, label in self.mnist_train]
+
+        def train_dataloader(self):
+            return DataLoader(self.mnist_train, batch_size=64)
+
+    with pytest.raises(KeyError, match="item_keys"):
+        fit(purification(normalization=(MNIST_MEAN, MNIST_STD)), Keys(train_size=100), tmp_path)
+    callback = purification(normalization=(MNIST_MEAN, MNIST_STD), item_keys=("pixels", "digit"))
+    with pytest.raises(Exception) as error:  # the model cannot read dicts, but the purification ran and installed
+        fit(callback, Keys(train_size=100), tmp_path)
+    assert callback.installed is not None and callback.stats["purify/mean_l2_change"] > 0
+    assert set(callback.installed[0]) == {"pixels", "digit"} and "item_keys" not in str(error.value)
+
+
+@pytest.mark.parametrize("shape, fix", [((3, 28, 28), "in_chans=1"), ((1, 16, 16), "img_size=28")])
+def test_images_the_ebm_was_not_built_for_are_refused(tmp_path, shape, fix):
+    class Other(MNISTDataModule):
+        def setup(self, stage):
+            if stage == "fit":
+                images = torch.rand(64, *shape)
+                self.mnist_train = list(zip(images, torch.zeros(64, dtype=torch.long)))
+
+    with pytest.raises(ValueError, match=fix):
+        fit(purification(), Other(), tmp_path)
