@@ -207,10 +207,21 @@ def evaluated_split(trainer: L.Trainer, stage: str, split: str | Callable | None
     return SplitRef(trainer, stage, split, user).dataset
 
 
+def _builds_on(dataset, installed: Dataset, depth: int = 8) -> bool:
+    """Whether ``dataset`` is ``installed`` or wraps it (``Subset.dataset``, ``ReplacedImages.base``), as when a
+    later defence replaces the split an earlier one installed."""
+    for _ in range(depth):
+        if dataset is installed:
+            return True
+        dataset = getattr(dataset, "base", None) or getattr(dataset, "dataset", None)
+    return False
+
+
 def check_train_loader_reads(trainer: L.Trainer, installed: Dataset, user: str) -> None:
-    """At ``on_train_start``: the trainer's own train loader must iterate ``installed``."""
+    """At ``on_train_start``: the trainer's own train loader must iterate ``installed`` (or a later defence's
+    replacement built on it)."""
     loader = _first_loader(trainer.train_dataloader)
-    if loader is None or loader.dataset is installed:
+    if loader is None or _builds_on(loader.dataset, installed):
         return
     dm = trainer.datamodule
     reads = next((k for k, v in vars(dm).items() if v is loader.dataset), None) if dm is not None else None

@@ -168,3 +168,33 @@ def test_images_the_ebm_was_not_built_for_are_refused(tmp_path, shape, fix):
 
     with pytest.raises(ValueError, match=fix):
         fit(purification(), Other(), tmp_path)
+
+
+def test_a_filter_then_a_purification_both_reach_the_loader(tmp_path):
+    """Two train-split defences in one fit: the loader iterates the purified images of the kept subset."""
+    contract = {"normalization": (MNIST_MEAN, MNIST_STD)}
+    kept = SpectralSignatureFilter(removal_fraction=0.1, feature_epochs=1, **contract)
+    purified = purification(cache_dir=str(tmp_path), **contract)
+    data = MNISTDataModule(train_size=200)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, callbacks=[kept, purified], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(LitClassifier(), datamodule=data)
+    loader_set = trainer.train_dataloader.dataset
+    assert loader_set is purified.installed and loader_set.base is kept.installed
+    assert len(loader_set) == int(kept.keep.sum()) < 200
+
+
+def test_a_loader_that_iterates_something_else_at_train_start_is_caught():
+    """The last guard (on_train_start): the trainer's own loader must iterate what the defence installed."""
+    from types import SimpleNamespace
+
+    from lit_robust.callbacks.contract import check_train_loader_reads
+
+    installed, other = list(range(4)), list(range(5))
+    datamodule = SimpleNamespace(mnist_train=other)
+    trainer = SimpleNamespace(train_dataloader=DataLoader(other), datamodule=datamodule)
+    with pytest.raises(RuntimeError, match=r"SimpleNamespace\.mnist_train"):
+        check_train_loader_reads(trainer, installed, "EBMPurification")
+    check_train_loader_reads(SimpleNamespace(train_dataloader=DataLoader(Subset(installed, [0])), datamodule=None),
+                             installed, "EBMPurification")  # a later defence's Subset of it is fine
