@@ -26,7 +26,7 @@ from project import MNIST_MEAN, MNIST_STD, LitClassifier, MNISTDataModule  # noq
 from lit_robust import EBM  # noqa: E402
 from lit_robust.callbacks import EBMPurification, SpectralSignatureFilter  # noqa: E402
 
-ALL = ["purify", "spectral", "certify", "ood"]
+ALL = ["purify", "spectral", "ispl", "certify", "ood"]
 
 
 def defend(installed, tmp_path, name: str, *flags: str, defences=ALL) -> dict:
@@ -55,6 +55,8 @@ def test_defences_act_on_what_the_loader_reads(normalised):
     assert spectral["probe"]["loader_len"] == 600 - spectral["removed"]
     chance = spectral["removed"] / 600
     assert spectral["recall"] > chance + 0.3
+    ispl = normalised["ispl"]
+    assert ispl["probe"]["loader_len"] == 600 - ispl["removed"] and ispl["recall"] > ispl["removed"] / 600 + 0.3
 
 
 def test_certification_and_ood_run_on_the_users_own_models(normalised):
@@ -66,9 +68,10 @@ def test_certification_and_ood_run_on_the_users_own_models(normalised):
 
 
 def test_unnormalised_dict_items_give_the_normalised_numbers(installed, normalised, tmp_path):
-    raw = defend(installed, tmp_path, "raw", "--raw", "--dict-items", defences=["purify", "spectral", "ood"])
+    raw = defend(installed, tmp_path, "raw", "--raw", "--dict-items", defences=["purify", "spectral", "ispl", "ood"])
     assert raw["purify"]["mean_l2_change"] == pytest.approx(normalised["purify"]["mean_l2_change"], abs=0.02)
-    assert raw["spectral"]["recall"] == pytest.approx(normalised["spectral"]["recall"], abs=0.02)
+    for name in ("spectral", "ispl"):
+        assert raw[name]["recall"] == pytest.approx(normalised[name]["recall"], abs=0.02), name
     for key, value in normalised["ood"].items():
         if key.endswith("/auroc"):
             assert raw["ood"][key] == pytest.approx(value, abs=0.02), key
@@ -78,7 +81,7 @@ def test_two_ddp_processes_give_the_single_process_numbers(installed, normalised
     ddp = defend(installed, tmp_path, "ddp", "--alias", "--devices", "2")
     assert ddp["purify"]["mean_l2_change"] == pytest.approx(normalised["purify"]["mean_l2_change"], rel=1e-5)
     assert ddp["purify"]["probe"] == normalised["purify"]["probe"]
-    assert ddp["spectral"] == normalised["spectral"]
+    assert ddp["spectral"] == normalised["spectral"] and ddp["ispl"] == normalised["ispl"]
     for key in ("cert/test/acc", "cert/test/acc_m2", "cert/test/acc_m4"):
         assert ddp["certify"][key] == pytest.approx(normalised["certify"][key], abs=1e-6), key
     for key, value in normalised["ood"].items():

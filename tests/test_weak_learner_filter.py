@@ -87,7 +87,7 @@ def test_filter_needs_a_datamodule():
 
 @pytest.mark.slow
 def test_ddp_cpu_end_to_end(tmp_path):
-    """Two gloo ranks through train.py: ISPL runs sharded, predictions gathered, the same subset on both ranks."""
+    """Two gloo ranks through train.py: the whole filter on every rank, the same subset on both ranks."""
     import json
     import os
     import subprocess
