@@ -23,6 +23,7 @@ from lit_robust.cache import load_verified, save_atomic, sha256_bytes
 from lit_robust.callbacks import EBMPurification, MetricsFile, SpectralSignatureFilter
 from lit_robust.callbacks.metrics_file import update_metrics_file
 from lit_robust.callbacks.purification import check_purified
+from lit_robust.callbacks.robustness_report import fit_baselines
 from lit_robust.datamodules import DigitsDataModule, PoisonedDataModule, TensorImageDataset, TorchvisionDataModule
 from lit_robust.datamodules import poisoned as poisoned_module
 from lit_robust.datamodules.digits import load_digits_source
@@ -153,9 +154,10 @@ def test_smoothed_vit_weights_path_with_code_payload(tmp_path):
 def test_experiment_name_with_parent_path(tmp_path):
     result = run_script("train.py", "experiment=../model/ebm", *DIGITS, f"hydra.run.dir={tmp_path}", check=False)
     assert result.returncode != 0
-    assert "experiment=../model/ebm is not an experiment" in result.stderr and "digits_classifier" in result.stderr
+    assert "experiment=../model/ebm is a path, not an experiment name" in result.stderr
+    assert "digits_classifier" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
-    with pytest.raises(ValueError, match=r"experiment=\.\./\.\./\.\./x is not an experiment; use one of: .*ebm_digits"):
+    with pytest.raises(ValueError, match=r"experiment=\.\./\.\./\.\./x is a path, not an experiment name; use one of: .*ebm_digits"):
         check_experiment("../../../x")
 
 
@@ -457,6 +459,14 @@ def test_poison_cache_dir_not_writable(tmp_path, monkeypatch):
                                 progress=False)
     with pytest.raises(PermissionError, match=f"data.cache_dir={re.escape(str(folder))} cannot be written"):
         module.setup()
+
+
+def test_report_cache_dir_not_writable(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    datamodule = DigitsDataModule(source="sklearn8x8")
+    datamodule.setup("fit")
+    with pytest.raises(PermissionError, match="the report's cache_dir=.* cannot be written"):  # before training
+        fit_baselines(datamodule, {"plain": {}}, 1, 0, cache_dir=str(tmp_path / "file" / "baselines"))
 
 
 def test_empty_train_split(tmp_path):
