@@ -157,7 +157,8 @@ def test_experiment_name_with_parent_path(tmp_path):
     assert "experiment=../model/ebm is a path, not an experiment name" in result.stderr
     assert "digits_classifier" in result.stderr
     assert not (tmp_path / "checkpoints").exists()
-    with pytest.raises(ValueError, match=r"experiment=\.\./\.\./\.\./x is a path, not an experiment name; use one of: .*ebm_digits"):
+    with pytest.raises(ValueError, match=r"experiment=\.\./\.\./\.\./x is a path, not an experiment name; use one "
+                                         r"of: .*ebm_digits"):
         check_experiment("../../../x")
 
 
