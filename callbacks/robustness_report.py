@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_robust.attacks import fgsm, pgd_linf, random_sign
-from lit_robust.cache import fingerprint, load_verified, save_atomic
+from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.metrics_file import update_metrics_file
 from lit_robust.datamodules.base import stack_dataset
 from lit_robust.shifts import translate
@@ -63,6 +63,8 @@ def fit_baselines(datamodule: L.LightningDataModule, specs: dict[str, dict], max
         if state is not None:
             model.load_state_dict(state)
         else:
+            if path:  # before the training whose weights it would hold
+                check_writable(path.parent, "the report's cache_dir")
             L.seed_everything(seed, workers=True)
             trainer = L.Trainer(max_epochs=epochs, devices=1, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)

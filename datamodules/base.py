@@ -85,6 +85,9 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, name: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__} has no {name} split; call setup() first")
+        if train and len(dataset) == 0:  # (an empty val/test loader is skipped by Lightning with a warning)
+            raise ValueError(f"{type(self).__name__}'s {name} split is empty: check its setup() and data settings "
+                             f"(sizes, fractions, filters) so the {name} split holds at least one sample")
         sampler = None
         trainer = self.trainer
         if not train and trainer is not None and trainer.world_size > 1:

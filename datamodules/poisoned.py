@@ -8,12 +8,13 @@ views the poison metrics need.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from lit_robust.cache import fingerprint, load_verified, save_atomic
+from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.metrics_file import write_json_atomic
 from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset, stack_dataset
 from lit_robust.datamodules.wrapper import WrappedDataModule
@@ -28,6 +29,32 @@ def _jsonable(value):
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+def non_finite_params(params, prefix: str = "data.params") -> list[str]:
+    """The ``key=value`` of every NaN or infinite number in ``params`` (nested lists and dicts included)."""
+    if isinstance(params, dict):
+        return [bad for k, v in params.items() for bad in non_finite_params(v, f"{prefix}.{k}")]
+    if isinstance(params, (list, tuple)):
+        return [bad for i, v in enumerate(params) for bad in non_finite_params(v, f"{prefix}[{i}]")]
+    if isinstance(params, torch.Tensor):
+        return [] if torch.isfinite(params).all() else [f"{prefix}=tensor with NaN/inf"]
+    if isinstance(params, float) and not math.isfinite(params):
+        return [f"{prefix}={params}"]
+    return []
+
+
+def check_crafted(poisons: Poisons, attack: str, params: dict) -> None:
+    """Refuse poisons with NaN or infinite pixels (images, trigger) before they are cached: a diverged crafting (too
+    large a step ``lr``, an ``eps`` or trigger ``value`` that is not a number) would otherwise be served to every
+    later run from the cache."""
+    tensors = {"images": poisons.images, **{f"trigger {k}": v for k, v in (poisons.trigger or {}).items()
+                                            if isinstance(v, torch.Tensor) and v.is_floating_point()}}
+    bad = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+    if bad:
+        steps = {k: params[k] for k in ("lr", "eps", "steps", "value") if k in params}
+        raise FloatingPointError(f"attack {attack!r} crafted NaN or infinite {' and '.join(bad)} with data.params "
+                                 f"{steps}: lower data.params.lr or check data.params.eps / value; nothing was cached")
 
 
 def _describes(manifest_path: Path, manifest: dict) -> bool:
@@ -75,6 +102,10 @@ class PoisonedDataModule(WrappedDataModule):
                              f"its parameters are {sorted(defaults)}")
         self.attack, self.progress, self.device = attack, progress, device
         self.params = {**defaults, **(params or {})}
+        bad = non_finite_params(self.params)
+        if bad:
+            raise ValueError(f"{', '.join(bad)} is not a finite number: attack {attack!r} would craft NaN poisons; "
+                             f"set it to a number (default: {defaults})")
         self.cache_dir = Path(cache_dir)
         self.poisons: Poisons | None = None
         self.manifest: dict | None = None
@@ -117,7 +148,9 @@ class PoisonedDataModule(WrappedDataModule):
         payload = load_verified(path)
         crafted = payload is None
         if crafted:
+            check_writable(self.cache_dir, "data.cache_dir")
             poisons = self.craft(data)
+            check_crafted(poisons, self.attack, self.params)
             save_atomic(path, poisons.to_payload())
         else:
             poisons = Poisons.from_payload(payload)

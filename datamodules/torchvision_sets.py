@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 
+from lit_robust.cache import check_writable
 from lit_robust.datamodules.base import ImageDataModule
 
 TO_TENSOR = transforms.ToTensor()
@@ -33,12 +34,24 @@ NUM_CLASSES = {"imagenet": 1000}  # the others have 10
 IMAGENET_TRANSFORM = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), TO_TENSOR])
 
 
+def check_data_dir(data_dir: str, expected: str, download: bool) -> Path:
+    """``data_dir`` as a path, checked before any reading or download: a folder (a file there is no dataset, and
+    ``download`` would fail on it too), writable when ``download`` is set (checked now, not after the transfer)."""
+    root = Path(data_dir).expanduser()
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"data.data_dir={root} is a file, not a folder: set data.data_dir to the folder "
+                                 f"that holds {expected} (a download cannot go into a file either)")
+    if download:
+        check_writable(root, "data.data_dir")
+    return root
+
+
 def open_torchvision_split(name: str, data_dir: str, train: bool, download: bool) -> Dataset:
     """One split of a torchvision dataset with images as [0, 1] tensors; a clear error if the files are missing."""
     if name not in TORCHVISION_SETS:
         raise ValueError(f"data.name={name!r}: use one of {sorted(TORCHVISION_SETS)}")
     cls, _, expected, split_kind = TORCHVISION_SETS[name]
-    root = Path(data_dir).expanduser()
+    root = check_data_dir(data_dir, expected, download)
     if split_kind == "folder":
         folder = root / expected / ("train" if train else "test")
         if not folder.is_dir():

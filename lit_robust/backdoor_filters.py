@@ -40,8 +40,25 @@ def spectral_signature_scores(features: torch.Tensor, labels: torch.Tensor) -> t
     return scores
 
 
+def keep_every_class(keep: torch.Tensor, distrust: torch.Tensor, labels: torch.Tensor,
+                     floor: int = 1) -> torch.Tensor:
+    """``keep`` with, in every class left with fewer than ``floor`` kept samples, its ``floor`` least distrusted
+    samples (lowest ``distrust``: spectral score, loss, …) kept again. A filter must never remove a whole class: the
+    model would silently never see it, and on small data a per-class fraction rounded up or a global loss cut can
+    take every member of a small class."""
+    if floor < 1:
+        raise ValueError(f"floor={floor}: every class keeps at least one sample")
+    keep = keep.clone()
+    for label in labels.unique():
+        members = (labels == label).nonzero().squeeze(1)
+        if int(keep[members].sum()) < min(floor, len(members)):
+            keep[members[torch.topk(distrust[members], min(floor, len(members)), largest=False).indices]] = True
+    return keep
+
+
 def keep_below_top_fraction(scores: torch.Tensor, labels: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Keep mask removing the ⌈fraction·|class|⌉ highest-scoring samples of every class."""
+    """Keep mask removing the ⌈fraction·|class|⌉ highest-scoring samples of every class, but never the last one
+    (:func:`keep_every_class`)."""
     if not 0 <= fraction < 1:
         raise ValueError(f"removal fraction {fraction} must be in [0, 1)")
     keep = torch.ones(len(labels), dtype=torch.bool, device=scores.device)
@@ -49,13 +66,17 @@ def keep_below_top_fraction(scores: torch.Tensor, labels: torch.Tensor, fraction
         members = (labels == label).nonzero().squeeze(1)
         drop = int(torch.ceil(torch.tensor(fraction * len(members))))
         keep[members[torch.topk(scores[members], drop).indices]] = False
-    return keep
+    return keep_every_class(keep, scores, labels)
 
 
 def activation_clustering_keep(features: torch.Tensor, labels: torch.Tensor, dims: int = 10,
                                size_threshold: float = 0.35, seed: int = 0) -> torch.Tensor:
     """Keep mask of activation clustering: per class, PCA to ``dims``, 2-means; a cluster with fewer than
-    ``size_threshold`` of the class's samples is removed (ART's ``cluster_analysis="smaller"``)."""
+    ``size_threshold`` of the class's samples is removed (ART's ``cluster_analysis="smaller"``). With
+    ``size_threshold`` ≤ 0.5 at most one of the two clusters is removed, so no class is ever emptied."""
+    if not 0 < size_threshold <= 0.5:
+        raise ValueError(f"size_threshold={size_threshold}: the share below which a cluster is poison must be in "
+                         "(0, 0.5] (above 0.5 both clusters of a class could be removed)")
     keep = torch.ones(len(labels), dtype=torch.bool, device=features.device)
     for label in labels.unique():
         members = (labels == label).nonzero().squeeze(1)
@@ -74,7 +95,8 @@ def trimmed_loss_keep(inputs: torch.Tensor, labels: torch.Tensor, num_classes: i
                       batch_size: int = 64, generator: torch.Generator | None = None) -> torch.Tensor:
     """Iterative trimmed loss minimisation: each round a fresh learner trains on the current set, and the
     ``keep_fraction`` of all samples with the lowest loss becomes the next set (seed 003 App. B: 80 then 40 epochs,
-    α = 96 % at ε = 10 %; fewer epochs here for the MLP learner)."""
+    α = 96 % at ε = 10 %; fewer epochs here for the MLP learner). The cut is global, so a small or hard class
+    could lose every member: the lowest-loss sample of each class is always kept (:func:`keep_every_class`)."""
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"ITLM keep_fraction {keep_fraction} must be in (0, 1]")
     keep = torch.ones(len(labels), dtype=torch.bool, device=inputs.device)
@@ -86,4 +108,5 @@ def trimmed_loss_keep(inputs: torch.Tensor, labels: torch.Tensor, num_classes: i
         losses = member_losses(model, inputs, labels)[0]
         keep = torch.zeros_like(keep)
         keep[torch.topk(losses, round(keep_fraction * len(labels)), largest=False).indices] = True
+        keep = keep_every_class(keep, losses, labels)
     return keep

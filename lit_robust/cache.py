@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +37,22 @@ def fingerprint(*parts) -> str:
         else:
             digest.update(json.dumps(part, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def check_writable(folder: str | Path, key: str) -> Path:
+    """Create ``folder`` and write (then remove) a file in it, so a cache or download folder that cannot be written
+    fails at the start, naming the config ``key``, instead of after the work whose result it would hold."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{key}={folder} is a file, not a folder: set {key} to a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{key}={folder} cannot be written ({type(error).__name__}: {error.strerror or error}): "
+                              f"set {key} to a folder you can write") from error
+    return folder
 
 
 def _replace_atomic(path: Path, payload: bytes) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lit_robust.backdoor_filters import keep_every_class
 from lit_robust.weak_learners import EnsembleMLP, fit_members, index_sets, member_logits, member_losses
 
 
@@ -194,11 +195,15 @@ def self_training(inputs: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
     ``resample_every`` epochs, the samples whose label agrees with its momentum-smoothed prediction; the samples of
     the last training stretch are returned. Re-admits clean samples the weak learners, each fitted to a small
     component, got wrong (fewer false positives); poisons stay out as long as the kept set holds too few of them to
-    teach the trigger."""
+    teach the trigger.
+
+    No class is ever emptied (:func:`~lit_robust.backdoor_filters.keep_every_class`): a class the vote removed
+    entirely keeps its first sample, and each re-selection keeps the class's sample the learner finds most likely."""
+    current = keep_every_class(keep, torch.arange(len(labels), device=keep.device), labels)
     if schedule.self_train_epochs <= 0:
-        return keep
+        return current
     model = EnsembleMLP(1, inputs.shape[1], num_classes, schedule.hidden).to(inputs.device)
-    current, smoothed = keep.clone(), None
+    smoothed = None
     for start in range(0, schedule.self_train_epochs, schedule.resample_every):
         used = current
         sets, _ = index_sets(used[None])
@@ -207,5 +212,6 @@ def self_training(inputs: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
         probs = member_logits(model, inputs)[0].softmax(-1)
         smoothed = probs if smoothed is None else schedule.self_train_momentum * smoothed + (
             1 - schedule.self_train_momentum) * probs
-        current = smoothed.argmax(1) == labels
+        current = keep_every_class(smoothed.argmax(1) == labels, -smoothed.gather(1, labels[:, None]).squeeze(1),
+                                   labels)
     return used
