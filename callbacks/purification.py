@@ -24,7 +24,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lit_robust.cache import fingerprint, load_verified, save_atomic
+from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.contract import (ReplacedImages, TrainSplitDefence, check_image_shape, gather_in_order,
                                            output_folder, rank_batches)
 from lit_robust.datamodules.base import stack_dataset
@@ -140,7 +140,8 @@ class Purification(TrainSplitDefence):
         """All images purified, identical on every rank; each rank computes (or loads) only its own chunks."""
         started = time.perf_counter()
         self.key = self.cache_key(images)
-        folder = Path(self.cache_dir or output_folder(trainer, self.output_dir) / "purified") / self.key
+        folder = check_writable(Path(self.cache_dir or output_folder(trainer, self.output_dir) / "purified") / self.key,
+                                "cache_dir")  # before the first chunk, not after it
         for model in self.models().values():
             model.to(device).eval()
         self.prepare(images, device)

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import Subset
 
-from lit_robust.cache import fingerprint, load_verified, save_atomic
+from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.contract import TrainSplitDefence
 from lit_robust.ispl import (ISPLSchedule, fit_component_learners, ispl_partition, modal_vote_agrees,
                              self_training)
@@ -92,7 +92,7 @@ class TrainingSetFilter(TrainSplitDefence):
                       if k not in ("keep", "stats", "cache_dir", "installed", "split", "item_format", "pixel_space",
                                    "output_dir") and not callable(v)}
             key = fingerprint(type(self).__name__, params, trainer.world_size, images, labels)
-            path = Path(self.cache_dir) / f"{type(self).__name__}-{key}.pt"
+            path = check_writable(self.cache_dir, "cache_dir") / f"{type(self).__name__}-{key}.pt"
         cached = load_verified(path) if path is not None and trainer.is_global_zero else None
         if trainer.strategy.broadcast(cached is not None, src=0):
             return trainer.strategy.broadcast(cached, src=0)
