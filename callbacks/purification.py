@@ -140,8 +140,8 @@ class Purification(TrainSplitDefence):
         """All images purified, identical on every rank; each rank computes (or loads) only its own chunks."""
         started = time.perf_counter()
         self.key = self.cache_key(images)
-        folder = check_writable(Path(self.cache_dir or output_folder(trainer, self.output_dir) / "purified") / self.key,
-                                "cache_dir")  # before the first chunk, not after it
+        root = Path(self.cache_dir or output_folder(trainer, self.output_dir) / "purified")
+        folder = check_writable(root / self.key, "cache_dir")  # before the first chunk, not after it
         for model in self.models().values():
             model.to(device).eval()
         self.prepare(images, device)
