@@ -41,11 +41,10 @@ class LoaderProbe(L.Callback):
         dataset = trainer.train_dataloader.dataset
         image = lambda item: to_unit((item["image"] if isinstance(item, dict) else item[0]), self.normalized)  # noqa
         count = min(self.count, len(dataset))
+        change = None  # a filtered split has other items: no per-item change
         if len(dataset) == len(self.original):
             change = torch.stack([(image(dataset[i]) - image(self.original[i])).flatten().norm()
                                   for i in range(count)]).mean().item()
-        else:
-            change = float("nan")
         first = torch.stack([image(dataset[i]) for i in range(count)])
         self.record = {"loader_len": len(dataset), "original_len": len(self.original), "loader_l2_change": change,
                        "loader_min": first.min().item(), "loader_max": first.max().item()}
