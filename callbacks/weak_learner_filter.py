@@ -97,7 +97,9 @@ class TrainingSetFilter(TrainSplitDefence):
         if trainer.strategy.broadcast(cached is not None, src=0):
             return trainer.strategy.broadcast(cached, src=0)
         num_classes = int(getattr(datamodule, "num_classes", None) or int(labels.max()) + 1)
-        keep = self.select(flatten_images(images), labels, num_classes, trainer).cpu()
+        with torch.random.fork_rng():  # weights drawn from the filter's own seed, whatever ran before: Lightning
+            torch.manual_seed(self.seed)  # reseeds the global RNG when DDP starts, so it differs from one process
+            keep = self.select(flatten_images(images), labels, num_classes, trainer).cpu()
         keep = trainer.strategy.broadcast(keep, src=0)
         if path is not None and trainer.is_global_zero:
             save_atomic(path, keep)
