@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from lit_robust.classifier import ImageClassifier
 from lit_robust.nets import SmallCNN
-from lit_robust.poisons.crafted import CraftingData, Poisons, project_linf
+from lit_robust.poisons.crafted import PROGRESS_EVERY, CraftingData, Poisons, project_linf
 from lit_robust.poisons.surrogate import penultimate_features, prepare_targeted_attack, targeted_poisons
 
 THREAT_MODELS = ("linear", "finetune")
@@ -58,14 +58,15 @@ def collide_features(model: ImageClassifier, images: torch.Tensor, target_image:
     with torch.no_grad():
         initial = float(bullseye_loss(target, feature_maps(model, images, threat_model)))
     bar = tqdm(range(steps), desc=f"bullseye polytope ε={eps:.3f}", disable=not progress, leave=False)
-    for _ in bar:
+    for step in bar:
         loss = bullseye_loss(target, feature_maps(model, images + delta, threat_model))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             delta.copy_(project_linf(delta, images, eps))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if progress and step % PROGRESS_EVERY == 0:  # a device sync only every few steps, and only when shown
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     with torch.no_grad():
         final = float(bullseye_loss(target, feature_maps(model, images + delta, threat_model)))
         t, pf = penultimate_features(model, target_image[None]), penultimate_features(model, images + delta)

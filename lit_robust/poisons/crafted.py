@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Crafting loops read their loss for the progress bar only every this many steps (a device sync each time).
+PROGRESS_EVERY = 25
+
 
 @dataclass
 class CraftingData:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lit_robust.augment import random_hflip, random_shift
-from lit_robust.poisons.crafted import CraftingData, Poisons, project_linf
+from lit_robust.poisons.crafted import PROGRESS_EVERY, CraftingData, Poisons, project_linf
 from lit_robust.poisons.surrogate import prepare_targeted_attack, targeted_poisons
 
 
@@ -66,7 +66,7 @@ def match_gradients(model: torch.nn.Module, images: torch.Tensor, labels: torch.
             initial = float(matching_loss_of(model, images, labels, delta, target_grad).detach())
         optimizer = torch.optim.Adam([delta], lr=lr)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-        for _ in range(steps):
+        for step in range(steps):
             loss = matching_loss_of(model, images, labels, delta, target_grad, max_shift, hflip, generator)
             (grad,) = torch.autograd.grad(loss, delta)
             delta.grad = grad.sign()
@@ -75,7 +75,8 @@ def match_gradients(model: torch.nn.Module, images: torch.Tensor, labels: torch.
             with torch.no_grad():
                 delta.copy_(project_linf(delta, images, eps))
             bar.update()
-            bar.set_postfix(restart=restart, loss=f"{loss.item():.3f}")
+            if progress and step % PROGRESS_EVERY == 0:  # a device sync only every few steps, and only when shown
+                bar.set_postfix(restart=restart, loss=f"{loss.item():.3f}")
         final = float(matching_loss_of(model, images, labels, delta, target_grad).detach())
         restart_losses.append(final)
         if best is None or final < min(restart_losses[:-1]):

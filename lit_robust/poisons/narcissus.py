@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from lit_robust.poisons.crafted import CraftingData, Poisons, additive_trigger, choose_indices
+from lit_robust.poisons.crafted import PROGRESS_EVERY, CraftingData, Poisons, additive_trigger, choose_indices
 from lit_robust.classifier import train_on_tensors
 from lit_robust.poisons.surrogate import load_or_train_surrogate
 
@@ -69,7 +69,7 @@ def synthesize_trigger(model: torch.nn.Module, images: torch.Tensor, target_clas
         p.requires_grad_(False)
     losses = []
     bar = tqdm(range(steps), desc=f"narcissus trigger ε={eps:.3f}", disable=not progress, leave=False)
-    for _ in bar:
+    for step in bar:
         batch = images[torch.randperm(len(images), generator=generator)[:batch_size]]
         loss = logit_margin_loss(model(additive_trigger(batch, delta)), target_class)
         optimizer.zero_grad(set_to_none=True)
@@ -77,9 +77,10 @@ def synthesize_trigger(model: torch.nn.Module, images: torch.Tensor, target_clas
         optimizer.step()
         with torch.no_grad():
             delta.clamp_(-eps, eps)
-        losses.append(loss.item())
-        bar.set_postfix(margin=f"{losses[-1]:.3f}")
-    return delta.detach(), losses
+        losses.append(loss.detach())  # read once at the end: no device sync per step
+        if progress and step % PROGRESS_EVERY == 0:
+            bar.set_postfix(margin=f"{loss.item():.3f}")
+    return delta.detach(), torch.stack(losses).tolist() if losses else []
 
 
 def craft_narcissus(data: CraftingData, *, target_class: int = 0, eps: float = 16 / 255, fraction: float = 1.0,
