@@ -29,3 +29,27 @@ def read_metrics(run_dir: Path) -> dict:
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO
+
+
+def _repo_status() -> set[str] | None:
+    """``git status`` of the checkout (ignored paths included, caches excluded); None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    skip = ("__pycache__", ".pytest_cache", ".egg-info", ".venv")
+    return {line for line in out.stdout.splitlines() if not any(part in line for part in skip)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_write_only_to_temporary_folders():
+    """A test run must leave the checkout as it found it (old runs committed a metrics.json and plots/ to the root):
+    anything a test writes belongs under tmp_path."""
+    before = _repo_status()
+    yield
+    after = _repo_status()
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"tests wrote into the repository {REPO}: {sorted(after - before)}; write under tmp_path instead")
