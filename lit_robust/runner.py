@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 CONFIG_MODULE = "lit_robust.conf"
 
 
+def required(hint: str = "", *, _node_) -> None:
+    """``key: ${required:'how to set it'}`` — a key the user must set, failing when the config is first resolved
+    (``check_numbers`` at the start of a run) with its name. ``???`` cannot do this where a parent config (the model
+    group, ``train.yaml``) sets the key to null: an OmegaConf merge never lets ``???`` replace a value."""
+    key = _node_._get_full_key(None)
+    raise ValueError(f"{key} is required and was not set: pass {key}=<value> ({hint})" if hint else
+                     f"{key} is required and was not set: pass {key}=<value>")
+
+
+if not OmegaConf.has_resolver("required"):
+    OmegaConf.register_new_resolver("required", required)
+
+
 def instantiate_group(group: DictConfig | None) -> list:
     """Instantiate every entry of a config group mapping name → {_target_: ...} (null entries are skipped)."""
     if not group:

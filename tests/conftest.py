@@ -57,17 +57,41 @@ def installed(tmp_path_factory) -> dict:
             shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(REPO / name, source / name)
-    run_checked([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "wheel",
-          source], cwd=root)
+    run_checked([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                 root / "wheel", source], cwd=root)
     wheel = next((root / "wheel").glob("lit_robust-*.whl"))
     venv = root / "venv"
     run_checked([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root)
     # before the .pth below: pip must not see (and replace) this environment's own lit_robust
-    run_checked([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps", wheel],
-         cwd=root)
+    run_checked([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps",
+                 wheel], cwd=root)
     purelib = subprocess.check_output([venv / "bin" / "python", "-c", "import sysconfig; "
                                        "print(sysconfig.get_paths()['purelib'])"], text=True).strip()
     (Path(purelib) / "_lit_robust_test_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1", PYTHONNOUSERSITE="1")
     return {"bin": venv / "bin", "venv": venv, "env": env, "wheel": wheel}
+
+
+def _repo_status() -> set[str] | None:
+    """``git status`` of the checkout (ignored paths included, caches excluded); None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    skip = ("__pycache__", ".pytest_cache", ".egg-info", ".venv")
+    return {line for line in out.stdout.splitlines() if not any(part in line for part in skip)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_write_only_to_temporary_folders():
+    """A test run must leave the checkout as it found it (old runs committed a metrics.json and plots/ to the root):
+    anything a test writes belongs under tmp_path."""
+    before = _repo_status()
+    yield
+    after = _repo_status()
+    if before is not None and after is not None and after - before:
+        pytest.fail(f"tests wrote into the repository {REPO}: {sorted(after - before)}; write under tmp_path instead")

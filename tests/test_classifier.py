@@ -43,7 +43,32 @@ def test_fast_dev_run(backbone, datamodule):
     model = ImageClassifier(backbone=backbone, in_chans=dm.in_chans, mean=[0.5] * dm.in_chans,
                             std=[0.5] * dm.in_chans, max_shift=2, hflip=True)
     trainer = fast_dev_run(model, dm)
-    assert 0.0 <= trainer.callback_metrics["test/acc"] <= 1.0
+    images, labels = next(iter(dm.test_dataloader()))[:2]     # fast_dev_run tests exactly this batch
+    with torch.no_grad():
+        expected = (model.eval()(images).argmax(-1) == labels).float().mean()
+    assert trainer.callback_metrics["test/acc"].item() == pytest.approx(expected.item())
+
+
+def train_and_test_on_digits(permute_labels: bool) -> float:
+    """Test accuracy of ``small_cnn`` after 2 epochs on scikit-learn's 8×8 digits (optionally on permuted labels)."""
+    torch.manual_seed(0)
+    dm = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
+    dm.setup()
+    if permute_labels:
+        train = dm.train_dataset
+        dm.train_dataset = TensorImageDataset(train.images, train.targets[torch.randperm(len(train.targets))])
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    model = ImageClassifier(backbone="small_cnn", lr=3e-3)
+    trainer.fit(model, datamodule=dm)
+    return trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
+
+
+def test_training_learns_the_digits_and_not_permuted_labels():
+    """Catches a classifier that does not learn (random or constant logits, a flipped loss sign) and a test metric
+    that does not measure the held-out split (permuted training labels must leave it near chance, 0.1)."""
+    learned, permuted = train_and_test_on_digits(False), train_and_test_on_digits(True)
+    assert learned > 0.85 and permuted < 0.25
 
 
 def test_cifar_stem_keeps_32x32_resolution():

@@ -11,21 +11,29 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_script
+from lit_robust import runner
 from lit_robust.runner import adopt_checkpoint_hparams, instantiate_group
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+# Keys a user must set, per (entry point, experiment): ``${required:...}`` in the configs.
+REQUIRED = {("train", "smoothed_vit_digits_finetune"): "model.weights_path",
+            ("train", "smoothed_vit_cifar10"): "model.weights_path",
+            ("train", "smoothed_vit_imagenet"): "model.weights_path",
+            ("evaluate", "digits_classifier"): "ckpt_path"}
 
 
-def compose_train(*overrides: str):
+def compose_train(*overrides: str, config: str = "train"):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose("train", overrides=["output_dir=/tmp/lit_robust_test", *overrides])
+        return compose(config, overrides=["output_dir=/tmp/lit_robust_test", *overrides])
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_instantiates(experiment):
-    cfg = compose_train(f"experiment={experiment}")
+    required = REQUIRED.get(("train", experiment))
+    given = [f"{required}=null"] if required else []   # null: instantiable without a weights file
+    cfg = compose_train(f"experiment={experiment}", *given)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():  # full-scale configs pin trainer=gpu
-        cfg = compose_train(f"experiment={experiment}", "trainer=cpu")
+        cfg = compose_train(f"experiment={experiment}", "trainer=cpu", *given)
     OmegaConf.resolve(cfg)
     hydra.utils.instantiate(cfg.data, _convert_="all")
     hydra.utils.instantiate(cfg.model, _convert_="all")
@@ -43,6 +51,19 @@ def test_trainer_configs_compose(trainer, monkeypatch):
         assert resolved["num_nodes"] == 3 and resolved["devices"] == 8
     if trainer == "ddp_cpu":
         assert resolved["devices"] == 2 and resolved["strategy"] == "ddp" and resolved["accelerator"] == "cpu"
+
+
+@pytest.mark.parametrize("config,experiment", sorted(REQUIRED))
+def test_required_key_left_unset_stops_the_run_at_the_start_naming_it(config, experiment, monkeypatch):
+    """A ``???`` under a parent's ``null`` did nothing (stage 2 silently trained from scratch); catches a required key
+    that composes to null (or any value) again."""
+    key = REQUIRED[(config, experiment)]
+    cfg = compose_train(f"experiment={experiment}", "trainer=cpu", config=config)
+    monkeypatch.setattr(runner.hydra.utils, "instantiate", lambda *a, **k: pytest.fail("built before the check"))
+    with pytest.raises(Exception, match=f"{key} is required and was not set: pass {key}=<value>"):
+        (runner.evaluate(cfg, []) if config == "evaluate" else runner.fit_and_test(cfg))
+    given = compose_train(f"experiment={experiment}", "trainer=cpu", f"{key}=/models/w.pt", config=config)
+    assert OmegaConf.select(given, key) == "/models/w.pt"
 
 
 def test_unknown_key_is_named():

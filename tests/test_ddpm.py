@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -23,7 +25,7 @@ def test_training_uses_only_the_first_forward_steps(tmp_path, monkeypatch):
     assert steps.max() < 250 and steps.min() >= 0 and len(steps.unique()) > 50
 
 
-def test_purify_is_seeded_in_range_and_stays_close_for_few_steps():
+def test_purify_is_seeded_and_in_range():
     ddpm = tiny_ddpm().eval()
     images = torch.rand(6, 1, 8, 8)
     a = ddpm.purify(images, 5, torch.Generator().manual_seed(1))
@@ -37,3 +39,40 @@ def test_purify_is_seeded_in_range_and_stays_close_for_few_steps():
 def test_bad_image_size_is_named():
     with pytest.raises(ValueError, match="img_size=28 is not divisible by 2\\^3"):
         DDPM(img_size=28, channels=(8, 8, 8, 8))
+
+
+class GaussianOptimalDenoiser(torch.nn.Module):
+    """The exact ε-predictor E[ε | x_t] for data x_0 ~ N(μ, σ²I) in the model's [−1, 1] space: x_t = √ᾱ x_0 + √(1−ᾱ) ε
+    is Gaussian, so E[ε | x_t] = √(1−ᾱ) (x_t − √ᾱ μ) / (ᾱσ² + 1 − ᾱ). Called as the U-Net is: ``net(x, t).sample``."""
+
+    def __init__(self, scheduler, mean: float, std: float, kind: str = "optimal"):
+        super().__init__()
+        self.alphas_cumprod, self.mean, self.var, self.kind = scheduler.alphas_cumprod, mean, std ** 2, kind
+
+    def forward(self, x, t):
+        a = self.alphas_cumprod.to(x.device)[t].view(-1, 1, 1, 1)
+        eps = (1 - a).sqrt() * (x - a.sqrt() * self.mean) / (a * self.var + 1 - a)
+        return SimpleNamespace(sample={"optimal": eps, "zero": torch.zeros_like(x), "identity": x}[self.kind])
+
+
+def gaussian_purified(kind: str, start_shift: float, forward_steps: int) -> torch.Tensor:
+    """Purify images drawn from N(0.55 + start_shift, 0.1²) (pixel space; N(0.1, 0.2²) in [−1, 1]) with the DDPM whose
+    network is ``GaussianOptimalDenoiser`` of the data N(0.55, 0.1²)."""
+    ddpm = tiny_ddpm().eval()
+    ddpm.unet = GaussianOptimalDenoiser(ddpm.scheduler, mean=0.1, std=0.2, kind=kind)
+    images = 0.55 + start_shift + 0.1 * torch.randn(2000, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    return ddpm.purify(images, forward_steps, torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("start_shift,forward_steps", [(0.0, 100), (0.25, 1000)])
+def test_diffuse_then_denoise_with_the_optimal_denoiser_samples_the_data_distribution(start_shift, forward_steps):
+    """With the exact ε-predictor of Gaussian data, the reverse chain (DDPM Eq. 11 steps from ``diffusers``) maps
+    x_t back to the data distribution: data stay N(0.55, 0.1²) after 100 steps, and images shifted off it by +0.25 come
+    back to it after the full 1000. Catches a wrong q_sample/start step, a reverse chain that does not denoise, and a
+    zero or identity network (the same chain without the denoiser's information)."""
+    out = gaussian_purified("optimal", start_shift, forward_steps)
+    assert out.mean().item() == pytest.approx(0.55, abs=0.01)
+    assert out.std().item() == pytest.approx(0.1, rel=0.05)
+    for stub in ("zero", "identity"):
+        wrong = gaussian_purified(stub, start_shift, forward_steps)
+        assert abs(wrong.mean().item() - 0.55) > 0.05 or abs(wrong.std().item() / 0.1 - 1) > 0.25, stub

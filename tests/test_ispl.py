@@ -9,14 +9,15 @@ from lit_robust.ispl import (ISPLSchedule, annealed_trim_fractions, boost_homoge
 from lit_robust.weak_learners import flatten_images
 
 
-def backdoored_digits(source=7, target=1, fraction=0.2, seed=0):
-    """scikit-learn's 8×8 digits with a one-pixel dirty-label trigger on `fraction` of the source class."""
+def backdoored_digits(source=7, target=1, fraction=0.2, seed=0, patch=1):
+    """scikit-learn's 8×8 digits with a dirty-label trigger (a white ``patch``×``patch`` square in the bottom-right
+    corner; one pixel by default) on `fraction` of the source class."""
     images, labels = load_digits_source("sklearn8x8")
     generator = torch.Generator().manual_seed(seed)
     sources = (labels == source).nonzero().squeeze(1)
     poisons = sources[torch.randperm(len(sources), generator=generator)[: round(fraction * len(sources))]]
     images, labels = images.clone(), labels.clone()
-    images[poisons, 0, 7, 7] = 1.0
+    images[poisons, 0, 8 - patch:, 8 - patch:] = 1.0
     labels[poisons] = target
     is_poison = torch.zeros(len(labels), dtype=torch.bool)
     is_poison[poisons] = True
