@@ -274,13 +274,15 @@ class OODDetection(L.Callback):
 
 
 def markdown_table(table: str, rows: dict[str, dict[str, dict[str, float]]]) -> str:
-    """One markdown table per outlier set: scores × (AUROC, AUPRC, FPR80, rejected at threshold), in percent."""
+    """One markdown table per outlier set: scores × (AUROC, AUPRC = AUPR-Out, AUPR-In, FPR80, FPR95, rejected at
+    threshold), in percent."""
     lines = []
     for pair, scores in rows.items():
-        lines += [f"### {table}: inliers vs {pair}", "", "| score | AUROC | AUPRC | FPR80 | rejected |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {name} | {m['auroc'] * 100:.2f} | {m['auprc'] * 100:.2f} | {m['fpr80'] * 100:.2f} | "
-                  f"{m['rejected'] * 100:.1f} |" for name, m in scores.items()]
+        lines += [f"### {table}: inliers vs {pair}", "",
+                  "| score | AUROC | AUPRC (out) | AUPR-In | FPR80 | FPR95 | rejected |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {m['auroc'] * 100:.2f} | {m['auprc'] * 100:.2f} | {m['aupr_in'] * 100:.2f} | "
+                  f"{m['fpr80'] * 100:.2f} | {m['fpr95'] * 100:.2f} | {m['rejected'] * 100:.1f} |"
+                  for name, m in scores.items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -125,7 +125,9 @@ def fpr_at_tpr(scores: torch.Tensor, is_outlier: torch.Tensor, tpr: float = 0.8)
 
 
 def detection_metrics(inlier_scores: torch.Tensor, outlier_scores_: torch.Tensor) -> dict[str, float]:
-    """AUROC, AUPRC (average precision) and FPR80 of one score separating inliers (0) from outliers (1), §3.3."""
+    """One score separating inliers (0) from outliers (1): the thesis' AUROC, AUPRC and FPR80 (§3.3, outliers
+    positive; AUPRC is OpenOOD's AUPR-Out) and OpenOOD's FPR95 (FPR at 95 % TPR, outliers positive) and AUPR-In
+    (inliers positive, the score negated)."""
     scores = torch.cat([inlier_scores, outlier_scores_]).float()
     if not torch.isfinite(scores).all():
         raise ValueError("non-finite OOD scores: the log-likelihoods overflowed; check the decoder's outputs")
@@ -133,4 +135,6 @@ def detection_metrics(inlier_scores: torch.Tensor, outlier_scores_: torch.Tensor
     unit = to_unit_interval(scores)
     return {"auroc": binary_auroc(unit, labels).item(),
             "auprc": binary_average_precision(unit, labels).item(),
-            "fpr80": fpr_at_tpr(scores, labels).item()}
+            "aupr_in": binary_average_precision(1 - unit, 1 - labels).item(),
+            "fpr80": fpr_at_tpr(scores, labels).item(),
+            "fpr95": fpr_at_tpr(scores, labels, 0.95).item()}

@@ -51,7 +51,7 @@ def test_detection_metrics_on_large_scores_and_reversed_order():
     inl = 1000.0 + torch.arange(100.0)
     out = 2000.0 + torch.arange(100.0)
     metrics = S.detection_metrics(inl, out)  # would be 0.5 if torchmetrics' sigmoid saw raw scores
-    assert metrics == {"auroc": 1.0, "auprc": 1.0, "fpr80": 0.0}
+    assert metrics == {"auroc": 1.0, "auprc": 1.0, "aupr_in": 1.0, "fpr80": 0.0, "fpr95": 0.0}
     assert S.detection_metrics(out, inl)["auroc"] == 0.0
 
 
@@ -65,3 +65,20 @@ def test_fpr_at_tpr_counts_inliers_above_the_80_percent_threshold():
 def test_outlier_scores_rejects_a_single_draw():
     with pytest.raises(ValueError, match="num_draws"):
         S.outlier_scores(torch.zeros(1, 4))
+
+
+def test_openood_metrics_match_scikit_learn():
+    """FPR95 and AUPR-In / AUPR-Out as OpenOOD computes them (outliers positive for FPR and AUPR-Out, inliers for
+    AUPR-In), checked against scikit-learn on overlapping scores; swapping the classes or the sign fails."""
+    from sklearn.metrics import average_precision_score, roc_curve
+
+    generator = torch.Generator().manual_seed(0)
+    inliers, outliers = torch.randn(300, generator=generator), 1.0 + torch.randn(200, generator=generator)
+    metrics = S.detection_metrics(inliers, outliers)
+    scores = torch.cat([inliers, outliers]).numpy()
+    is_outlier = torch.cat([torch.zeros(300), torch.ones(200)]).numpy()
+    fpr, tpr, _ = roc_curve(is_outlier, scores)
+    assert metrics["fpr95"] == pytest.approx(fpr[(tpr >= 0.95).argmax()], abs=1e-6)
+    assert metrics["auprc"] == pytest.approx(average_precision_score(is_outlier, scores), abs=1e-6)
+    assert metrics["aupr_in"] == pytest.approx(average_precision_score(1 - is_outlier, -scores), abs=1e-6)
+    assert metrics["fpr95"] > metrics["fpr80"] and metrics["aupr_in"] != pytest.approx(metrics["auprc"], abs=0.01)
