@@ -1,6 +1,7 @@
 """Log poison success for any classifier trained on a ``PoisonedDataModule``: attack success at each trigger
-multiplier (Eq. D.5, triggered attacks), targeted success (Eq. D.4, GM/BP) and natural accuracy on the clean test
-split. Metrics are torchmetrics, so values are exact across DDP ranks; keys land in metrics.json via MetricsFile."""
+multiplier (Eq. D.5, triggered attacks; BackdoorBench's ASR), the robust accuracy on the same triggered images
+(BackdoorBench's RA: still given their true label), targeted success (Eq. D.4, GM/BP) and natural accuracy on the
+clean test split (BackdoorBench's C-Acc). Metrics are torchmetrics, so values are exact across DDP ranks; keys land in metrics.json via MetricsFile."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -15,7 +16,8 @@ from lit_robust.poison_metrics import AttackSuccessRate, TargetedPoisonSuccess
 
 class PoisonMetrics(L.Callback):
     """At the end of every test epoch, evaluate the model on the datamodule's triggered/target views and log
-    ``poison/asr_x{k}`` for each multiplier k, ``poison/target_success`` and ``poison/natural_acc``.
+    ``poison/asr_x{k}`` and ``poison/ra_x{k}`` for each multiplier k, ``poison/target_success`` and
+    ``poison/natural_acc``.
 
     Needs ``trainer.datamodule`` to provide ``poisons``, ``triggered_test_dataset``, ``target_dataset`` and
     ``eval_dataloader`` (``PoisonedDataModule`` does; a callback that replaces its ``train_dataset`` keeps them).
@@ -37,9 +39,11 @@ class PoisonMetrics(L.Callback):
             MulticlassAccuracy(datamodule.num_classes, average="micro"))}
         if poisons.trigger is not None:
             for k in self.multipliers:
-                name = f"{self.prefix}/asr_x{k:g}"
-                results[name] = run_metric(pl_module, datamodule.eval_dataloader(datamodule.triggered_test_dataset(k)),
-                                          AttackSuccessRate(poisons.target_class))
+                loader = datamodule.eval_dataloader(datamodule.triggered_test_dataset(k))
+                results[f"{self.prefix}/asr_x{k:g}"] = run_metric(pl_module, loader,
+                                                                  AttackSuccessRate(poisons.target_class))
+                results[f"{self.prefix}/ra_x{k:g}"] = run_metric(pl_module, loader, MulticlassAccuracy(
+                    datamodule.num_classes, average="micro"))
         if poisons.target_index is not None:
             results[f"{self.prefix}/target_success"] = run_metric(
                 pl_module, datamodule.eval_dataloader(datamodule.target_dataset()), TargetedPoisonSuccess())

@@ -18,7 +18,9 @@ def test_callback_logs_asr_equal_to_direct_count(tmp_path):
     trainer.fit(model, datamodule=dm)
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
     triggered = dm.triggered_test_dataset(1.0)
-    direct = (predict(model, triggered.images) == 7).float().mean().item()
-    assert abs(metrics["poison/asr_x1"] - direct) < 1e-6
+    predictions = predict(model, triggered.images)
+    assert abs(metrics["poison/asr_x1"] - (predictions == 7).float().mean().item()) < 1e-6
+    # RA: the triggered images still given their true label (BackdoorBench)
+    assert abs(metrics["poison/ra_x1"] - (predictions == triggered.targets).float().mean().item()) < 1e-6
     assert "poison/asr_x3" in metrics and abs(metrics["poison/natural_acc"] - metrics["test/acc"]) < 1e-6
     assert "poison/target_success" not in metrics
