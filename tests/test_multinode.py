@@ -117,3 +117,17 @@ def test_two_nodes_certify_the_single_process_records(launcher, single_certifica
     assert records[0] == records[1]
     model = records[0]["modes"]["model"]
     assert len(model) == 360 and len({r["prediction"] for r in model}) > 1 and len({r["margin"] for r in model}) > 1
+
+
+def test_nodes_and_devices_come_from_torchrun_unless_given(monkeypatch):
+    from omegaconf import OmegaConf
+    from test_configs import compose_train
+
+    for name in ("NUM_NODES", "GPUS_PER_NODE", "SLURM_NNODES", "SLURM_NTASKS_PER_NODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")   # what torchrun --nnodes 2 --nproc-per-node 4 sets
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    trainer = OmegaConf.to_container(compose_train("trainer=multinode").trainer, resolve=True)
+    assert (trainer["num_nodes"], trainer["devices"]) == (2, 4)
+    monkeypatch.setenv("NUM_NODES", "3")
+    assert OmegaConf.to_container(compose_train("trainer=multinode").trainer, resolve=True)["num_nodes"] == 3
