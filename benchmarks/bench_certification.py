@@ -72,15 +72,37 @@ def time_ours(model, images: torch.Tensor, token_dropping: bool, bf16: bool, rep
     return min(times)
 
 
-def time_art(python: Path, args: argparse.Namespace) -> dict | None:
-    payload = json.dumps({"model": args.model, "size": args.size, "width": args.width, "patch": args.patch,
-                          "images": args.art_images or args.images, "batch": args.art_batch,
-                          "device_type": "gpu" if args.device == "cuda" else "cpu", "repeats": args.repeats})
+def art_python(fallback: Path = ROOT / ".venv-art" / "bin" / "python") -> Path | None:
+    """The interpreter to time ART with: this one when ``art`` is importable here, else ``fallback`` (the
+    ``.venv-art`` of the docstring) when it exists, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("art") is not None:
+        return Path(sys.executable)
+    return fallback if fallback.exists() else None
+
+
+def time_art(python: Path, model: str, size: int, width: int, patch: int, images: int, batch: int, device: str,
+             repeats: int) -> dict | None:
+    """ART's ``eval_and_certify`` (token dropping, fp32) on ``images`` random images, run by ``python`` in a
+    subprocess: ``{"seconds": fastest of repeats, "timm": version}``, or None (the error printed) if ART failed."""
+    payload = json.dumps({"model": model, "size": size, "width": width, "patch": patch, "images": images,
+                          "batch": batch, "device_type": "gpu" if device == "cuda" else "cpu", "repeats": repeats})
     run = subprocess.run([str(python), "-c", ART_SCRIPT, payload], capture_output=True, text=True)
     if run.returncode != 0:
         print(f"ART failed ({python}):\n{run.stderr[-2000:]}")
         return None
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def build_vit(model: str, width: int, max_batch: int, device: str):
+    """The benchmarked smoothed ViT: ``model`` at 224 with random weights, 3 channels, column ablations of
+    ``width``."""
+    from lit_robust import SmoothedViT
+
+    torch.manual_seed(0)
+    return SmoothedViT(backbone=model, in_chans=3, img_size=224, ablation_width=width, max_batch=max_batch,
+                       mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).eval().to(device)
 
 
 def main() -> None:
@@ -102,11 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
 
-    from lit_robust import SmoothedViT
-
-    torch.manual_seed(0)
-    model = SmoothedViT(backbone=args.model, in_chans=3, img_size=224, ablation_width=args.width,
-                        max_batch=args.max_batch, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).eval().to(args.device)
+    model = build_vit(args.model, args.width, args.max_batch, args.device)
     images = torch.rand(args.images, 3, args.size, args.size, device=args.device)
     positions = len(model.certification_masks((args.size, args.size)))
     print(f"{args.model} at 224 from {args.size}×{args.size}, column b={args.width}, {positions} positions, "
@@ -115,8 +133,10 @@ def main() -> None:
     results = {"ours, token dropping": time_ours(model, images, True, bf16, args.repeats) / args.images}
     if not args.skip_full:
         results["ours, all tokens"] = time_ours(model, images, False, bf16, args.repeats) / args.images
-    if args.art_python.exists():
-        art = time_art(args.art_python, args)
+    python = art_python(args.art_python)
+    if python is not None:
+        art = time_art(python, args.model, args.size, args.width, args.patch, args.art_images or args.images,
+                       args.art_batch, args.device, args.repeats)
         if art is not None:
             results[f"ART 1.20.1 (timm {art['timm']}), token dropping, fp32"] = art["seconds"] / (
                 args.art_images or args.images)

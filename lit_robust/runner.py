@@ -19,6 +19,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
@@ -190,6 +191,18 @@ def adopt_checkpoint_hparams(cfg: DictConfig, command_line: list[str], checkpoin
     return changed
 
 
+def cpu_trainer_without_sync_batchnorm(trainer_cfg: DictConfig) -> None:
+    """Turn ``sync_batchnorm`` off when the trainer runs on CPU: torch's SyncBatchNorm only works on GPU modules, and
+    the multi-node/DDP configs set it for GPUs, so ``trainer=multinode trainer.accelerator=cpu`` (gloo) would
+    otherwise fail when DDP wraps the model. On CPU each process keeps its own batch-norm statistics."""
+    accelerator = trainer_cfg.get("accelerator")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and trainer_cfg.get("sync_batchnorm"):
+        log.warning("trainer.sync_batchnorm=true needs GPUs; turned off for trainer.accelerator=%s", accelerator)
+        with open_dict(trainer_cfg):
+            trainer_cfg.sync_batchnorm = False
+
+
 def build(cfg: DictConfig, checkpoint: dict | None = None
           ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Check the config, seed, instantiate the run's objects, and save the resolved config in the output dir.
@@ -207,6 +220,7 @@ def build(cfg: DictConfig, checkpoint: dict | None = None
     record = CheckpointRecord(cfg.model._target_, (checkpoint or {}).get("lit_robust"))
     callbacks = instantiate_group(cfg.get("callbacks")) + [MetricsFile(str(output_dir)), record]
     loggers = instantiate_group(cfg.get("logger"))
+    cpu_trainer_without_sync_batchnorm(cfg.trainer)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -205,7 +205,9 @@ class SmoothedViT(ImageClassifier):
                     chunk = images[start:start + step]
                     logits = (self._vit_logits(chunk, masks[positions], index[first:first + max_batch])
                               if self.is_vit else self._cnn_logits(chunk, masks[positions]))
-                    outputs[start:start + step, positions] = logits.view(len(chunk), len(positions), -1)
+                    # under bf16 autocast the logits are bf16; the votes only need their argmax
+                    logits = logits.view(len(chunk), len(positions), -1)
+                    outputs[start:start + step, positions] = logits.to(outputs.dtype)
         return outputs
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

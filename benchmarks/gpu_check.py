@@ -1,0 +1,174 @@
+"""The GPU checks of issue #30 in one run (about ten minutes on one H100-class GPU), written to one JSON report:
+
+    python benchmarks/gpu_check.py [--out outputs/gpu_check.json]
+    python benchmarks/gpu_check.py --device cpu --tiny      # every part at toy sizes on CPU (seconds; CI)
+
+(a) certification throughput of ``SmoothedViT`` (ViT-S/16 at 224, random weights, token dropping) in bf16 and fp32,
+    and of ART 1.20.1's ``PyTorchDeRandomizedSmoothing`` on the same model when ART is importable (or in
+    ``.venv-art``, see ``bench_certification.py``); (b) ``EBMPurification``'s work loop vs a bare Langevin loop on the
+    shipped digits EBM; (c) PureEBM on 50,000 random CIFAR-sized images (3 × 32 × 32), 150 steps, an EBM with
+    ``in_chans=3, img_size=32`` (random weights); (d) the purified set of 2 DDP processes vs 1, when 2 GPUs are
+    present. The report holds the machine, every number, and the issue's targets with pass/fail (null where a part did
+    not run, and always in ``--tiny`` mode, whose numbers measure nothing). Without a GPU (and without
+    ``--device cpu``) it says so and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_certification import art_python, build_vit, time_art, time_ours  # noqa: E402
+from bench_purification import run_ddp, time_bare_loop, time_callback  # noqa: E402
+
+NO_GPU = ("gpu_check needs a CUDA GPU and found none; nothing measured (--device cpu --tiny runs every part at toy "
+          "sizes)")
+# Full-size settings, and the toy ones of --tiny.
+SIZES = {
+    False: {"vit": "vit_small_patch16_224", "cert_images": 256, "art_images": 64, "repeats": 2, "purify_images": 2000,
+            "purify_steps": 150, "purify_chunk": 500, "cifar_images": 50_000, "cifar_steps": 150,
+            "cifar_chunk": 2500, "ddp_images": 1000, "ddp_steps": 20},
+    True: {"vit": "vit_tiny_patch16_224", "cert_images": 1, "art_images": 1, "repeats": 1, "purify_images": 16,
+           "purify_steps": 2, "purify_chunk": 8, "cifar_images": 16, "cifar_steps": 2, "cifar_chunk": 8,
+           "ddp_images": 16, "ddp_steps": 2},
+}
+# Issue #30's targets.
+CERT_SPEEDUP, CIFAR_SECONDS, CALLBACK_RATIO = 5.0, 40.0, 0.95
+
+
+def machine(device: str) -> dict:
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    return {"device": device, "gpu": gpu, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device == "cuda" else None}
+
+
+def certification(device: str, size: dict, work: Path) -> dict:
+    """(a): images/s of our token-dropping path in bf16 and fp32, and of ART (fp32, token dropping)."""
+    model = build_vit(size["vit"], width=4, max_batch=256, device=device)
+    images = torch.rand(size["cert_images"], 3, 32, 32, device=device)
+    result = {"model": size["vit"], "input": "3x32x32 upsampled to 224", "ablation": "column, width 4, stride 1",
+              "images": size["cert_images"]}
+    for name, bf16 in (("ours_token_dropping_bf16", True), ("ours_token_dropping_fp32", False)):
+        result[f"{name}_images_per_s"] = size["cert_images"] / time_ours(model, images, True, bf16, size["repeats"])
+    python = art_python()
+    art = time_art(python, size["vit"], 32, 4, 4, size["art_images"], 128, device, size["repeats"]) if python else None
+    result["art_token_dropping_fp32_images_per_s"] = size["art_images"] / art["seconds"] if art else None
+    result["art"] = f"ART 1.20.1, timm {art['timm']}" if art else "skipped: ART not importable (or it failed)"
+    return result
+
+
+def purification(device: str, size: dict, work: Path) -> dict:
+    """(b): the callback's work loop vs the bare loop, same EBM, images, steps and batch (fp32)."""
+    from lit_robust import EBM
+    from lit_robust.callbacks import EBMPurification
+    from lit_robust.datamodules import DigitsDataModule
+
+    datamodule = DigitsDataModule()
+    datamodule.setup("fit")
+    images = datamodule.train_dataset.images[: size["purify_images"]]
+    ebm = EBM.pretrained("digits").to(device).eval()
+    steps, chunk = size["purify_steps"], size["purify_chunk"]
+    time_bare_loop(ebm, images[:chunk].to(device), 1, chunk)  # warm-up (kernels, allocator)
+    bare = time_bare_loop(ebm, images.to(device), steps, chunk)
+    callback = EBMPurification(ebm, steps=steps, chunk_size=chunk, progress=False, plots=False)
+    ours = time_callback(callback, images, device, str(work / "purified_b"))[0]
+    return {"images": len(images), "steps": steps, "chunk": chunk, "bare_loop_images_per_s": len(images) / bare,
+            "callback_images_per_s": len(images) / ours, "callback_over_bare": bare / ours}
+
+
+def cifar_purification(device: str, size: dict, work: Path) -> dict:
+    """(c): the callback on random CIFAR-sized images with a random 3-channel 32×32 EBM, bf16 on CUDA."""
+    from lit_robust import EBM
+    from lit_robust.callbacks import EBMPurification
+
+    torch.manual_seed(0)
+    ebm = EBM(in_chans=3, img_size=32)
+    images = torch.rand(size["cifar_images"], 3, 32, 32)
+    bf16 = device == "cuda"
+    # random weights may drive many pixels to 0/1: the timing is the point, not the images
+    callback = EBMPurification(ebm, steps=size["cifar_steps"], chunk_size=size["cifar_chunk"], bf16=bf16,
+                               max_saturated=1.0, progress=False, plots=False)
+    seconds = time_callback(callback, images, device, str(work / "purified_c"))[0]
+    return {"images": len(images), "steps": size["cifar_steps"], "chunk": size["cifar_chunk"], "bf16": bf16,
+            "seconds": seconds, "images_per_s": len(images) / seconds}
+
+
+def ddp_equality(device: str, size: dict, work: Path) -> dict:
+    """(d): the purified set of 2 DDP processes (GPUs; gloo processes with --device cpu), in a subprocess, equals
+    the one this process computes with the same callback settings."""
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        return {"status": f"skipped: {torch.cuda.device_count()} GPU(s), 2 needed"}
+    from lit_robust import EBM
+    from lit_robust.callbacks import EBMPurification
+    from lit_robust.datamodules import DigitsDataModule
+
+    datamodule = DigitsDataModule()
+    datamodule.setup("fit")
+    images = datamodule.train_dataset.images[: size["ddp_images"]]
+    torch.save(images, work / "ddp_images.pt")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # as the DDP processes
+    callback = EBMPurification(EBM.pretrained("digits"), steps=size["ddp_steps"], chunk_size=size["purify_chunk"],
+                               progress=False, plots=False)
+    seconds, one = time_callback(callback, images, device, str(work / "ddp_cache1"))
+    rate = run_ddp(2, work / "ddp_images.pt", size["ddp_steps"], size["purify_chunk"], work / "ddp_cache2",
+                   "gpu" if device == "cuda" else "cpu", work / "ddp_2.pt", len(images))
+    two = torch.load(work / "ddp_2.pt")
+    return {"status": "ran", "processes": 2, "images": len(one), "steps": size["ddp_steps"],
+            "identical": bool(torch.equal(one, two)), "max_abs_difference": float((one - two).abs().max()),
+            "images_per_s_1_process": len(images) / seconds, "images_per_s_2_processes": rate}
+
+
+def targets(report: dict, tiny: bool) -> list[dict]:
+    """The issue's targets with pass/fail (None where unmeasured or at toy sizes)."""
+    cert, purify, cifar, ddp = (report[k] for k in ("certification", "purification", "cifar_purification", "ddp"))
+    art = cert["art_token_dropping_fp32_images_per_s"]
+    rows = [("certification bf16 token dropping >= 5x ART's token-dropping throughput",
+             cert["ours_token_dropping_bf16_images_per_s"] / art if art else None, lambda v: v >= CERT_SPEEDUP),
+            ("50,000 CIFAR images x 150 steps <= 40 s on an H100-class GPU", cifar["seconds"],
+             lambda v: v <= CIFAR_SECONDS),
+            ("EBMPurification work loop >= 0.95x the bare Langevin loop", purify["callback_over_bare"],
+             lambda v: v >= CALLBACK_RATIO),
+            ("2 DDP processes give the 1-process purified set", ddp.get("identical"), bool)]
+    return [{"target": name, "value": value, "pass": None if tiny or value is None else bool(check(value))}
+            for name, value, check in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/gpu_check.json"))
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="cuda (default when a GPU is present); cpu only with --tiny")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes: exercises every part, measures nothing")
+    args = parser.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else None)
+    if device is None or (device == "cuda" and not torch.cuda.is_available()):
+        print(NO_GPU)
+        return 0
+    if device == "cpu" and not args.tiny:
+        parser.error("--device cpu runs only with --tiny (the full sizes take hours on a CPU)")
+    size = SIZES[args.tiny]
+    report = {"machine": machine(device), "tiny": args.tiny}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, part in (("certification", certification), ("purification", purification),
+                           ("cifar_purification", cifar_purification), ("ddp", ddp_equality)):
+            print(f"gpu_check: {name} ...", flush=True)
+            started = time.perf_counter()
+            report[name] = {**part(device, size, Path(tmp)), "wall_seconds": time.perf_counter() - started}
+            print(json.dumps(report[name], indent=1), flush=True)
+    report["targets"] = targets(report, args.tiny)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    for row in report["targets"]:
+        print(f"  {row['target']:<76s} {row['value']!s:>24s}  pass={row['pass']}")
+    print(f"report: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
