@@ -73,8 +73,7 @@ def run_defence(name: str, args, normalized: bool) -> dict:
     if name in ("spectral", "ispl"):
         defence = (SpectralSignatureFilter(removal_fraction=0.3, feature_epochs=4, **contract)
                    if name == "spectral" else
-                   WeakLearnerFilter(runs=2, rounds=4, warmup_epochs=3, epochs=2, learner_epochs=10,
-                                     self_train_epochs=10, hidden=128, **contract))
+                   WeakLearnerFilter(runs=2, rounds=4, learner_epochs=20, self_train_epochs=20, **contract))
         trainer_for(args, [probe, defence]).fit(LitClassifier(), datamodule=data)
         removed = set((~defence.keep).nonzero().flatten().tolist())
         planted = set(data.poisoned_indices.tolist())
