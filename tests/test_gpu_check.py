@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 SECTIONS = {"machine", "tiny", "certification", "purification", "cifar_purification", "ddp", "targets"}
@@ -24,6 +26,7 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
     assert "needs a CUDA GPU" in result.stdout and not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.slow  # ≈ 50 s (its DDP part starts 2 processes); the no-GPU path above is the CI check
 def test_tiny_cpu_mode_runs_every_part_and_writes_every_section(tmp_path):
     result = gpu_check("--device", "cpu", "--tiny", "--out", str(tmp_path / "report.json"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
