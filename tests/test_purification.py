@@ -197,3 +197,116 @@ def test_shipped_ebm_moves_perturbed_digits_back_towards_their_clean_originals()
     noise_only = distance(flat.purify(perturbed, 50, generator=torch.Generator().manual_seed(1))[0])
     assert (purified < distance(perturbed)).all()
     assert noise_only.mean() > distance(perturbed).mean()
+
+
+# ---- behaviour of DDPMPurification / PureGen-NAIVE / PureGen-REPS (issue #29) -------------------------------------
+# Data "images" x₀ ~ N(0.55, 0.1²) per pixel ([−1, 1] space: N(0.1, 0.2²)); the DDPM's network is the closed-form
+# optimal ε-predictor of that distribution (tests/test_ddpm.py), the EBM's energy is its quadratic log-density.
+from test_ddpm import GaussianOptimalDenoiser, tiny_ddpm  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from lit_robust.callbacks.purification import DDPMPurification, PureGenNaive, PureGenReps  # noqa: E402
+
+DATA_MEAN, DATA_STD = 0.55, 0.1
+
+
+def gaussian_ddpm():
+    ddpm = tiny_ddpm().eval()
+    ddpm.unet = GaussianOptimalDenoiser(ddpm.scheduler, mean=2 * DATA_MEAN - 1, std=2 * DATA_STD)
+    return ddpm
+
+
+class QuadraticEnergy(torch.nn.Module):
+    """G(x) = c·‖x − μ‖²/2 in [−1, 1] space, with c = T/ε² so that one Langevin step (x − ε²/(2T)·∇G + ε·noise)
+    halves the distance to μ: the EBM's chain contracts every image onto the data mean."""
+
+    def __init__(self, mean: float, scale: float):
+        super().__init__()
+        self.mean, self.scale = mean, scale
+
+    def forward(self, x):
+        return 0.5 * self.scale * (x - self.mean).pow(2).flatten(1).sum(1)
+
+
+def quadratic_ebm():
+    ebm = tiny_ebm()
+    ebm.net = QuadraticEnergy(2 * DATA_MEAN - 1, ebm.hparams.temperature / ebm.hparams.step_size ** 2)
+    return ebm
+
+
+def shifted_images(shift: float, n: int = 2000) -> torch.Tensor:
+    return DATA_MEAN + shift + DATA_STD * torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def _close_to_data_mean(out: torch.Tensor) -> bool:
+    """|mean − 0.55| within 5 standard errors (pixels are independent under these per-pixel models)."""
+    return abs(out.mean().item() - DATA_MEAN) < 5 * out.std().item() / out.numel() ** 0.5
+
+
+def test_ddpm_purification_maps_shifted_images_to_the_data_distribution(tmp_path):
+    """DDPMPurification with the optimal ε-predictor of N(0.55, 0.1²), from t = 1000, turns images shifted to
+    N(0.80, 0.1²) into samples of N(0.55, 0.1²): mean within 5 standard errors, std within 5 %. Catches an identity
+    purify_chunk (mean stays 0.80), a random output (uniform: std 0.29) and a callback that ignores forward_steps
+    (shown failing with purify_chunk stubbed to ``images``, to ``torch.rand_like(images)`` and to
+    ``ddpm.purify(images, 10, generator)``)."""
+    images = shifted_images(0.25)
+    callback = DDPMPurification(gaussian_ddpm(), forward_steps=1000, chunk_size=500, cache_dir=str(tmp_path),
+                                progress=False)
+    out = callback.purify_dataset(images, _Trainer(), torch.device("cpu"))
+    assert out.shape == images.shape
+    assert _close_to_data_mean(out), out.mean()
+    assert out.std().item() == pytest.approx(DATA_STD, rel=0.05)
+
+
+@pytest.mark.parametrize("cls,defaults", [(PureGenNaive, (150, 75, 1)), (PureGenReps, (10, 50, 5))])
+def test_puregen_runs_ebm_then_ddpm_reps_times_on_each_chunk(tmp_path, cls, defaults):
+    """Recording stubs for ``ebm.purify`` (x ↦ x/2) and ``ddpm.purify`` (x ↦ x + 0.1): every chunk goes through
+    EBM then DDPM, ``reps`` times, with the thesis' default steps (NAIVE T = [150, 75, 1], REPS [10, 50, 5]), one
+    generator shared by both, each stage fed the previous stage's output — the result equals the composition computed
+    here. Catches a swapped order (x/2 + 0.05 ≠ x/2 + 0.1), a wrong count and a dropped stage (shown failing with the
+    loop body's two lines swapped and with ``range(self.reps)`` → ``range(1)``)."""
+    ebm_steps, ddpm_steps, reps = defaults
+    ebm, ddpm = tiny_ebm(), tiny_ddpm()
+    calls, generators = [], []
+
+    def ebm_purify(images, steps, step_size=None, temperature=None, generator=None, **kwargs):
+        calls.append(("ebm", steps))
+        generators.append(generator)
+        return images / 2, []
+
+    def ddpm_purify(images, forward_steps, generator=None):
+        calls.append(("ddpm", forward_steps))
+        generators.append(generator)
+        return images + 0.1
+
+    ebm.purify, ddpm.purify = ebm_purify, ddpm_purify
+    images = 0.25 + 0.5 * torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    callback = cls(ebm, ddpm, chunk_size=4, cache_dir=str(tmp_path), progress=False)
+    assert (callback.ebm_steps, callback.ddpm_steps, callback.reps) == defaults
+    out = callback.purify_dataset(images, _Trainer(), torch.device("cpu"))
+    assert calls == [("ebm", ebm_steps), ("ddpm", ddpm_steps)] * reps * 3  # 3 chunks of ≤ 4 images
+    per_chunk = 2 * reps
+    assert all(g is generators[c * per_chunk] for c in range(3) for g in generators[c * per_chunk:(c + 1) * per_chunk])
+    expected = images.clone()
+    for _ in range(reps):
+        expected = expected / 2 + 0.1
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("cls,steps", [(PureGenNaive, dict(ebm_steps=15, ddpm_steps=30)),
+                                       (PureGenReps, dict(ebm_steps=15, ddpm_steps=30, reps=2))])
+def test_puregen_with_gaussian_models_recentres_then_restores_the_spread(tmp_path, cls, steps):
+    """Numeric effect on images shifted to N(0.85, 0.1²) with analytic models of the data N(0.55, 0.1²): the EBM's
+    Langevin chain (quadratic energy) pulls every pixel onto the data mean but leaves almost no spread; the DDPM
+    from t = 30 alone barely moves the mean but restores spread. EBM-then-DDPM must give the data mean (within 5
+    standard errors; the DDPM alone is far off) AND more than 3× the spread of the EBM alone — both references are
+    computed here. Catches an identity or DDPM-only chunk (mean), an EBM-only chunk or the order swapped to DDPM-then-EBM
+    (spread), and a random output (mean/spread) (each shown failing by stubbing purify_chunk)."""
+    images = shifted_images(0.3)
+    ebm, ddpm = quadratic_ebm(), gaussian_ddpm()
+    out = cls(ebm, ddpm, chunk_size=1000, cache_dir=str(tmp_path), progress=False, **steps).purify_dataset(
+        images, _Trainer(), torch.device("cpu"))
+    ebm_only = ebm.purify(images, steps["ebm_steps"], generator=torch.Generator().manual_seed(2))[0]
+    ddpm_only = ddpm.purify(images, steps["ddpm_steps"], torch.Generator().manual_seed(2))
+    assert not _close_to_data_mean(ddpm_only)  # the reference: the DDPM step alone does not re-centre
+    assert _close_to_data_mean(out), out.mean()
+    assert out.std() > 3 * ebm_only.std(), (out.std(), ebm_only.std())
