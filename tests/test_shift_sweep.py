@@ -1,0 +1,42 @@
+"""Behaviour of the ``ShiftSweep`` callback (issue #29): what it logs is the accuracy on each shifted test set, and
+on a trained model a stronger shift gives a lower accuracy."""
+import lightning as L
+import pytest
+import torch
+
+from lit_robust import ImageClassifier
+from lit_robust.callbacks.shift_sweep import ShiftSweep
+from lit_robust.datamodules import DigitsDataModule, ShiftedDataModule
+from lit_robust.datamodules.base import stack_dataset
+
+SWEEP = [{"name": "gaussian_noise", "severity": 1}, {"name": "gaussian_noise", "severity": 5},
+         {"name": "rotate", "degrees": 10, "label": "rotate_10"}, {"name": "rotate", "degrees": 90, "label": "rotate_90"}]
+
+
+def test_logged_accuracies_are_those_of_the_shifted_sets_and_fall_with_severity(tmp_path):
+    """Train a small CNN on clean 8×8 digits, ``trainer.test`` with ``ShiftSweep`` over a sweep of two noise
+    severities and two rotations. Each logged ``shift/<name>/acc`` must equal the accuracy computed here directly
+    on ``shifted_test_datasets()[name]``, and the stronger shift of each pair must give the lower accuracy (computed
+    here, the weaker one on the same model as reference). Catches a callback evaluating the clean test set for every
+    shift (identity), random/constant values, and names paired with the wrong sets (shown failing with
+    ``shifted_test_datasets()`` replaced by the clean test split for every name, and with the names' order
+    reversed)."""
+    torch.manual_seed(0)
+    datamodule = ShiftedDataModule(DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0), sweep=SWEEP, seed=0)
+    model = ImageClassifier(lr=3e-3, scheduler="none")
+    trainer = L.Trainer(max_epochs=3, callbacks=[ShiftSweep()], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=datamodule)
+    logged = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    model.eval()
+    direct = {}
+    with torch.no_grad():
+        for name, dataset in datamodule.shifted_test_datasets().items():
+            images, labels = stack_dataset(dataset)
+            direct[name] = (model(images).argmax(-1) == labels).float().mean().item()
+    assert set(direct) == {"gaussian_noise_severity1", "gaussian_noise_severity5", "rotate_10", "rotate_90"}
+    for name, accuracy in direct.items():
+        assert logged[f"shift/{name}/acc"] == pytest.approx(accuracy, abs=1e-6), name
+    assert direct["gaussian_noise_severity5"] < direct["gaussian_noise_severity1"]
+    assert direct["rotate_90"] < direct["rotate_10"]
