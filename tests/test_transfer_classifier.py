@@ -1,7 +1,7 @@
 import lightning as L
 import torch
 
-from lit_robust import TransferClassifier
+from lit_robust import ImageClassifier, TransferClassifier
 from lit_robust.datamodules import DigitsDataModule, PoisonedDataModule
 from lit_robust.poisons.victims import linear_probe
 
@@ -27,3 +27,40 @@ def test_linear_probe_fits_separable_features():
     labels = (features[:, 0] > 0).long()
     head = linear_probe(features, labels, 2, steps=200)
     assert (head(features).argmax(-1) == labels).float().mean() > 0.95
+
+
+def _fit_transfer(mode: str, weights_path, root) -> tuple[TransferClassifier, float]:
+    torch.manual_seed(1)
+    datamodule = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
+    model = TransferClassifier(mode=mode, weights_path=str(weights_path), lr=3e-3, scheduler="none")
+    L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, default_root_dir=str(root)).fit(model,
+                                                                                            datamodule=datamodule)
+    images, labels = datamodule.test_dataset.images, datamodule.test_dataset.targets
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(images).argmax(-1) == labels).float().mean().item()
+    return model, accuracy
+
+
+def test_finetune_trains_the_backbone_and_beats_the_frozen_random_features(tmp_path):
+    """From the same randomly initialised extractor (``weights_path``), the same seed and the same 2 epochs:
+    fine-tune mode changes every extractor weight and the head; linear mode leaves the extractor's weights and
+    BatchNorm statistics bit-for-bit as loaded and changes only the head. The fine-tuned model's test accuracy must
+    exceed that of the linear probe on the frozen random features (the reference, trained here). Catches a fine-tune
+    mode that freezes the extractor (weights unchanged, accuracy = the frozen reference) and a linear mode that
+    trains it (shown failing with ``mode == "linear"`` → ``mode in MODES`` and → ``False`` in ``setup``)."""
+    torch.manual_seed(0)
+    initial = {k: v.clone() for k, v in ImageClassifier().net.state_dict().items()}
+    torch.save(initial, tmp_path / "random_extractor.pt")
+    (linear, linear_acc), (finetuned, finetuned_acc) = (
+        _fit_transfer(mode, tmp_path / "random_extractor.pt", tmp_path / mode) for mode in ("linear", "finetune"))
+    extractor = [k for k, v in initial.items() if not k.startswith("head") and v.is_floating_point()]
+    weights = [k for k in extractor if k.endswith("weight") and initial[k].dim() > 1]
+    assert weights
+    for name, model in (("linear", linear), ("finetune", finetuned)):
+        state = model.net.state_dict()
+        assert any(not torch.equal(state[k], initial[k]) for k in initial if k.startswith("head")), name
+    assert all(torch.equal(linear.net.state_dict()[k], initial[k]) for k in extractor)
+    assert all(not torch.equal(finetuned.net.state_dict()[k], initial[k]) for k in weights)
+    assert finetuned_acc > linear_acc, (finetuned_acc, linear_acc)
