@@ -139,6 +139,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ≈ 45 s; in CI, tests/test_example_project.py checks 2-process purification against one process
 def test_two_ddp_processes_give_the_single_process_purified_set(tmp_path):
     script = tmp_path / "purify_ddp.py"
     script.write_text(DDP_SCRIPT)
