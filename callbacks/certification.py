@@ -120,7 +120,7 @@ class Certification(L.Callback):
             metric = CertifiedAccuracy(deltas).to(counts.device)
             metric.update(counts, targets)
             results.update({f"{tag}/{name}": float(value) for name, value in metric.compute().items()})  # synced
-            records[mode] = (indices.cpu(), *(gather_in_order(t, indices, trainer).cpu() for t in (targets, counts)))
+            records[mode] = tuple(gather_in_order(t, indices, trainer).cpu() for t in (targets, counts))
         pl_module.log_dict(results, sync_dist=False)
         if trainer.is_global_zero:
             folder = Path(self.output_dir) if self.output_dir else output_folder(trainer, None) / "certification"
@@ -131,7 +131,7 @@ class Certification(L.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         payload = {"ablation": kind, "width": width, "stride": stride, "deltas": deltas, "metrics": results,
                    "modes": {}}
-        for mode, (_, targets, counts) in records.items():
+        for mode, (targets, counts) in records.items():
             indices = torch.arange(len(targets))
             name = "model" if mode is None else ("token_dropping" if mode else "all_tokens")
             payload["modes"][name] = [

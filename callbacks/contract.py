@@ -313,11 +313,14 @@ class TrainSplitDefence(L.Callback):
         self.installed: Dataset | None = None
         self.stats: dict[str, float] = {}
 
-    def read_train_split(self, trainer: L.Trainer) -> tuple[SplitRef, torch.Tensor, torch.Tensor]:
-        """The train split, its images in [0, 1] and its targets."""
-        ref = SplitRef(trainer, "train", self.split, type(self).__name__)
+    def train_split(self, trainer: L.Trainer) -> SplitRef:
+        """The train split the loader reads."""
+        return SplitRef(trainer, "train", self.split, type(self).__name__)
+
+    def unit_images(self, ref: SplitRef) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images of the split in [0, 1] and its targets."""
         images, targets = self.item_format.stack(ref.dataset)
-        return ref, self.pixel_space.to_unit(images), targets
+        return self.pixel_space.to_unit(images), targets
 
     def install(self, ref: SplitRef, replacement: Dataset) -> None:
         ref.replace(replacement)

@@ -112,7 +112,8 @@ class Purification(TrainSplitDefence):
         self.stats = dict(state_dict.get("stats", {}))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ref, images, _ = self.read_train_split(trainer)
+        ref = self.train_split(trainer)
+        images, _ = self.unit_images(ref)
         for name, model in self.models().items():
             check_image_shape(images, model, type(self).__name__, name)
         purified = self.purify_dataset(images, trainer, pl_module.device)
@@ -127,8 +128,8 @@ class Purification(TrainSplitDefence):
         mask = getattr(datamodule, "poison_mask", None)
         order = torch.cat([mask.nonzero().flatten(), (~mask).nonzero().flatten()]) \
             if mask is not None and len(mask) == len(images) else torch.arange(len(images))
-        shown = order[:10]
-        save_before_after_grid(images[shown], purified[shown], folder / "plots" / f"{type(self).__name__}_before_after.png")
+        shown, name = order[:10], type(self).__name__
+        save_before_after_grid(images[shown], purified[shown], folder / "plots" / f"{name}_before_after.png")
 
     # ---- the work --------------------------------------------------------------------------------------------------
     def cache_key(self, images: torch.Tensor) -> str:

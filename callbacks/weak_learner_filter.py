@@ -74,8 +74,9 @@ class TrainingSetFilter(TrainSplitDefence):
         raise NotImplementedError
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ref, images, labels = self.read_train_split(trainer)
-        if self.keep is None:
+        ref = self.train_split(trainer)
+        if self.keep is None:  # a resumed fit restored its mask: no need to read the images again
+            images, labels = self.unit_images(ref)
             self.keep = self._cached_or_selected(images, labels.long(), trainer.datamodule, trainer)
         if len(self.keep) != len(ref.dataset):
             raise RuntimeError(f"{type(self).__name__} holds a mask for {len(self.keep)} samples but the train split "

@@ -1,6 +1,6 @@
 """What ``train.py`` and ``evaluate.py`` share: config → datamodule, model, callbacks, loggers, trainer.
 
-Safe by default: the experiment name must be a file of ``conf/experiment/``, numeric settings are checked against the
+Safe by default: an experiment name is never a path (``../model/ebm``), numeric settings are checked against the
 constructors' annotations before anything is built, and checkpoints are read with ``weights_only=True`` only (see
 ``lit_robust.serialization``). Checkpoints record the model's ``_target_`` and the training images' shape
 (``checkpoint["lit_robust"]``); evaluating one with another model class or image size fails at the start. A
@@ -10,11 +10,11 @@ as ``test/non_finite``; the run still succeeds, so its other numbers stay inspec
 from __future__ import annotations
 
 import json
-from importlib import resources
 import logging
 import math
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 
 import hydra
@@ -228,7 +228,7 @@ def build(cfg: DictConfig, checkpoint: dict | None = None
 
 
 def evaluate_test_split(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule,
-                    ckpt_path: str | None, output_dir: str | Path) -> None:
+                        ckpt_path: str | None, output_dir: str | Path) -> None:
     """``trainer.test`` (checkpoint loaded with ``weights_only=True``); a non-finite ``test/*`` metric is logged as a
     warning and counted as ``test/non_finite`` in ``metrics.json``."""
     trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

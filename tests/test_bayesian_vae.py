@@ -60,7 +60,7 @@ def test_weight_posterior_state_survives_checkpoint_and_resume(tmp_path, posteri
     trainer.fit(model, datamodule=_data())
     ckpt = tmp_path / "two.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved = torch.load(ckpt, weights_only=False)
+    saved = torch.load(ckpt, weights_only=True)
     assert saved["state_dict"]["bank.num_seen"].item() == 2
     snapshots_before = model.bank.snapshots.clone()
 

@@ -55,9 +55,9 @@ def test_ddp_cpu_evaluation_equals_single_process_without_padding(trained_run, t
 
 def test_resume_continues_where_it_stopped(trained_run, tmp_path):
     last = trained_run / "checkpoints" / "last.ckpt"
-    before = torch.load(last, map_location="cpu", weights_only=False)
+    before = torch.load(last, map_location="cpu", weights_only=True)
     run_script("train.py", *DATA, "trainer.max_epochs=3", f"ckpt_path={last}", f"hydra.run.dir={tmp_path}")
-    after = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    after = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert after["epoch"] == before["epoch"] + 1
     assert after["global_step"] == before["global_step"] * 3 // 2
     logged_epochs = {line.split(",")[0] for line in (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[1:]}
