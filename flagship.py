@@ -1,4 +1,4 @@
-"""The flagship, Narcissus → PureEBM → classifier: ``OMP_NUM_THREADS=1 python flagship.py [seed=0] [key=value ...]``
+"""The flagship, Narcissus → PureEBM → classifier: ``python flagship.py [seed=0] [key=value ...]``
 (installed: ``lit-robust-flagship``); see ``lit_robust.cli.flagship``."""
 from lit_robust.cli import flagship
 

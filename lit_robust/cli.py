@@ -46,7 +46,7 @@ FLAGSHIP_COLUMNS = ("poison/asr_x1", "poison/asr_x3", "poison/natural_acc")
 def flagship(overrides: list[str] | None = None) -> None:
     """The flagship on embedded data: Narcissus poisons → PureEBM purification → classifier, defended vs undefended.
 
-        OMP_NUM_THREADS=1 python flagship.py [seed=0] [key=value ...]
+        python flagship.py [seed=0] [key=value ...]
 
     Runs ``narcissus_digits`` (undefended) and ``pureebm_narcissus_digits`` (the shipped EBM, 150 Langevin steps)
     with the same seed and overrides, each through the same path as ``train.py`` (fit, then test the best checkpoint

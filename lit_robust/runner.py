@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
+from lit_robust.machine import fast_precision, use_available_cores
 from lit_robust.serialization import load_plain
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ def required(hint: str = "", *, _node_) -> None:
 
 if not OmegaConf.has_resolver("required"):
     OmegaConf.register_new_resolver("required", required)
+if not OmegaConf.has_resolver("fast_precision"):
+    OmegaConf.register_new_resolver("fast_precision", fast_precision)
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -205,8 +208,8 @@ def cpu_trainer_without_sync_batchnorm(trainer_cfg: DictConfig) -> None:
 
 def build(cfg: DictConfig, checkpoint: dict | None = None
           ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Check the config, seed, instantiate the run's objects, and save the resolved config in the output dir.
-    ``checkpoint``: the one the run will load (its record is checked against the data)."""
+    """Check the config, seed, instantiate the run's objects, give each process its share of the cores
+    (``lit_robust.machine``), and save the resolved config in the output dir. ``checkpoint``: the one the run will load (its record is checked against the data)."""
     from hydra.core.hydra_config import HydraConfig
 
     check_experiment(HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None)
@@ -222,6 +225,7 @@ def build(cfg: DictConfig, checkpoint: dict | None = None
     loggers = instantiate_group(cfg.get("logger"))
     cpu_trainer_without_sync_batchnorm(cfg.trainer)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    use_available_cores(trainer.num_devices)
     if trainer.is_global_zero:
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return datamodule, model, trainer

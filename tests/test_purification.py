@@ -311,3 +311,30 @@ def test_puregen_with_gaussian_models_recentres_then_restores_the_spread(tmp_pat
     assert not _close_to_data_mean(ddpm_only)  # the reference: the DDPM step alone does not re-centre
     assert _close_to_data_mean(out), out.mean()
     assert out.std() > 3 * ebm_only.std(), (out.std(), ebm_only.std())
+
+
+def test_channels_last_purifies_in_that_format_to_the_same_images_under_its_own_cache_key(tmp_path):
+    """EBMPurification runs the EBM and its chunks in channels_last (a convolution speed-up); the result equals the
+    contiguous run to float rounding and lands under another cache key. Fails if the option is ignored (the chunk
+    the EBM sees is not channels_last, or the keys coincide) or if it changes the purification itself."""
+    images = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    class Recording(EBMPurification):
+        def purify_chunk(self, chunk, indices, generator):
+            weight = self.ebm.net.blocks[1].conv1.weight  # 4 → 8 channels: the two formats differ
+            seen.append(chunk.is_contiguous(memory_format=torch.channels_last) and
+                        weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous())
+            return super().purify_chunk(chunk, indices, generator)
+
+    runs = {}
+    for channels_last in (True, False):
+        seen.clear()
+        callback = Recording(tiny_ebm(), steps=5, chunk_size=4, cache_dir=str(tmp_path), progress=False,
+                             channels_last=channels_last)
+        runs[channels_last] = (callback.purify_dataset(images, _Trainer(), torch.device("cpu")), callback.key)
+        assert seen == [channels_last] * 3
+    (fast, fast_key), (plain, plain_key) = runs[True], runs[False]
+    assert fast_key != plain_key and (fast - images).abs().mean() > 1e-3
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+    assert EBMPurification(tiny_ebm()).channels_last and not Purification().channels_last

@@ -1,0 +1,82 @@
+"""Interleaved timing for every benchmark: the cases of one comparison take turns (A B A B …), so a load that comes
+and goes on a shared machine hits them alike, and each ratio is printed with the load and thread count it ran under.
+
+    cases = {"bare loop": lambda: bare(...), "callback": lambda: callback(...)}
+    timings = interleaved(cases, repeats=3, warmup=1)
+    print_table(timings, reference="bare loop", work=1000, unit="images")
+
+A case returns nothing or the seconds it wants counted (to exclude its own set-up); the device is synchronised by
+the case itself. The minimum over repeats is the least disturbed measurement; the median is printed beside it.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    """The wall and CPU seconds of each repeat of one case, and the 1-minute load average after each."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return min(self.wall)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    def as_dict(self) -> dict:
+        return {"wall_min": self.best, "wall_median": self.median, "cpu_min": min(self.cpu),
+                "load_max": max(self.load), "wall": self.wall, "cpu": self.cpu}
+
+
+def machine() -> dict:
+    """What a ratio depends on: cores this process may use, torch's intra-op threads, the load average."""
+    return {"cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg()[0],
+            "torch": torch.__version__}
+
+
+def interleaved(cases: dict[str, Callable[[], float | None]], repeats: int = 3, warmup: int = 1
+                ) -> dict[str, Timing]:
+    """Run every case ``warmup`` times (untimed), then ``repeats`` rounds in which each case runs once, in turn."""
+    for _ in range(warmup):
+        for run in cases.values():
+            run()
+    timings = {name: Timing() for name in cases}
+    for _ in range(repeats):
+        for name, run in cases.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            counted = run()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            timings[name].wall.append(wall if counted is None else counted)
+            timings[name].cpu.append(cpu)
+            timings[name].load.append(os.getloadavg()[0])
+    return timings
+
+
+def print_table(timings: dict[str, Timing], reference: str, work: float = 1.0, unit: str = "runs") -> dict:
+    """Print throughput (``work`` per best wall second) and the ratio of each case's throughput to ``reference``'s
+    (> 1: faster than the reference); returns the numbers with :func:`machine` for a JSON record."""
+    about = machine()
+    print(f"cores {about['cores']}, torch threads {about['torch_threads']}, OMP_NUM_THREADS "
+          f"{about['omp_num_threads']}, torch {about['torch']}")
+    base = timings[reference].best
+    rows = {}
+    for name, timing in timings.items():
+        ratio = base / timing.best
+        rows[name] = {**timing.as_dict(), "throughput": work / timing.best, "ratio_to_reference": ratio}
+        print(f"  {name:<40s} {work / timing.best:10.2f} {unit}/s  min {timing.best:7.3f} s  median "
+              f"{timing.median:7.3f} s  cpu {min(timing.cpu):7.3f} s  load ≤ {max(timing.load):4.1f}  "
+              f"× {ratio:5.2f} vs {reference}")
+    return {"machine": about, "reference": reference, "unit": unit, "work": work, "cases": rows}
