@@ -1,15 +1,19 @@
 """Langevin purification throughput: the EBMPurification callback vs a bare PyTorch loop, and 2 DDP processes vs 1.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_purification.py [--images 1000] [--steps 150] [--chunk 250]
+    python benchmarks/bench_purification.py [--images 1000] [--steps 150] [--chunk 250] [--repeats 3] [--out DIR]
 
 Same EBM (the shipped ``pretrained:digits``), same images (the first ``--images`` mnist5k training digits), same
-batch size. The bare loop is the textbook one (x.requires_grad_, autograd.grad, update with torch.randn); the callback
-runs its full path (key hashing, chunk seeding, cache writes, gather) with a fresh cache. Prints images/s and ratios
-(callback / bare should be ≥ 0.95; 2-process / 1-process ≈ 2 on 2 free cores). Not part of CI.
+batch size and memory format (``channels_last``, the callback's default for the EBM). The bare loop is what a careful
+user writes: detached updates under ``no_grad``, the constant ε²/(2T) folded, noise from a generator. The callback
+runs its full path (key hashing, chunk seeding, saturation check, cache writes, gather) with a fresh cache. Both
+1- and 2-process callback runs use every core of the machine (threads = cores / processes,
+``lit_robust.machine``). The cases take turns (``benchmarks/timing.py``); prints images/s and ratios (callback /
+bare should be ≥ 0.95). Not part of CI.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -18,18 +22,22 @@ from pathlib import Path
 
 import torch
 
+from timing import interleaved, print_table
 from lit_robust import EBM
 from lit_robust.datamodules import DigitsDataModule
+from lit_robust.machine import cores_available, use_available_cores
 
 DDP_RUN = """
 import sys, time, torch, lightning as L
 from lit_robust import EBM
 from lit_robust.callbacks import EBMPurification
+from lit_robust.machine import use_available_cores
 devices, n, steps, chunk, cache = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 accelerator, out = (sys.argv[7], sys.argv[8]) if len(sys.argv) > 8 else ("cpu", "")
 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 fabric = L.Fabric(accelerator=accelerator, devices=devices, strategy="ddp" if devices > 1 else "auto")
 fabric.launch()
+use_available_cores(devices)
 
 
 class Ranks:  # the part of a Trainer that Purification uses
@@ -64,39 +72,56 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def bare_loop(ebm: EBM, images: torch.Tensor, steps: int, batch: int) -> torch.Tensor:
-    """The textbook Langevin loop (detached updates, no caching, no checks) on ``images`` where they are."""
-    eps, temp = ebm.hparams.step_size, ebm.hparams.temperature
+def bare_loop(ebm: EBM, images: torch.Tensor, steps: int, batch: int, seed: int = 0) -> torch.Tensor:
+    """The Langevin loop as a careful user writes it, on ``images`` where they are."""
+    coefficient, eps = 0.5 * ebm.hparams.step_size ** 2 / ebm.hparams.temperature, ebm.hparams.step_size
+    ebm.to(memory_format=torch.channels_last)
+    generator = torch.Generator(images.device).manual_seed(seed)
     outputs = []
     for start in range(0, len(images), batch):
-        x = images[start:start + batch] * 2 - 1
+        x = (images[start:start + batch] * 2 - 1).contiguous(memory_format=torch.channels_last)
         for _ in range(steps):
-            x = x.detach().requires_grad_(True)
+            x.requires_grad_(True)
             grad = torch.autograd.grad(ebm(x).sum(), x)[0]
-            x = x - 0.5 * eps ** 2 * grad / temp + eps * torch.randn_like(x)
-        outputs.append((x.detach().clamp(-1, 1) + 1) / 2)
+            with torch.no_grad():
+                x = x - coefficient * grad + eps * torch.randn(x.shape, generator=generator, device=x.device)
+        outputs.append((x.clamp(-1, 1) + 1) / 2)
     return torch.cat(outputs)
-
-
-def time_bare_loop(ebm: EBM, images: torch.Tensor, steps: int, batch: int) -> float:
-    """Seconds of :func:`bare_loop` (the device synchronised)."""
-    synchronize(images.device)
-    start = time.perf_counter()
-    bare_loop(ebm, images, steps, batch)
-    synchronize(images.device)
-    return time.perf_counter() - start
 
 
 def time_callback(callback, images: torch.Tensor, device: torch.device | str, cache_dir: str
                   ) -> tuple[float, torch.Tensor]:
-    """Seconds of the callback's whole work loop (cache key, chunk seeding, checks, cache writes, gather) on one
-    process, ``images`` on the CPU as a DataModule holds them and a fresh ``cache_dir``; and the purified images."""
+    """Seconds of the callback's whole work loop on one process (the device synchronised), ``images`` on the CPU as
+    a DataModule holds them, and the purified images. Give each call a fresh ``cache_dir``."""
     callback.cache_dir = cache_dir
     synchronize(device)
     start = time.perf_counter()
     purified = callback.purify_dataset(images, OneProcess(cache_dir), torch.device(device))
     synchronize(device)
     return time.perf_counter() - start, purified
+
+
+def callback_case(images: torch.Tensor, steps: int, chunk: int, device: str, tmp: str):
+    """A timing case: the shipped EBM's callback, fresh cache each time."""
+    from lit_robust.callbacks import EBMPurification
+
+    def case() -> float:
+        callback = EBMPurification(EBM.pretrained("digits"), steps=steps, chunk_size=chunk, progress=False,
+                                   plots=False)
+        with tempfile.TemporaryDirectory(dir=tmp) as cache:
+            return time_callback(callback, images, device, cache)[0]
+    return case
+
+
+def bare_case(ebm: EBM, images: torch.Tensor, steps: int, chunk: int, device: str):
+    """A timing case: :func:`bare_loop` on the device, synchronised."""
+    def case() -> float:
+        synchronize(device)
+        start = time.perf_counter()
+        bare_loop(ebm, images.to(device), steps, chunk)
+        synchronize(device)
+        return time.perf_counter() - start
+    return case
 
 
 def run_ddp(devices: int, images_path: Path, steps: int, chunk: int, cache: Path, accelerator: str = "cpu",
@@ -114,26 +139,45 @@ def run_ddp(devices: int, images_path: Path, steps: int, chunk: int, cache: Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--chunk", type=int, default=250)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    ebm = EBM.pretrained("digits")
+    use_available_cores(1)
+    ebm = EBM.pretrained("digits").to(args.device).eval()
     datamodule = DigitsDataModule()
     datamodule.setup("fit")
     images = datamodule.train_dataset.images[: args.images]
-    results = {}
+
     with tempfile.TemporaryDirectory() as tmp:
-        results["bare loop"] = len(images) / time_bare_loop(ebm, images, args.steps, args.chunk)
         torch.save(images, Path(tmp) / "images.pt")
-        for devices in (1, 2):
-            results[f"callback, {devices} process{'es' if devices > 1 else ''}"] = run_ddp(
-                devices, Path(tmp) / "images.pt", args.steps, args.chunk, Path(tmp) / f"cache{devices}")
-    for name, value in results.items():
-        print(f"{name:24s} {value:8.1f} images/s  ({value * args.steps:.0f} image-steps/s)")
-    print(f"callback / bare loop      {results['callback, 1 process'] / results['bare loop']:.3f}")
-    print(f"2 processes / 1 process   {results['callback, 2 processes'] / results['callback, 1 process']:.3f}")
+        cases = {"bare loop": bare_case(ebm, images, args.steps, args.chunk, args.device),
+                 "callback, 1 process (in-process)": callback_case(images, args.steps, args.chunk, args.device, tmp)}
+        if args.device == "cpu":
+            for devices in (1, 2):
+                cases[f"callback, {devices} process(es) (subprocess)"] = ddp_case(devices, tmp, args)
+        timings = interleaved(cases, repeats=args.repeats, warmup=0)
+    table = print_table(timings, reference="bare loop", work=len(images), unit="images")
+    if args.device == "cpu":
+        two, one = (timings[f"callback, {n} process(es) (subprocess)"] for n in (2, 1))
+        print(f"2 processes / 1 process (both on all {cores_available()} cores): {one.best / two.best:.3f}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_purification.json").write_text(json.dumps(table, indent=1))
+
+
+def ddp_case(devices: int, tmp: str, args):
+    """A timing case running the callback on ``devices`` processes in a subprocess; counts the purification only
+    (start-up and imports excluded)."""
+    def case() -> float:
+        with tempfile.TemporaryDirectory(dir=tmp) as cache:
+            rate = run_ddp(devices, Path(tmp) / "images.pt", args.steps, args.chunk, Path(cache) / "cache")
+        return args.images / rate
+    return case
 
 
 if __name__ == "__main__":

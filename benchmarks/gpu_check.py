@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_certification import art_python, build_vit, time_art, time_ours  # noqa: E402
-from bench_purification import run_ddp, time_bare_loop, time_callback  # noqa: E402
+from bench_purification import bare_case, callback_case, run_ddp, time_callback  # noqa: E402
+from timing import interleaved  # noqa: E402
 
 NO_GPU = ("gpu_check needs a CUDA GPU and found none; nothing measured (--device cpu --tiny runs every part at toy "
           "sizes)")
@@ -64,9 +65,9 @@ def certification(device: str, size: dict, work: Path) -> dict:
 
 
 def purification(device: str, size: dict, work: Path) -> dict:
-    """(b): the callback's work loop vs the bare loop, same EBM, images, steps and batch (fp32)."""
+    """(b): the callback's work loop vs the bare loop, same EBM, images, steps, batch and memory format (fp32),
+    interleaved repeats."""
     from lit_robust import EBM
-    from lit_robust.callbacks import EBMPurification
     from lit_robust.datamodules import DigitsDataModule
 
     datamodule = DigitsDataModule()
@@ -74,10 +75,10 @@ def purification(device: str, size: dict, work: Path) -> dict:
     images = datamodule.train_dataset.images[: size["purify_images"]]
     ebm = EBM.pretrained("digits").to(device).eval()
     steps, chunk = size["purify_steps"], size["purify_chunk"]
-    time_bare_loop(ebm, images[:chunk].to(device), 1, chunk)  # warm-up (kernels, allocator)
-    bare = time_bare_loop(ebm, images.to(device), steps, chunk)
-    callback = EBMPurification(ebm, steps=steps, chunk_size=chunk, progress=False, plots=False)
-    ours = time_callback(callback, images, device, str(work / "purified_b"))[0]
+    timings = interleaved({"bare": bare_case(ebm, images, steps, chunk, device),
+                           "callback": callback_case(images, steps, chunk, device, str(work))},
+                          repeats=size["repeats"], warmup=1)
+    bare, ours = timings["bare"].best, timings["callback"].best
     return {"images": len(images), "steps": steps, "chunk": chunk, "bare_loop_images_per_s": len(images) / bare,
             "callback_images_per_s": len(images) / ours, "callback_over_bare": bare / ours}
 
