@@ -21,7 +21,7 @@ import torch
 from lit_robust.ablations import ablation_masks, ablation_positions
 from lit_robust.callbacks.contract import ItemFormat, evaluated_split, gather_in_order, output_folder, shard_batches
 from lit_robust.callbacks.metrics_file import write_json_atomic
-from lit_robust.certification import (CertifiedAccuracy, ablation_votes, certified_margin, patch_delta,
+from lit_robust.certification import (RULES, CertifiedAccuracy, ablation_votes, certified_margin, patch_delta,
                                       smoothed_prediction)
 from lit_robust.pixel_space import PixelSpace
 from lit_robust.smoothed_classifier import SmoothedClassifier
@@ -33,6 +33,8 @@ class Certification(L.Callback):
     Args:
         output_dir: where the records and plots go (default: ``certification/`` in the trainer's output folder).
         patch_sizes: adversarial patch sides m to certify against.
+        rule: ``strict`` (Eq. 1.2, margin > 2Δ) or ``tight`` (Levine & Feizi's exact rule: also margin = 2Δ when
+            the prediction wins the tie; :func:`lit_robust.certification.certified`).
         kind, width, stride: the ablation set; ``None`` reads ``ablation``, ``ablation_width``, ``ablation_stride``
             from the module's hparams.
         token_dropping: list of modes to certify in (e.g. ``[true, false]``: logs ``cert/<split>/drop/...`` and
@@ -48,10 +50,13 @@ class Certification(L.Callback):
                  kind: str | None = None, width: int | None = None, stride: int | None = None,
                  token_dropping: Sequence[bool] | None = None, splits: Sequence[str] = ("test",),
                  batch_size: int = 64, split: str | Callable | None = None, item_keys: tuple | None = None,
-                 normalization=None):
+                 normalization=None, rule: str = "strict"):
         bad = set(splits) - {"val", "test"}
         if bad:
             raise ValueError(f"Certification splits {sorted(bad)}: use 'val' and/or 'test'")
+        if rule not in RULES:
+            raise ValueError(f"Certification rule={rule!r}: use one of {RULES}")
+        self.rule = rule
         self.output_dir = output_dir
         self.patch_sizes = list(patch_sizes)
         self.kind, self.width, self.stride = kind, width, stride
@@ -117,7 +122,7 @@ class Certification(L.Callback):
         for mode in self.token_dropping or [None]:
             tag = f"cert/{split}" + ("" if mode is None else ("/drop" if mode else "/full"))
             indices, targets, counts = self._local_counts(trainer, model, dataset, masks, mode)
-            metric = CertifiedAccuracy(deltas).to(counts.device)
+            metric = CertifiedAccuracy(deltas, self.rule).to(counts.device)
             metric.update(counts, targets)
             results.update({f"{tag}/{name}": float(value) for name, value in metric.compute().items()})  # synced
             records[mode] = tuple(gather_in_order(t, indices, trainer).cpu() for t in (targets, counts))
@@ -129,7 +134,8 @@ class Certification(L.Callback):
 
     def _write(self, folder: Path, split, kind, width, stride, deltas, results, records) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        payload = {"ablation": kind, "width": width, "stride": stride, "deltas": deltas, "metrics": results,
+        payload = {"ablation": kind, "width": width, "stride": stride, "deltas": deltas, "rule": self.rule,
+                   "metrics": results,
                    "modes": {}}
         for mode, (targets, counts) in records.items():
             indices = torch.arange(len(targets))

@@ -5,6 +5,10 @@ The smoothed classifier g(x) = argmax_c n_c(x) (Eq. 1.1) counts the base classif
 A patch can change only the ablations whose kept pixels it intersects — at most Δ of them — so g(x) is certified
 when n_g > max_{c≠g} n_c + 2Δ (Eq. 1.2): after the attack n_g ≥ n_g − Δ > max n_c + Δ ≥ any n_c'. The inequality is
 strict, so a tie never certifies, and the tie rule of g (lowest class index) never decides a certified image.
+
+``rule="tight"`` is Levine & Feizi's exact condition (2020, Thm. 1): a margin of exactly 2Δ also certifies when g's
+index is below every runner-up's, since the attack can at most bring one of them level and ties go to the lowest
+index. Sound and tight on the votes: any image it does not certify has a change of ≤ Δ votes that flips g.
 """
 from __future__ import annotations
 
@@ -61,9 +65,29 @@ def patch_delta(masks: torch.Tensor, patch_size: int) -> int:
     return int(hit.sum(0).max().item())
 
 
-def certified(counts: torch.Tensor, delta: int) -> torch.Tensor:
-    """Eq. 1.2: n_g > max_{c≠g} n_c + 2Δ (strict), per image, for g = ``smoothed_prediction(counts)``."""
-    return certified_margin(counts) > 2 * delta
+RULES = ("strict", "tight")
+
+
+def certified(counts: torch.Tensor, delta: int | torch.Tensor, rule: str = "strict") -> torch.Tensor:
+    """Per image, for g = ``smoothed_prediction(counts)``: ``strict`` is Eq. 1.2, n_g > max_{c≠g} n_c + 2Δ;
+    ``tight`` adds n_g = max_{c≠g} n_c + 2Δ when g wins the tie with every runner-up (module docstring).
+    ``delta`` may be a tensor of several Δ broadcast against the images (shape (N, P) with ``delta`` (P,))."""
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r}: use one of {RULES}")
+    margin, wins = certified_margin(counts), wins_ties(counts)
+    if isinstance(delta, torch.Tensor) and delta.dim():
+        margin, wins = margin[:, None], wins[:, None]
+    strict = margin > 2 * delta
+    return strict if rule == "strict" else strict | ((margin == 2 * delta) & wins)
+
+
+def wins_ties(counts: torch.Tensor) -> torch.Tensor:
+    """Per image: g's class index is below that of every runner-up (every c ≠ g with the largest count but g's)."""
+    prediction = smoothed_prediction(counts)
+    others = counts.scatter(1, prediction[:, None], torch.iinfo(counts.dtype).min)
+    runner_up = others.max(dim=1, keepdim=True).values
+    classes = torch.arange(counts.shape[1], device=counts.device).expand_as(counts)
+    return prediction < torch.where(others == runner_up, classes, counts.shape[1]).min(dim=1).values
 
 
 def certified_margin(counts: torch.Tensor) -> torch.Tensor:
@@ -74,9 +98,9 @@ def certified_margin(counts: torch.Tensor) -> torch.Tensor:
     return top - others.max(dim=1).values
 
 
-def certified_correct(counts: torch.Tensor, targets: torch.Tensor, delta: int) -> torch.Tensor:
+def certified_correct(counts: torch.Tensor, targets: torch.Tensor, delta: int, rule: str = "strict") -> torch.Tensor:
     """Per image: g(x) = y and certified (the numerator of certified accuracy, §1.1.1)."""
-    return (smoothed_prediction(counts) == targets) & certified(counts, delta)
+    return (smoothed_prediction(counts) == targets) & certified(counts, delta, rule)
 
 
 def ablation_votes(ablated_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
@@ -89,15 +113,19 @@ def ablation_votes(ablated_logits: Callable[[torch.Tensor, torch.Tensor], torch.
 class CertifiedAccuracy(Metric):
     """Smoothed accuracy and certified accuracy for several patch sizes, from vote counts (§1.1.1).
 
-    ``deltas`` maps each patch size m to its Δ; ``compute()`` returns ``{"acc": …, "acc_m<m>": …}``. The state is
-    sums over images, so torchmetrics syncs it across DDP ranks exactly."""
+    ``deltas`` maps each patch size m to its Δ; ``rule`` is ``strict`` (Eq. 1.2) or ``tight`` (:func:`certified`);
+    ``compute()`` returns ``{"acc": …, "acc_m<m>": …}``. The state is sums over images, so torchmetrics syncs it
+    across DDP ranks exactly."""
 
     full_state_update = False
 
-    def __init__(self, deltas: dict[int, int], **kwargs):
+    def __init__(self, deltas: dict[int, int], rule: str = "strict", **kwargs):
         super().__init__(**kwargs)
         if not deltas:
             raise ValueError("CertifiedAccuracy needs at least one patch size: pass deltas={m: Δ, …}")
+        if rule not in RULES:
+            raise ValueError(f"rule={rule!r}: use one of {RULES}")
+        self.rule = rule
         self.patch_sizes = sorted(deltas)
         self.register_buffer("deltas", torch.tensor([deltas[m] for m in self.patch_sizes]), persistent=False)
         self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
@@ -106,9 +134,8 @@ class CertifiedAccuracy(Metric):
 
     def update(self, counts: torch.Tensor, targets: torch.Tensor) -> None:
         correct = smoothed_prediction(counts) == targets
-        margin = certified_margin(counts)
         self.correct += correct.sum()
-        self.certified += (correct[:, None] & (margin[:, None] > 2 * self.deltas.to(margin.device))).sum(0)
+        self.certified += (correct[:, None] & certified(counts, self.deltas.to(counts.device), self.rule)).sum(0)
         self.total += len(targets)
 
     def compute(self) -> dict[str, torch.Tensor]:

@@ -68,3 +68,63 @@ def test_certified_accuracy_metric_accumulates_over_batches():
     assert result["acc"].item() == pytest.approx(0.75)  # 3 of 4 predicted correctly
     assert result["acc_m1"].item() == pytest.approx(0.5)  # margins 19 and 9 > 4; 1 is not
     assert result["acc_m2"].item() == pytest.approx(0.25)  # only 19 > 10
+
+
+def _flippable(counts: tuple[int, ...], delta: int) -> bool:
+    """Brute force on the votes: can changing the predictions of at most ``delta`` ablations (any votes taken from
+    any classes, given to any classes) change the smoothed prediction (ties to the lowest index)?"""
+    classes = len(counts)
+
+    def g(votes):
+        return max(range(classes), key=lambda c: (votes[c], -c))
+
+    start = g(counts)
+    frontier = {counts}
+    for _ in range(delta):  # one changed ablation at a time: a vote moves from one class to another
+        frontier = {tuple(v - (c == src) + (c == dst) for c, v in enumerate(votes))
+                    for votes in frontier for src in range(classes) if votes[src] for dst in range(classes)}
+        if any(g(votes) != start for votes in frontier):
+            return True
+    return False
+
+
+def _vote_vectors(total: int, classes: int):
+    if classes == 1:
+        yield (total,)
+        return
+    for first in range(total + 1):
+        for rest in _vote_vectors(total - first, classes - 1):
+            yield (first, *rest)
+
+
+def test_tight_rule_certifies_exactly_the_vote_vectors_no_small_change_flips():
+    """Every vote vector of 1–7 ablations over 3 classes and Δ = 0–3: ``tight`` certifies iff no change of ≤ Δ votes
+    flips the prediction (brute force); ``strict`` is sound but misses exactly the ties the prediction wins. Includes
+    (2, 4, 2) at Δ = 1, where the runner-ups tie on both sides of g: class 0 wins the tie after one vote moves, so it
+    must not certify (ART 1.20.1's levine2020 mode takes the runner-up from ``kthvalue`` and certifies it). Fails
+    if the tie rule is dropped, reversed (g above the runner-ups) or applied to one runner-up only."""
+    tight_only = 0
+    for total in range(1, 8):
+        vectors = torch.tensor(list(_vote_vectors(total, 3)))
+        for delta in range(4):
+            truth = torch.tensor([not _flippable(tuple(v.tolist()), delta) for v in vectors])
+            assert torch.equal(certified(vectors, delta, "tight"), truth), (total, delta)
+            strict = certified(vectors, delta)
+            assert not (strict & ~truth).any()
+            tight_only += int((truth & ~strict).sum())
+    assert tight_only > 0
+    assert certified(torch.tensor([[2, 4, 2]]), 1, "tight").tolist() == [False]
+    assert certified(torch.tensor([[0, 4, 2]]), 1, "tight").tolist() == [True]
+
+
+def test_tight_rule_in_the_metric_and_per_patch_size():
+    counts = torch.tensor([[5, 3, 0], [3, 5, 0], [1, 6, 0]])   # margins 2, 2 (g = 1 loses the tie to class 0), 5
+    targets = torch.tensor([0, 1, 1])
+    for rule, expected in (("strict", [0, 0, 1]), ("tight", [1, 0, 1])):
+        assert certified_correct(counts, targets, 1, rule).tolist() == [bool(e) for e in expected]
+        metric = CertifiedAccuracy({2: 1, 4: 3}, rule)
+        metric.update(counts, targets)
+        assert metric.compute()["acc_m2"].item() == pytest.approx(sum(expected) / 3)
+        assert metric.compute()["acc_m4"].item() == pytest.approx(0.0)   # margin 5 < 2·3
+    with pytest.raises(ValueError, match="rule='loose'"):
+        CertifiedAccuracy({2: 1}, "loose")
