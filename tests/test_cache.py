@@ -1,7 +1,10 @@
 """The checksummed tensor cache: the digest, the cache key, the atomic write and the verified read, on real files under
 tmp_path, checked against hashlib and numpy computed here."""
+import datetime
 import hashlib
+import io
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import torch
 
 from lit_robust import cache
 from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic, sha256_bytes
+from lit_robust.serialization import NotPlainFileError
 
 
 def test_sha256_of_the_nist_vector():
@@ -41,7 +45,7 @@ def test_fingerprint_separates_what_a_cache_entry_depends_on():
 
 def test_save_atomic_writes_the_payload_and_its_checksum(tmp_path):
     state = {"weight": torch.randn(3, 4), "steps": torch.tensor(7)}
-    path = tmp_path / "nested" / "entry.pt"
+    path = tmp_path / "two" / "levels" / "entry.pt"
     checksum = save_atomic(path, state)
     payload = path.read_bytes()
     assert checksum == hashlib.sha256(payload).hexdigest()
@@ -88,12 +92,37 @@ def test_a_write_interrupted_before_the_checksum_leaves_no_valid_entry(tmp_path,
     assert replaced == [path] and load_verified(path) is None  # new payload, old checksum
 
 
-def test_check_writable_creates_the_folder_and_names_the_key(tmp_path, monkeypatch):
+def test_entries_that_are_not_plain_tensors_are_refused_by_name(tmp_path):
+    path = tmp_path / "entry.pt"
+    with pytest.raises(NotPlainFileError, match=r"^object to save at .*entry\.pt is not a plain-tensor file"):
+        save_atomic(path, {"when": datetime.date(2026, 1, 1)})
+    assert not list(tmp_path.iterdir())
+    buffer = io.BytesIO()
+    torch.save({"when": datetime.date(2026, 1, 1)}, buffer)  # written by hand, with a matching checksum
+    path.write_bytes(buffer.getvalue())
+    path.with_name("entry.pt.sha256").write_text(sha256_bytes(buffer.getvalue()))
+    with pytest.raises(NotPlainFileError, match=r"^cache entry .*entry\.pt is not a plain-tensor file"):
+        load_verified(path)
+
+
+def test_check_writable_creates_the_folder_writes_in_it_and_names_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
+    written_in = []
+    real = tempfile.NamedTemporaryFile
+
+    def spy(*args, **kwargs):
+        handle = real(*args, **kwargs)
+        written_in.append(Path(handle.name).parent)
+        return handle
+
+    monkeypatch.setattr(cache.tempfile, "NamedTemporaryFile", spy)
     folder = check_writable("~/a/b", "data.cache_dir")
     assert folder == tmp_path / "a" / "b" and folder.is_dir() and not list(folder.iterdir())
+    assert written_in == [folder]  # the check wrote into the folder itself, then removed the file
+    assert check_writable(folder, "data.cache_dir") == folder  # an existing folder is fine
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError, match=r"^data.cache_dir=.*file is a file, not a folder: set data.cache_dir"):
         check_writable(tmp_path / "file", "data.cache_dir")
-    with pytest.raises(PermissionError, match=r"^data.cache_dir=.*sub cannot be written \(\w+Error: .*\): set"):
+    with pytest.raises(PermissionError, match=r"^data.cache_dir=.*sub cannot be written \(NotADirectoryError: Not a "
+                                              r"directory\): set data.cache_dir to a folder you can write"):
         check_writable(tmp_path / "file" / "sub", "data.cache_dir")
