@@ -82,3 +82,10 @@ def test_energy_gradient_inside_no_grad_matches_the_closed_form():
 def test_chain_rejects_non_finite_or_non_positive_step_and_temperature(step_size, temperature):
     with pytest.raises(ValueError, match=r"^step_size=.*, temperature=.*: both must be finite numbers > 0"):
         langevin_chain(quadratic(1.0), torch.zeros(1, 1), 1, step_size, temperature)
+
+
+def test_chain_defaults_are_the_reference_step_and_temperature():
+    x = torch.randn(3, 2)
+    default, _ = langevin_chain(quadratic(1.0), x, 1, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(default, x - (1.25e-2 ** 2 / 2) * x / 1e-4 + 1.25e-2 * noise)

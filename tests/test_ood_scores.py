@@ -94,6 +94,7 @@ def test_hole_indicator_averages_the_per_draw_deviations():
     log_px_z = torch.tensor([[[0.0, 5.0], [1.0, 5.0], [2.0, 5.0]],
                              [[0.0, 0.0], [3.0, 2.0], [6.0, 4.0]]])
     assert S.hole_indicator(log_px_z).tolist() == pytest.approx([2.0, 1.0])
+    assert S.hole_indicator(log_px_z[1]).tolist() == pytest.approx([3.0, 2.0])  # (S, B): one draw
 
 
 def test_every_score_ranks_a_hand_built_outlier_above_an_inlier():
