@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lit_robust.ablations import ablation_masks, ablation_positions
-from lit_robust.certification import (CertifiedAccuracy, block_delta, certified, certified_correct, certified_margin,
-                                      column_delta, patch_delta, smoothed_prediction, vote_counts)
+from lit_robust.certification import (CertifiedAccuracy, ablation_votes, block_delta, certified, certified_correct,
+                                      certified_margin, column_delta, patch_delta, smoothed_prediction, vote_counts)
 
 
 def test_vote_counts_from_predictions():
@@ -128,3 +128,75 @@ def test_tight_rule_in_the_metric_and_per_patch_size():
         assert metric.compute()["acc_m4"].item() == pytest.approx(0.0)   # margin 5 < 2·3
     with pytest.raises(ValueError, match="rule='loose'"):
         CertifiedAccuracy({2: 1}, "loose")
+
+
+def test_vote_counts_reject_the_class_index_num_classes_and_accept_int32_predictions():
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match=r"^predictions outside \[0, 4\)"):
+            vote_counts(torch.tensor([[0, bad]]), 4)
+    predictions = torch.tensor([[3, 3, 0], [1, 2, 1]], dtype=torch.int32)  # argmax of another backend, not int64
+    assert vote_counts(predictions, 4).tolist() == [[1, 0, 0, 2], [0, 2, 1, 0]]
+
+
+def test_ablation_votes_count_the_argmax_over_every_image_and_ablation():
+    """The base classifier here votes for (kept pixel sum mod 3); the counts are checked by looping in Python."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 4, (3, 1, 4, 4), generator=generator).float()
+    masks = ablation_masks("column", ablation_positions("column", (4, 4), 2), (4, 4), 2)
+
+    def ablated_logits(x, m):
+        kept_sum = (x[:, None] * m[None, :, None]).sum((2, 3, 4)).long()
+        return torch.nn.functional.one_hot(kept_sum % 3, 3).float() * 5.0
+
+    counts = [[0] * 3 for _ in images]
+    for n in range(len(images)):
+        for a in range(len(masks)):
+            counts[n][int((images[n, 0] * masks[a]).sum().item()) % 3] += 1
+    assert ablation_votes(ablated_logits, images, masks, 3).tolist() == counts
+
+
+def test_delta_arguments_at_their_bounds():
+    assert column_delta(3, 1) == 3  # a band of one column: m positions
+    assert block_delta(2, 4) == 25  # the default stride is 1
+    for bad in [(0, 4, 1), (2, 0, 1), (2, 4, 0)]:
+        with pytest.raises(ValueError, match=r"^patch size .*: all must be positive integers"):
+            column_delta(*bad)
+
+
+def test_exact_delta_equals_brute_force_over_every_patch_placement():
+    """Arbitrary masks (not bands): Δ is the largest number of masks with a kept pixel inside one m×m window."""
+    generator = torch.Generator().manual_seed(1)
+    masks = (torch.rand(6, 7, 9, generator=generator) < 0.08).float()
+    for m in (1, 2, 3, 7):
+        brute = max(int((masks[:, r:r + m, c:c + m].flatten(1).amax(1) > 0).sum())
+                    for r in range(7 - m + 1) for c in range(9 - m + 1))
+        assert patch_delta(masks, m) == brute, m
+    assert patch_delta(ablation_masks("block", torch.tensor([[0, 0], [5, 5]]), (8, 8), 2), 8) == 2  # m = side
+    with pytest.raises(ValueError, match=r"^patch size 9 does not fit a 8×8 image"):
+        patch_delta(torch.ones(1, 8, 8), 9)
+
+
+@pytest.mark.filterwarnings("ignore:.*called before the ``update`` method")
+def test_certified_accuracy_at_the_strict_bound_and_for_one_image():
+    metric = CertifiedAccuracy({1: 2, 3: 3})
+    assert metric.compute()["acc"].item() == 0.0  # nothing seen: 0, not NaN
+    metric.update(torch.tensor([[5, 0]]), torch.tensor([0]))  # margin 5: > 2·2, not > 2·3
+    assert {k: v.item() for k, v in metric.compute().items()} == {"acc": 1.0, "acc_m1": 1.0, "acc_m3": 0.0}
+    metric.update(torch.tensor([[4, 0]]), torch.tensor([0]))  # margin 4 = 2·2: a tie does not certify
+    assert metric.compute()["acc_m1"].item() == 0.5
+    with pytest.raises(ValueError, match=r"^CertifiedAccuracy needs at least one patch size"):
+        CertifiedAccuracy({})
+
+
+def test_certified_accuracy_merges_ranks_exactly_and_keeps_deltas_out_of_checkpoints():
+    """Two "ranks" merged as torchmetrics syncs them equal one metric that saw both batches; Δ comes from the
+    config, so a checkpoint of a run with other patch sizes still loads."""
+    batches = [(torch.tensor([[9, 0], [3, 4]]), torch.tensor([0, 1])),
+               (torch.tensor([[0, 7], [6, 5]]), torch.tensor([1, 1]))]
+    ranks = [CertifiedAccuracy({1: 1, 2: 4}) for _ in batches]
+    for metric, batch in zip(ranks, batches):
+        metric.update(*batch)
+    ranks[0].merge_state(ranks[1])
+    merged = {k: v.item() for k, v in ranks[0].compute().items()}
+    assert merged == pytest.approx({"acc": 0.75, "acc_m1": 0.5, "acc_m2": 0.25})  # margins 9, 1, 7; one wrong
+    assert "deltas" not in CertifiedAccuracy({1: 1}).state_dict()

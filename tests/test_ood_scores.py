@@ -82,3 +82,46 @@ def test_openood_metrics_match_scikit_learn():
     assert metrics["auprc"] == pytest.approx(average_precision_score(is_outlier, scores), abs=1e-6)
     assert metrics["aupr_in"] == pytest.approx(average_precision_score(1 - is_outlier, -scores), abs=1e-6)
     assert metrics["fpr95"] > metrics["fpr80"] and metrics["aupr_in"] != pytest.approx(metrics["auprc"], abs=0.01)
+
+
+def test_typicality_is_a_distance_on_both_sides_of_the_entropy():
+    log_liks = torch.tensor([[-3.0, -30.0], [-3.0, -30.0]])  # −log p(x) = 3 and 30
+    assert S.typicality_test(log_liks, 10.0).tolist() == pytest.approx([7.0, 20.0])
+
+
+def test_hole_indicator_averages_the_per_draw_deviations():
+    # two posterior draws (N=2), S=3 codes, B=2 inputs: sample stds 1 and 3 for input 0, 0 and 2 for input 1
+    log_px_z = torch.tensor([[[0.0, 5.0], [1.0, 5.0], [2.0, 5.0]],
+                             [[0.0, 0.0], [3.0, 2.0], [6.0, 4.0]]])
+    assert S.hole_indicator(log_px_z).tolist() == pytest.approx([2.0, 1.0])
+    assert S.hole_indicator(log_px_z[1]).tolist() == pytest.approx([3.0, 2.0])  # (S, B): one draw
+
+
+def test_every_score_ranks_a_hand_built_outlier_above_an_inlier():
+    """Inlier: 3 draws agree on log p = −10. Outlier: they disagree around a lower likelihood."""
+    log_liks = torch.tensor([[-10.0, -20.0], [-10.0, -40.0], [-10.0, -60.0]])
+    log_px_z = torch.tensor([[[-10.0, -10.0], [-10.0, -30.0], [-10.0, -50.0]]])
+    scores = S.outlier_scores(log_liks, log_px_z, model_entropy=10.0)
+    assert list(scores) == list(S.SCORE_NAMES)
+    for name, score in scores.items():
+        assert score.shape == (2,) and score[1] > score[0], name
+    assert list(S.outlier_scores(log_liks[:2])) == ["expected_ll", "waic", "disagreement", "entropy", "std_ll"]
+    with pytest.raises(ValueError, match=r"^log_liks has shape \(3, 2, 1\): expected \(N draws ≥ 2, B inputs\)"):
+        S.outlier_scores(log_liks[..., None])
+
+
+def test_unit_interval_is_the_dense_rank_scaled_to_one():
+    assert S.to_unit_interval(torch.tensor([5.0, -3.0, 5.0, 0.0])).tolist() == [1.0, 0.0, 1.0, 0.5]
+    assert S.to_unit_interval(torch.tensor([-3.0, 7.0])).tolist() == [0.0, 1.0]
+    assert S.to_unit_interval(torch.tensor([2.0, 2.0])).tolist() == [0.0, 0.0]  # one value: no division by zero
+
+
+def test_detection_metrics_by_hand_and_non_finite_scores():
+    # inliers 1, 3; outliers 2, 4. AUROC: of the 4 (outlier, inlier) pairs 3 are ordered → 0.75.
+    # FPR at 80 % TPR: both outliers needed, threshold 2 → inlier 3 above it → 0.5.
+    metrics = S.detection_metrics(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0]))
+    assert metrics["auroc"] == pytest.approx(0.75) and metrics["fpr80"] == pytest.approx(0.5)
+    assert metrics["auprc"] == pytest.approx((1 + 2 / 3) / 2)  # precision 1 at score 4, 2/3 at score 2
+    assert metrics["aupr_in"] == pytest.approx((1 + 2 / 3) / 2)  # inliers positive, ranked by −score
+    with pytest.raises(ValueError, match=r"^non-finite OOD scores"):
+        S.detection_metrics(torch.tensor([1.0, float("nan")]), torch.tensor([2.0]))

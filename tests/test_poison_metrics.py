@@ -32,3 +32,14 @@ def test_targeted_success_counts_and_metric():
     metric.update(torch.tensor([[0.1, 0.9]]), torch.tensor([1]))
     metric.update(torch.tensor([[0.9, 0.1]]), torch.tensor([1]))
     assert metric.compute().item() == 0.5
+
+
+def test_success_rates_of_one_image_and_of_ranks_merged_as_torchmetrics_syncs_them():
+    one = TargetedPoisonSuccess()
+    one.update(torch.tensor([2]), torch.tensor([2]))
+    assert one.compute().item() == 1.0  # a single target image that succeeded
+    ranks = [AttackSuccessRate(target_class=2) for _ in range(2)]
+    ranks[0].update(torch.tensor([2, 2, 0]), torch.tensor([0, 2, 1]))  # hit, excluded, miss
+    ranks[1].update(torch.tensor([[0.0, 0.0, 9.0], [9.0, 0.0, 0.0]]), torch.tensor([1, 1]))  # hit, miss
+    ranks[0].merge_state(ranks[1])
+    assert ranks[0].compute().item() == pytest.approx(2 / 4)
