@@ -9,7 +9,9 @@ label (``poison/ra_x1``), DER = defense effectiveness rating against the no-defe
 planted poisons and share of clean samples kept. It is written to ``<out>/ispl_badnets.json`` (command, resolved
 configs and their hash, commit, machine: ``benchmarks/records.py``) and to ``<out>/metrics.json`` as flat
 ``table/<name>/<column>`` keys, and printed as markdown; ``benchmarks/render_results.py`` puts it into
-``docs/results.md``. Extra arguments are Hydra overrides applied to every run.
+``docs/results.md``. Extra arguments are Hydra overrides applied to every run. Several invocations with different
+``--only`` may share one ``--out`` (a run another live invocation is running is skipped); then rerun the full command
+once all are done, to write the table from the finished runs.
 
     OMP_NUM_THREADS=1 python benchmarks/ispl_badnets_table.py --out outputs/ispl_badnets_table [trainer.max_epochs=15]
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -50,12 +53,20 @@ def run(name: str, out: Path, extra: list[str]) -> tuple[dict, dict]:
     metrics_path, provenance_path = run_dir / "metrics.json", run_dir / "provenance.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if "test/acc" not in metrics:
+        if running_elsewhere(run_dir):
+            print(f"{run_dir} is being run by another invocation: skipped (rerun this command when it is done)")
+            return {}, {}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".running").write_text(str(os.getpid()))
         command = [sys.executable, "train.py", "experiment=ispl_badnets_digits", f"hydra.run.dir={run_dir}",
                    "callbacks.rich_progress_bar=null", *RUNS[name], *extra]
         print("+", " ".join(command), flush=True)
         started, clock = utc_now(), time.monotonic()
         git, load = git_state(), machine()["load_average"]
-        subprocess.run(command, cwd=ROOT, check=True)
+        try:
+            subprocess.run(command, cwd=ROOT, check=True)
+        finally:
+            (run_dir / ".running").unlink(missing_ok=True)
         write_json_atomic(provenance_path, {"overrides": [*RUNS[name], *extra], "git": git, "started": started,
                                             "finished": utc_now(), "seconds": round(time.monotonic() - clock, 1),
                                             "load_average_at_start": load, "machine": machine()})
@@ -63,6 +74,17 @@ def run(name: str, out: Path, extra: list[str]) -> tuple[dict, dict]:
         return metrics, {"reused": False, **json.loads(provenance_path.read_text())}
     provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
     return metrics, {"reused": True, **provenance}
+
+
+def running_elsewhere(run_dir: Path) -> bool:
+    """Whether another live invocation is running this run now (``<run>/.running`` holds its pid), so that several
+    invocations with different ``--only`` can share one ``--out`` (one per core); the last one writes the table."""
+    marker = run_dir / ".running"
+    try:
+        os.kill(int(marker.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def table_rows(results: dict[str, dict]) -> list[dict]:
@@ -94,9 +116,14 @@ def main() -> None:
     record = TableRecord("ispl_badnets", title="Seed 003 Table 1 on digits: BadNets pixel trigger, 10 % of class 1")
     results = {}
     for name in args.only:
-        results[name], provenance = run(name, out, extra)
-        record.add_run(name, run_dir=str(out / name), **provenance)
-        record.add_config(name, read_hydra_config(out / name))
+        metrics, provenance = run(name, out, extra)
+        if metrics:
+            results[name] = metrics
+            record.add_run(name, run_dir=str(out / name), **provenance)
+            record.add_config(name, read_hydra_config(out / name))
+    if set(results) != set(args.only):
+        print(f"not all runs are finished ({sorted(set(args.only) - set(results))}): no table written")
+        return
     rows = table_rows(results)
     update_metrics_file(out / "metrics.json", flat_keys(rows))
     path = record.write(out, COLUMNS, rows)
