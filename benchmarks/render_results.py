@@ -29,10 +29,21 @@ def cell(fmt: str, row: dict) -> str:
         return "–"
 
 
+def describe_commit(git: dict) -> str:
+    """``abc1234567`` or ``abc1234567 (uncommitted: a.py, b.md)``: which tracked files differed from the commit."""
+    commit = (git.get("commit") or "unknown")[:10]
+    if not git.get("dirty"):
+        return commit
+    changed = git.get("changed") or []
+    return commit + (f" (uncommitted: {', '.join(changed)})" if changed else " (uncommitted changes)")
+
+
 def provenance(record: dict) -> str:
     """One line: the command, commit (dirty flag), machine, time and config hash the table came from."""
     git, m = record["git"], record["machine"]
-    commit = (git.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
+    commit = describe_commit(git)
+    run_commits = sorted({describe_commit(run["git"]) for run in record.get("runs", {}).values() if run.get("git")})
+    runs_at = f" Runs trained at commit {', '.join(run_commits)}." if run_commits and run_commits != [commit] else ""
     threads = f"OMP_NUM_THREADS={m.get('OMP_NUM_THREADS') or 'unset'}, torch threads {m.get('torch_threads')}"
     load = m.get("load_average_at_start") or m.get("load_average")
     reused = [name for name, run in record.get("runs", {}).items() if run.get("reused")]
@@ -41,7 +52,7 @@ def provenance(record: dict) -> str:
     return (f"Record `{record['table']}.json`: `{record['command']}` at commit {commit}; {m.get('cores')} cores, load "
             f"average {' / '.join(f'{x:g}' for x in load)} at start, Python {m.get('python')}, torch {m.get('torch')}, "
             f"{threads}; {record['started']} – {record['finished']}; configs sha256 {record['config_hash'][:12]}."
-            + runs)
+            + runs + runs_at)
 
 
 def render_table(record: dict) -> str:
