@@ -1,10 +1,17 @@
 """Seed 003's Table 1 on the embedded digits: the ``ispl_badnets_digits`` experiment once per defence (no defence,
 spectral signatures, activation clustering, ITLM, ISPL) plus a clean-trained reference (no poisons, no filter).
 
-Each run lands in ``<out>/<name>/`` (a finished run is reused); the table — C = clean test accuracy, A = targeted
-misclassification of triggered source-class test images (poison/asr_x1), and each filter's removal precision/recall
-and share of clean samples kept — is merged into ``<out>/metrics.json`` with flat keys ``table/<name>/<column>`` and
-printed as markdown. Extra arguments are Hydra overrides applied to every run.
+Each run lands in ``<out>/<name>/`` (a finished run is reused, and the record says so). The table uses
+BackdoorBench's names: C-Acc = clean test accuracy (``test/acc``), ASR = triggered source-class test images
+classified as the target (``poison/asr_x1``, thesis Eq. D.5), RA = the same triggered images still given their true
+label (``poison/ra_x1``), DER = defense effectiveness rating against the no-defence run
+(``lit_robust.poison_metrics.defense_effectiveness_rating``), then each filter's removals and precision/recall on the
+planted poisons and share of clean samples kept. It is written to ``<out>/ispl_badnets.json`` (command, resolved
+configs and their hash, commit, machine: ``benchmarks/records.py``) and to ``<out>/metrics.json`` as flat
+``table/<name>/<column>`` keys, and printed as markdown; ``benchmarks/render_results.py`` puts it into
+``docs/results.md``. Extra arguments are Hydra overrides applied to every run. Several invocations with different
+``--only`` may share one ``--out`` (a run another live invocation is running is skipped); then rerun the full command
+once all are done, to write the table from the finished runs.
 
     OMP_NUM_THREADS=1 python benchmarks/ispl_badnets_table.py --out outputs/ispl_badnets_table [trainer.max_epochs=15]
 """
@@ -12,51 +19,92 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from lit_robust.callbacks.metrics_file import update_metrics_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import TableRecord, git_state, machine, read_hydra_config, utc_now  # noqa: E402
+
+from lit_robust.callbacks.metrics_file import update_metrics_file, write_json_atomic  # noqa: E402
+from lit_robust.poison_metrics import defense_effectiveness_rating  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"clean": ["data_filter=none", "data.params.fraction=0"], "none": ["data_filter=none"],
         "spectral_signatures": ["data_filter=spectral_signatures"],
         "activation_clustering": ["data_filter=activation_clustering"], "itlm": ["data_filter=itlm"],
         "ispl": ["data_filter=ispl"]}
-COLUMNS = {"C": "test/acc", "A": "poison/asr_x1", "removed": "filter/removed", "precision": "filter/precision",
-           "recall": "filter/recall", "clean_kept": "filter/clean_kept"}
-PERCENT = {"C", "A", "precision", "recall", "clean_kept"}
+LABELS = {"clean": "clean-trained (no poisons)", "none": "no defence",
+          "spectral_signatures": "spectral signatures (remove 20 %/class)", "activation_clustering":
+          "activation clustering", "itlm": "ITLM (keep 96 %)", "ispl": "ISPL + boosting (this work)"}
+METRICS = {"c_acc": "test/acc", "asr": "poison/asr_x1", "ra": "poison/ra_x1", "removed": "filter/removed",
+           "precision": "filter/precision", "recall": "filter/recall", "clean_kept": "filter/clean_kept"}
+PERCENT = {"c_acc", "asr", "ra", "precision", "recall", "clean_kept"}
+COLUMNS = [("defence", "{label}"), ("C-Acc (%)", "{c_acc:.1f}"), ("ASR (%)", "{asr:.1f}"), ("RA (%)", "{ra:.1f}"),
+           ("DER (%)", "{der:.1f}"), ("removed", "{removed:.0f}"), ("precision (%)", "{precision:.1f}"),
+           ("recall (%)", "{recall:.1f}"), ("clean kept (%)", "{clean_kept:.1f}")]
 
 
-def run(name: str, out: Path, extra: list[str]) -> dict:
-    metrics_path = out / name / "metrics.json"
+def run(name: str, out: Path, extra: list[str]) -> tuple[dict, dict]:
+    """The run's metrics and its provenance (``<run>/provenance.json``, written when this script launches it)."""
+    run_dir = out / name
+    metrics_path, provenance_path = run_dir / "metrics.json", run_dir / "provenance.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     if "test/acc" not in metrics:
-        command = [sys.executable, "train.py", "experiment=ispl_badnets_digits", f"hydra.run.dir={out / name}",
+        if running_elsewhere(run_dir):
+            print(f"{run_dir} is being run by another invocation: skipped (rerun this command when it is done)")
+            return {}, {}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".running").write_text(str(os.getpid()))
+        command = [sys.executable, "train.py", "experiment=ispl_badnets_digits", f"hydra.run.dir={run_dir}",
                    "callbacks.rich_progress_bar=null", *RUNS[name], *extra]
         print("+", " ".join(command), flush=True)
-        subprocess.run(command, cwd=ROOT, check=True)
+        started, clock = utc_now(), time.monotonic()
+        git, load = git_state(), machine()["load_average"]
+        try:
+            subprocess.run(command, cwd=ROOT, check=True)
+        finally:
+            (run_dir / ".running").unlink(missing_ok=True)
+        write_json_atomic(provenance_path, {"overrides": [*RUNS[name], *extra], "git": git, "started": started,
+                                            "finished": utc_now(), "seconds": round(time.monotonic() - clock, 1),
+                                            "load_average_at_start": load, "machine": machine()})
         metrics = json.loads(metrics_path.read_text())
-    return metrics
+        return metrics, {"reused": False, **json.loads(provenance_path.read_text())}
+    provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
+    return metrics, {"reused": True, **provenance}
 
 
-def table(results: dict[str, dict]) -> dict[str, float]:
-    rows = {}
+def running_elsewhere(run_dir: Path) -> bool:
+    """Whether another live invocation is running this run now (``<run>/.running`` holds its pid), so that several
+    invocations with different ``--only`` can share one ``--out`` (one per core); the last one writes the table."""
+    marker = run_dir / ".running"
+    try:
+        os.kill(int(marker.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def table_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per run: percentages, and DER (%) of each filter against the no-defence run."""
+    rows = []
     for name, metrics in results.items():
-        for column, key in COLUMNS.items():
-            if key in metrics:
-                rows[f"table/{name}/{column}"] = metrics[key] * (100.0 if column in PERCENT else 1.0)
-    if "ispl" in results and "clean" in results:
-        rows["table/ispl/C_drop_vs_clean"] = rows["table/clean/C"] - rows["table/ispl/C"]
+        row = {"name": name, "label": LABELS[name]}
+        row.update({col: metrics[key] * (100.0 if col in PERCENT else 1.0) for col, key in METRICS.items()
+                    if key in metrics and metrics[key] is not None})
+        if name not in ("clean", "none") and "none" in results:
+            none = results["none"]
+            row["der"] = 100.0 * defense_effectiveness_rating(none["test/acc"], none["poison/asr_x1"],
+                                                              metrics["test/acc"], metrics["poison/asr_x1"])
+        rows.append(row)
     return rows
 
 
-def markdown(rows: dict[str, float], names: list[str]) -> str:
-    lines = ["| defence | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name in names:
-        cells = [f"{rows[f'table/{name}/{c}']:.1f}" if f"table/{name}/{c}" in rows else "–" for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def flat_keys(rows: list[dict]) -> dict[str, float]:
+    return {f"table/{row['name']}/{key}": float(value) for row in rows for key, value in row.items()
+            if key not in ("name", "label")}
 
 
 def main() -> None:
@@ -65,10 +113,24 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS), help="subset of the runs")
     args, extra = parser.parse_known_args()
     out = (ROOT / args.out).resolve()
-    results = {name: run(name, out, extra) for name in args.only}
-    rows = table(results)
-    update_metrics_file(out / "metrics.json", rows)
-    print(markdown(rows, args.only))
+    record = TableRecord("ispl_badnets", title="Seed 003 Table 1 on digits: BadNets pixel trigger, 10 % of class 1")
+    results = {}
+    for name in args.only:
+        metrics, provenance = run(name, out, extra)
+        if metrics:
+            results[name] = metrics
+            record.add_run(name, run_dir=str(out / name), **provenance)
+            record.add_config(name, read_hydra_config(out / name))
+    if set(results) != set(args.only):
+        print(f"not all runs are finished ({sorted(set(args.only) - set(results))}): no table written")
+        return
+    rows = table_rows(results)
+    update_metrics_file(out / "metrics.json", flat_keys(rows))
+    path = record.write(out, COLUMNS, rows)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from render_results import render_table
+    print(render_table(json.loads(path.read_text())))
+    print(f"record: {path}")
 
 
 if __name__ == "__main__":

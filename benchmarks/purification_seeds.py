@@ -1,30 +1,41 @@
-"""Purification defended vs undefended over several seeds: mean and std of attack success and natural accuracy.
+"""Purification defended vs undefended over several seeds: mean ± std and max of attack success (PureGen's
+poisoning tables), mean ± std of natural accuracy.
 
     OMP_NUM_THREADS=1 python benchmarks/purification_seeds.py --out outputs/purify_narcissus_eps32 --seeds 0 1 2 \
         --run undefended=narcissus_digits --run PureEBM=pureebm_narcissus_digits [--set key=value ...]
 
 ``--run name=experiment[:override:override...]`` adds one row (per-run overrides are ``:``-separated, e.g.
 ``PureEBM-P=pureebm_narcissus_digits:callbacks.purification.ebm=outputs/ebm_p/checkpoints/last.ckpt``); ``--set``
-overrides apply to every run. The seed drives everything in a run (poison crafting, purification noise, classifier
-init). Each (run, seed) writes to ``<out>/<name>/seed<k>/`` and is skipped when that run already has its test
+overrides apply to every run. The seed drives everything in a run (the attacker's surrogate and poison crafting,
+purification noise, classifier init). Each (run, seed) writes to ``<out>/<name>/seed<k>/`` and is skipped when that run already has its test
 metrics, so several invocations with different ``--seeds`` can share one ``--out`` (one process per core) and a last
 one aggregates. ``<out>/metrics.json`` gets ``table/<name>/<metric>/{mean,std,n}`` and, for every defended run, the
 thesis bounds against the first (undefended) run: attack success as a fraction of the undefended mean (≤ 0.25) and
-the natural-accuracy drop in points (≤ 5).
+the natural-accuracy drop in points (≤ 5). ``<out>/<table>.json`` (``--table``, default the name of ``--out``) is the
+table's record (``benchmarks/records.py``: command, resolved configs and their hash, commit, machine, rows) that
+``benchmarks/render_results.py`` puts into ``docs/results.md``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
-from lit_robust.callbacks.metrics_file import update_metrics_file
-from lit_robust.runner import run_experiment
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import TableRecord  # noqa: E402
+
+from lit_robust.callbacks.metrics_file import update_metrics_file, write_json_atomic  # noqa: E402
+from lit_robust.runner import compose_experiment, fit_and_test  # noqa: E402
 
 SUCCESS_METRICS = ("poison/asr_x1", "poison/asr_x3", "poison/target_success")  # backdoors: ASR ×1/×3; GM/BP: Eq. D.4
 METRICS = (*SUCCESS_METRICS, "poison/natural_acc")
 MAX_ASR_FRACTION, MAX_ACC_DROP = 0.25, 0.05
+HEADERS = {"asr_x1": "attack success ×1 (%)", "asr_x3": "×3 (%)", "target_success": "targeted success (%)",
+           "natural_acc": "natural accuracy (%)"}
 
 
 def parse_run(spec: str) -> tuple[str, str, list[str]]:
@@ -54,7 +65,8 @@ def summarise(per_seed: dict[str, dict[int, dict]]) -> dict[str, float]:
             key = f"table/{name}/{metric.split('/')[1]}"
             means[name, metric] = statistics.mean(values)
             summary.update({f"{key}/mean": means[name, metric], f"{key}/n": float(len(values)),
-                            f"{key}/std": statistics.stdev(values) if len(values) > 1 else 0.0})
+                            f"{key}/std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                            f"{key}/max": max(values)})
             summary.update({f"{key}/seed{seed}": m[metric] for seed, m in seeds.items() if metric in m})
     reference, *defended = per_seed
     for name in defended:
@@ -83,24 +95,60 @@ def print_table(per_seed: dict[str, dict[int, dict]], summary: dict[str, float])
             print(f"{key:70s} {value:7.3f}  ({'met' if value <= limit else 'NOT met'}: ≤ {limit})")
 
 
+def table_rows(per_seed: dict[str, dict[int, dict]], summary: dict[str, float]
+               ) -> tuple[list[tuple[str, str]], list[dict]]:
+    """Columns and rows for the record, in percent: success as mean ± std (max), natural accuracy as mean ± std."""
+    shown = [m.split("/")[1] for m in METRICS if any(f"table/{n}/{m.split('/')[1]}/mean" in summary for n in per_seed)]
+    columns = [("run", "{name}")]
+    for metric in shown:
+        spread = "" if metric == "natural_acc" else f" (max {{{metric}_max:.1f}})"
+        columns.append((HEADERS[metric], f"{{{metric}_mean:.1f}} ± {{{metric}_std:.1f}}" + spread))
+    columns.append(("seeds", "{seeds}"))
+    rows = []
+    for name, seeds in per_seed.items():
+        row = {"name": name, "seeds": ", ".join(str(s) for s in sorted(seeds))}
+        for metric in shown:
+            for stat in ("mean", "std", "max"):
+                if f"table/{name}/{metric}/{stat}" in summary:
+                    row[f"{metric}_{stat}"] = 100.0 * summary[f"table/{name}/{metric}/{stat}"]
+        rows.append(row)
+    return columns, rows
+
+
+def resolved(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--run", action="append", required=True, help="name=experiment[:override...]; first = undefended")
     parser.add_argument("--set", action="append", default=[], help="override for every run")
+    parser.add_argument("--table", help="name of the table record (<out>/<table>.json); default: the --out folder's")
     args = parser.parse_args()
     runs = [parse_run(spec) for spec in args.run]
+    record = TableRecord(args.table or args.out.name)
     for seed in args.seeds:
         for name, experiment, overrides in runs:
             run_dir = args.out / name / f"seed{seed}"
-            if finished_metrics(run_dir) is None:
-                run_experiment(experiment, [*args.set, *overrides, f"seed={seed}"], run_dir)
+            cfg = compose_experiment(experiment, [*args.set, *overrides, f"seed={seed}"], run_dir)
+            saved = run_dir / "resolved_config.json"
+            reused = finished_metrics(run_dir) is not None
+            if not reused:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                write_json_atomic(saved, resolved(cfg))
+                fit_and_test(cfg)
+            # a reused run keeps the config it ran with; one from before these records gets today's, flagged
+            record.add_config(f"{name}/seed{seed}", json.loads(saved.read_text()) if saved.is_file() else resolved(cfg))
+            record.add_run(f"{name}/seed{seed}", run_dir=str(run_dir), reused=reused,
+                           config="as run" if saved.is_file() else "recomposed now (the run predates the records)")
     per_seed = {name: {int(d.name[4:]): m for d in sorted((args.out / name).glob("seed*"))
                        if (m := finished_metrics(d)) is not None} for name, _, _ in runs}
     summary = summarise(per_seed)
     update_metrics_file(args.out / "metrics.json", summary)
     print_table(per_seed, summary)
+    print(f"record: {record.write(args.out, *table_rows(per_seed, summary))}")
 
 
 if __name__ == "__main__":

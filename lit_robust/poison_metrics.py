@@ -62,3 +62,18 @@ class TargetedPoisonSuccess(_RatioMetric):
         hits, total = targeted_success_counts(_as_preds(preds), adversarial_labels)
         self.hits += hits
         self.total += total
+
+
+def defense_effectiveness_rating(acc_undefended: float, asr_undefended: float, acc_defended: float,
+                                 asr_defended: float) -> float:
+    """BackdoorBench's defense effectiveness rating (Zhu et al., FT-SAM, ICCV 2023, Eq. 7; the DER column of
+    BackdoorBench's defence tables): DER = [max(0, ΔASR) − max(0, ΔACC) + 1] / 2 with ΔASR = ASR_undefended −
+    ASR_defended and ΔACC = C-Acc_undefended − C-Acc_defended, all as fractions in [0, 1]. DER ∈ [0, 1]: 1 = ASR from
+    1 to 0 without losing clean accuracy, 0.5 = nothing changed (or equal gains and losses); gains in C-Acc and rises
+    in ASR are clipped to 0. Multiply by 100 for the papers' percentage tables."""
+    for name, value in (("acc_undefended", acc_undefended), ("asr_undefended", asr_undefended),
+                        ("acc_defended", acc_defended), ("asr_defended", asr_defended)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value!r}: DER takes accuracies and attack success as fractions in [0, 1]")
+    delta_asr, delta_acc = asr_undefended - asr_defended, acc_undefended - acc_defended
+    return (max(0.0, delta_asr) - max(0.0, delta_acc) + 1.0) / 2.0

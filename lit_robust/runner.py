@@ -267,15 +267,19 @@ def evaluate(cfg: DictConfig, command_line: list[str]) -> None:
     evaluate_test_split(trainer, model, datamodule, cfg.ckpt_path, cfg.output_dir)
 
 
-def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> dict:
-    """``train.py experiment=<experiment> <overrides>`` in this process, writing to ``output_dir``; returns the run's
-    ``metrics.json``. For drivers that chain several runs (the flagship, multi-seed tables)."""
+def compose_experiment(experiment: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The config ``train.py experiment=<experiment> <overrides>`` would run with, writing to ``output_dir``."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     check_experiment(experiment)
     GlobalHydra.instance().clear()
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", f"output_dir={output_dir}", *overrides])
-    fit_and_test(cfg)
+        return compose("train", overrides=[f"experiment={experiment}", f"output_dir={output_dir}", *overrides])
+
+
+def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> dict:
+    """``train.py experiment=<experiment> <overrides>`` in this process, writing to ``output_dir``; returns the run's
+    ``metrics.json``. For drivers that chain several runs (the flagship, multi-seed tables)."""
+    fit_and_test(compose_experiment(experiment, overrides, output_dir))
     return json.loads((output_dir / "metrics.json").read_text())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lit_robust.poison_metrics import (AttackSuccessRate, TargetedPoisonSuccess, attack_success_counts,
-                                       targeted_success_counts)
+                                       defense_effectiveness_rating, targeted_success_counts)
 
 
 def test_attack_success_excludes_target_class_images():
@@ -43,3 +43,14 @@ def test_success_rates_of_one_image_and_of_ranks_merged_as_torchmetrics_syncs_th
     ranks[1].update(torch.tensor([[0.0, 0.0, 9.0], [9.0, 0.0, 0.0]]), torch.tensor([1, 1]))  # hit, miss
     ranks[0].merge_state(ranks[1])
     assert ranks[0].compute().item() == pytest.approx(2 / 4)
+
+
+def test_defense_effectiveness_rating_matches_backdoorbench():
+    # FT-SAM (ICCV 2023) Table 1, BadNets-A2O, fine-tuning: backdoored 91.82 / 93.79, defended 90.29 / 1.70 -> DER 95.28
+    assert 100 * defense_effectiveness_rating(0.9182, 0.9379, 0.9029, 0.0170) == pytest.approx(95.28, abs=0.005)
+    assert defense_effectiveness_rating(0.9, 1.0, 0.9, 0.0) == 1.0        # ASR 1 -> 0 at no cost
+    assert defense_effectiveness_rating(0.9, 0.8, 0.9, 0.8) == 0.5        # nothing changed
+    assert defense_effectiveness_rating(0.9, 0.5, 0.95, 0.7) == 0.5       # a C-Acc gain and an ASR rise are clipped
+    assert defense_effectiveness_rating(1.0, 0.6, 0.0, 0.6) == 0.0        # C-Acc 1 -> 0, ASR unchanged
+    with pytest.raises(ValueError, match="asr_defended=5"):
+        defense_effectiveness_rating(0.9, 0.9, 0.9, 5.0)                  # percentages are refused, not misread

@@ -1,0 +1,122 @@
+"""Table records: every table command in ``benchmarks/`` writes ``<out>/<table>.json`` through :class:`TableRecord`,
+and ``benchmarks/render_results.py`` turns those JSONs into the tables of ``docs/results.md`` (issue #29: text and
+numbers cannot drift).
+
+A record holds the command line, the resolved config of each run and one hash over them, ``git rev-parse HEAD`` with a
+dirty flag, the machine (cores, load average, Python/torch versions, OMP threads), start and end time, the columns
+(a header and a format string applied to each row with ``str.format_map``) and the rows (plain numbers, strings).
+
+    record = TableRecord("ispl_badnets", title="Seed 003 Table 1 on digits")
+    record.add_config("none", resolved_config_dict)
+    record.write(out, columns=[("defence", "{name}"), ("C-Acc (%)", "{c_acc:.1f}")], rows=[{...}, ...])
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_SHOWN = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def git_state(root: Path = ROOT) -> dict:
+    """HEAD's commit, whether tracked files differ from it (untracked files do not count) and which ones, so a
+    reader can see whether the uncommitted edits could have touched the numbers (docs, tests) or not."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        changed = git("diff", "HEAD", "--name-only").splitlines()
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "changed": changed}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def machine() -> dict:
+    """What the timings and any thread-dependent numbers depend on."""
+    import torch
+    return {"cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "cuda": torch.cuda.is_available(),
+            **{name: os.environ.get(name) for name in ENV_SHOWN}}
+
+
+def config_hash(configs: dict) -> str:
+    """sha256 of the resolved configs as canonical JSON (sorted keys), so equal configs hash equal."""
+    return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The invocation as one shell line, prefixed with the thread variables that were set."""
+    env = [f"{name}={os.environ[name]}" for name in ENV_SHOWN[:2] if name in os.environ]
+    argv = argv if argv is not None else sys.argv
+    script = Path(argv[0]).resolve()
+    shown = str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else argv[0]
+    return shlex.join(["python", shown, *argv[1:]]) if not env else " ".join(env) + " " + shlex.join(
+        ["python", shown, *argv[1:]])
+
+
+class TableRecord:
+    """One table's provenance: started when constructed, written with its rows by :meth:`write`."""
+
+    def __init__(self, table: str, title: str = "", argv: list[str] | None = None):
+        self.table, self.title = table, title
+        self.command = command_line(argv)
+        self.started = utc_now()
+        self.git = git_state()
+        self.load_at_start = list(os.getloadavg())
+        self.configs: dict[str, dict] = {}
+        self.runs: dict[str, dict] = {}
+        self.notes: list[str] = []
+
+    def add_config(self, name: str, config: dict) -> None:
+        self.configs[name] = config
+
+    def add_run(self, name: str, **info) -> None:
+        """Per-run provenance (run dir, reused or run now, seconds, ...)."""
+        self.runs[name] = info
+
+    def payload(self, columns: list[tuple[str, str]], rows: list[dict]) -> dict:
+        return {"table": self.table, "title": self.title, "command": self.command, "git": self.git,
+                "machine": {**machine(), "load_average_at_start": [round(x, 2) for x in self.load_at_start]},
+                "started": self.started, "finished": utc_now(), "config_hash": config_hash(self.configs),
+                "configs": self.configs, "runs": self.runs, "notes": self.notes,
+                "columns": [{"header": header, "format": fmt} for header, fmt in columns], "rows": rows}
+
+    def write(self, out: Path, columns: list[tuple[str, str]], rows: list[dict]) -> Path:
+        """Write ``<out>/<table>.json`` atomically and return its path."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{self.table}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.payload(columns, rows), indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def read_hydra_config(run_dir: Path) -> dict:
+    """A Hydra run's resolved config (``<run_dir>/.hydra/config.yaml``), ``{}`` when the run left none."""
+    from omegaconf import OmegaConf
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return {}
+    cfg = OmegaConf.load(path)
+    cfg.output_dir = str(run_dir)  # saved as ${hydra:runtime.output_dir}, unresolvable outside the run
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def mean_std_max(values: list[float]) -> dict[str, float]:
+    """Mean, sample std (0 for one value) and max: PureGen's poisoning tables report mean ± std and max over trials."""
+    import statistics
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "max": max(values), "n": len(values)}
