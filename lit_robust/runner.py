@@ -5,7 +5,9 @@ constructors' annotations before anything is built, and checkpoints are read wit
 ``lit_robust.serialization``). Checkpoints record the model's ``_target_`` and the training images' shape
 (``checkpoint["lit_robust"]``); evaluating one with another model class or image size fails at the start. A
 non-finite ``test/*`` metric (a diverged model, NaN weights) is logged as a warning and counted in ``metrics.json``
-as ``test/non_finite``; the run still succeeds, so its other numbers stay inspectable.
+as ``test/non_finite``; the run still succeeds, so its other numbers stay inspectable. ``smoke=true`` shrinks any
+run to seconds on a CPU (``shrink_for_smoke``, ``conf/smoke.yaml``); an experiment's documented
+``headline_metrics`` are checked at the end of every run (``check_headline_metrics``).
 """
 from __future__ import annotations
 
@@ -203,11 +205,16 @@ def cpu_trainer_without_sync_batchnorm(trainer_cfg: DictConfig) -> None:
             trainer_cfg.sync_batchnorm = False
 
 
+# Keys of conf/smoke.yaml where a larger number is the cheaper run (fewer ablation positions): raised, not lowered.
+SMOKE_RAISED = ("ablation_stride", "val_stride")
+
+
 def shrink_for_smoke(cfg: DictConfig) -> None:
     """``smoke=true``: shrink a composed config in place so that the whole run (data, poison crafting, purification,
     filtering, training, testing, reports) takes seconds on a CPU — the check that a full-scale config runs end to
     end before booking GPUs. The values are ``conf/smoke.yaml``, laid out as the config; only keys the config has are
-    set (a number only lowered, a list replaced), so one file serves every experiment. Without CUDA, GPU-only
+    set (a number only lowered — strides, ``SMOKE_RAISED``, only raised — a list replaced), so one file serves every
+    experiment. Without CUDA, GPU-only
     settings (``trainer=gpu``/``ddp``, bf16) become one CPU process in full precision, with a warning."""
     smoke = OmegaConf.create(resources.files(CONFIG_MODULE).joinpath("smoke.yaml").read_text())
     with open_dict(cfg):
@@ -236,8 +243,8 @@ def _shrink(node: DictConfig, smoke: DictConfig) -> None:
             current = node[key]
         except Exception:  # e.g. an unset ${required:...}: smoke does not supply it
             continue
-        lower = type(value) in (int, float) and type(current) is type(value) and current >= 0  # 1.0 ≠ 1 batch
-        node[key] = min(current, value) if lower else value
+        numbers = type(value) in (int, float) and type(current) is type(value) and current >= 0  # 1.0 ≠ 1 batch
+        node[key] = (max if key in SMOKE_RAISED else min)(current, value) if numbers else value
 
 
 def check_headline_metrics(cfg: DictConfig, metrics: dict) -> list[str]:
@@ -302,6 +309,10 @@ def fit_and_test(cfg: DictConfig) -> None:
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         evaluate_test_split(trainer, model, datamodule, best or None, cfg.output_dir)
+    check_run_metrics(cfg, trainer)
+
+
+def check_run_metrics(cfg: DictConfig, trainer: L.Trainer) -> None:
     if trainer.is_global_zero:
         path = Path(cfg.output_dir) / "metrics.json"
         check_headline_metrics(cfg, json.loads(path.read_text()) if path.is_file() else {})
@@ -309,7 +320,8 @@ def fit_and_test(cfg: DictConfig) -> None:
 
 def evaluate(cfg: DictConfig, command_line: list[str]) -> None:
     """What ``evaluate.py`` does: validate and test ``cfg.ckpt_path`` under its saved hyperparameters, except the
-    ``model.*`` keys on the ``command_line``; ``cfg.smoke``: shrunk first (``shrink_for_smoke``)."""
+    ``model.*`` keys on the ``command_line``; ``cfg.smoke``: shrunk first (``shrink_for_smoke``; the checkpoint's
+    hyperparameters still win over it). Ends by checking the experiment's ``headline_metrics``."""
     if cfg.get("smoke"):
         shrink_for_smoke(cfg)
     checkpoint = read_checkpoint(cfg)
@@ -317,6 +329,7 @@ def evaluate(cfg: DictConfig, command_line: list[str]) -> None:
     datamodule, model, trainer = build(cfg, checkpoint)
     trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     evaluate_test_split(trainer, model, datamodule, cfg.ckpt_path, cfg.output_dir)
+    check_run_metrics(cfg, trainer)
 
 
 def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> dict:

@@ -84,7 +84,8 @@ def write_cinic10(root: Path, per_class: int = 1) -> None:
         write_image_folder(Path(root) / "cinic-10" / split, per_class=per_class)
 
 
-def write_imagenet(root: Path, per_class: int = 1, size: tuple[int, int] = (300, 400)) -> None:
+def write_imagenet(root: Path, per_class: int = 1, size: tuple[int, int] = (300, 400),
+                   val_per_class: int | None = None) -> None:
     """torchvision's ImageNet layout: ``meta.bin`` ((wnid → class names), val wnids) + ``{train,val}/<wnid>/*.JPEG``
     (what ``torchvision.datasets.ImageNet`` leaves after unpacking the official archives)."""
     root = Path(root)
@@ -93,7 +94,7 @@ def write_imagenet(root: Path, per_class: int = 1, size: tuple[int, int] = (300,
     for split in ("train", "val"):
         for wnid in IMAGENET_WNIDS:
             (root / split / wnid).mkdir(parents=True)
-            for i in range(per_class):
+            for i in range(per_class if split == "train" or val_per_class is None else val_per_class):
                 Image.fromarray(np.full((*size, 3), 100, np.uint8)).save(root / split / wnid / f"{i}.JPEG")
 
 
