@@ -5,7 +5,9 @@ constructors' annotations before anything is built, and checkpoints are read wit
 ``lit_robust.serialization``). Checkpoints record the model's ``_target_`` and the training images' shape
 (``checkpoint["lit_robust"]``); evaluating one with another model class or image size fails at the start. A
 non-finite ``test/*`` metric (a diverged model, NaN weights) is logged as a warning and counted in ``metrics.json``
-as ``test/non_finite``; the run still succeeds, so its other numbers stay inspectable.
+as ``test/non_finite``; the run still succeeds, so its other numbers stay inspectable. ``smoke=true`` shrinks any
+run to seconds on a CPU (``shrink_for_smoke``, ``conf/smoke.yaml``); an experiment's documented
+``headline_metrics`` are checked at the end of every run (``check_headline_metrics``).
 """
 from __future__ import annotations
 
@@ -206,6 +208,59 @@ def cpu_trainer_without_sync_batchnorm(trainer_cfg: DictConfig) -> None:
             trainer_cfg.sync_batchnorm = False
 
 
+# Keys of conf/smoke.yaml where a larger number is the cheaper run (fewer ablation positions): raised, not lowered.
+SMOKE_RAISED = ("ablation_stride", "val_stride")
+
+
+def shrink_for_smoke(cfg: DictConfig) -> None:
+    """``smoke=true``: shrink a composed config in place so that the whole run (data, poison crafting, purification,
+    filtering, training, testing, reports) takes seconds on a CPU — the check that a full-scale config runs end to
+    end before booking GPUs. The values are ``conf/smoke.yaml``, laid out as the config; only keys the config has are
+    set (a number only lowered — strides, ``SMOKE_RAISED``, only raised — a list replaced), so one file serves every
+    experiment. Without CUDA, GPU-only
+    settings (``trainer=gpu``/``ddp``, bf16) become one CPU process in full precision, with a warning."""
+    smoke = OmegaConf.create(resources.files(CONFIG_MODULE).joinpath("smoke.yaml").read_text())
+    with open_dict(cfg):
+        _shrink(cfg, smoke)
+        if not torch.cuda.is_available() and cfg.trainer.get("accelerator") == "gpu":
+            log.warning("smoke=true without CUDA: trainer.accelerator=gpu, precision %s → one CPU process, 32-true",
+                        cfg.trainer.get("precision"))
+            cfg.trainer.update(accelerator="cpu", devices=1, precision="32-true", strategy="auto")
+            cfg.trainer.pop("sync_batchnorm", None)
+        if not torch.cuda.is_available():
+            for spec in (cfg.get("callbacks") or {}).values():
+                if isinstance(spec, DictConfig) and spec.get("bf16"):
+                    spec.bf16 = False
+
+
+def _shrink(node: DictConfig, smoke: DictConfig) -> None:
+    for key, value in smoke.items():
+        if key not in node:
+            continue
+        if isinstance(value, DictConfig):
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_none():
+                _shrink(child, value)
+            continue
+        try:
+            current = node[key]
+        except Exception:  # e.g. an unset ${required:...}: smoke does not supply it
+            continue
+        numbers = type(value) in (int, float) and type(current) is type(value) and current >= 0  # 1.0 ≠ 1 batch
+        node[key] = (max if key in SMOKE_RAISED else min)(current, value) if numbers else value
+
+
+def check_headline_metrics(cfg: DictConfig, metrics: dict) -> list[str]:
+    """The experiment's documented ``headline_metrics`` that ``metrics`` lacks or holds as NaN/inf, each logged as
+    a warning (the run succeeded, but the number it exists for is not there)."""
+    bad = [key for key in cfg.get("headline_metrics") or []
+           if not isinstance(metrics.get(key), (int, float)) or not math.isfinite(metrics[key])]
+    for key in bad:
+        log.warning(f"headline metric {key} is {'missing' if key not in metrics else metrics[key]} in "
+                    f"{cfg.output_dir}/metrics.json; the experiment documents it (headline_metrics)")
+    return bad
+
+
 def build(cfg: DictConfig, checkpoint: dict | None = None
           ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Check the config, seed, instantiate the run's objects, give each process its share of the cores
@@ -248,23 +303,37 @@ def evaluate_test_split(trainer: L.Trainer, model: L.LightningModule, datamodule
 
 def fit_and_test(cfg: DictConfig) -> None:
     """What ``train.py`` does with a composed config: fit (resuming from ``cfg.ckpt_path`` if set), then test the
-    best checkpoint unless ``cfg.test`` is false."""
+    best checkpoint unless ``cfg.test`` is false; ``cfg.smoke``: shrunk first (``shrink_for_smoke``). Ends by checking
+    the experiment's ``headline_metrics``."""
+    if cfg.get("smoke"):
+        shrink_for_smoke(cfg)
     checkpoint = read_checkpoint(cfg) if cfg.ckpt_path else None
     datamodule, model, trainer = build(cfg, checkpoint)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         evaluate_test_split(trainer, model, datamodule, best or None, cfg.output_dir)
+    check_run_metrics(cfg, trainer)
+
+
+def check_run_metrics(cfg: DictConfig, trainer: L.Trainer) -> None:
+    if trainer.is_global_zero:
+        path = Path(cfg.output_dir) / "metrics.json"
+        check_headline_metrics(cfg, json.loads(path.read_text()) if path.is_file() else {})
 
 
 def evaluate(cfg: DictConfig, command_line: list[str]) -> None:
     """What ``evaluate.py`` does: validate and test ``cfg.ckpt_path`` under its saved hyperparameters, except the
-    ``model.*`` keys on the ``command_line``."""
+    ``model.*`` keys on the ``command_line``; ``cfg.smoke``: shrunk first (``shrink_for_smoke``; the checkpoint's
+    hyperparameters still win over it). Ends by checking the experiment's ``headline_metrics``."""
+    if cfg.get("smoke"):
+        shrink_for_smoke(cfg)
     checkpoint = read_checkpoint(cfg)
     adopt_checkpoint_hparams(cfg, command_line, checkpoint)
     datamodule, model, trainer = build(cfg, checkpoint)
     trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     evaluate_test_split(trainer, model, datamodule, cfg.ckpt_path, cfg.output_dir)
+    check_run_metrics(cfg, trainer)
 
 
 def compose_experiment(experiment: str, overrides: list[str], output_dir: Path) -> DictConfig:

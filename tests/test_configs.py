@@ -1,9 +1,8 @@
-"""Every experiment config composes and instantiates; config errors name the bad key or list the valid choices."""
+"""Config errors name the bad key or list the valid choices; what smoke=true changes. (That every experiment composes,
+instantiates and runs: tests/test_experiments.py.)"""
 from __future__ import annotations
 
-from pathlib import Path
 
-import hydra
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -14,7 +13,6 @@ from conftest import REPO, run_script
 from lit_robust import runner
 from lit_robust.runner import adopt_checkpoint_hparams, instantiate_group
 
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 # Keys a user must set, per (entry point, experiment): ``${required:...}`` in the configs.
 REQUIRED = {("train", "smoothed_vit_digits_finetune"): "model.weights_path",
             ("train", "smoothed_vit_cifar10"): "model.weights_path",
@@ -27,18 +25,20 @@ def compose_train(*overrides: str, config: str = "train"):
         return compose(config, overrides=["output_dir=/tmp/lit_robust_test", *overrides])
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_composes_and_instantiates(experiment):
-    required = REQUIRED.get(("train", experiment))
-    given = [f"{required}=null"] if required else []   # null: instantiable without a weights file
-    cfg = compose_train(f"experiment={experiment}", *given)
-    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():  # full-scale configs pin trainer=gpu
-        cfg = compose_train(f"experiment={experiment}", "trainer=cpu", *given)
-    OmegaConf.resolve(cfg)
-    hydra.utils.instantiate(cfg.data, _convert_="all")
-    hydra.utils.instantiate(cfg.model, _convert_="all")
-    callbacks = instantiate_group(cfg.callbacks)
-    hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.logger) or False)
+def test_smoke_shrinks_only_the_keys_a_config_has_and_swaps_gpu_settings_for_cpu(monkeypatch):
+    """Every experiment's end-to-end run under smoke=true is tests/test_experiments.py; here, what it changes."""
+    monkeypatch.setattr(runner.torch.cuda, "is_available", lambda: False)
+    cfg = compose_train("experiment=smoothed_vit_imagenet", "smoke=true", "trainer.max_epochs=2",
+                        "model.weights_path=/models/w.pt")
+    runner.shrink_for_smoke(cfg)
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision) == ("cpu", 1, "32-true")
+    assert cfg.trainer.max_epochs == 2 and cfg.trainer.limit_train_batches == 1   # lowered, never raised
+    assert cfg.data.val_size == 8 and "num_images" not in cfg.data and "stage_epochs" not in cfg.model
+    assert cfg.model.weights_path == "/models/w.pt" and cfg.callbacks.certification.patch_sizes == [22]
+    poisoned = compose_train("experiment=pureebm_narcissus_digits", "smoke=true")
+    runner.shrink_for_smoke(poisoned)
+    assert poisoned.data.base.num_images == 100 and poisoned.data.params.steps == 2
+    assert poisoned.callbacks.purification.steps == 2 and poisoned.trainer.accelerator == "cpu"
 
 
 @pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_cpu", "multinode"])

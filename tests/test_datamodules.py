@@ -1,15 +1,12 @@
 """DataModules: embedded digits, the unpadded DDP eval sampler, and torchvision loaders on tiny real-format files."""
 from __future__ import annotations
 
-import pickle
-import struct
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torchvision.datasets import cifar, svhn
+from dataset_trees import (patch_fixed_md5_checks, write_cifar10, write_cinic10, write_imagenet, write_mnist,
+                           write_svhn)
 
 from lit_robust.datamodules import DigitsDataModule, TorchvisionDataModule
 
@@ -28,6 +25,18 @@ def test_mnist5k_split_is_stratified_fixed_and_in_unit_range():
     other = DigitsDataModule(source="mnist5k", seed=4)
     other.setup()
     assert not torch.equal(other.test_dataset.images, dm.test_dataset.images)
+
+
+def test_num_images_keeps_a_class_balanced_subset_fixed_by_seed():
+    dm = DigitsDataModule(source="mnist5k", num_images=100, seed=3)
+    dm.setup()
+    labels = torch.cat([dm.train_dataset.targets, dm.val_dataset.targets, dm.test_dataset.targets])
+    assert torch.bincount(labels).tolist() == [10] * 10
+    again = DigitsDataModule(source="mnist5k", num_images=100, seed=3)
+    again.setup()
+    assert torch.equal(again.test_dataset.images, dm.test_dataset.images)
+    with pytest.raises(ValueError, match="num_images=5"):
+        DigitsDataModule(num_images=5)
 
 
 def test_sklearn8x8_resized_to_16():
@@ -52,46 +61,11 @@ def test_ddp_eval_loaders_cover_every_sample_exactly_once():
     assert sorted(seen) == list(range(len(dm.val_dataset)))
 
 
-# --- torchvision loaders on tiny files in the real on-disk formats -------------------------------------------------
-
-def _write_cifar10(root, per_batch=4):
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, per_batch).tolist()
-        with open(folder / name, "wb") as handle:
-            pickle.dump({"data": data, "labels": labels}, handle, protocol=2)
-        written[name] = (data, labels)
-    with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, handle, protocol=2)
-    return written
-
-
-def _write_idx(path, array):
-    magic = {3: 0x0803, 1: 0x0801}[array.ndim]
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", s) for s in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def _write_mnist(root, folder_name, n=6):
-    raw = root / folder_name / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    images = {}
-    for split in ("train", "t10k"):
-        imgs = rng.integers(0, 256, (n, 28, 28))
-        _write_idx(raw / f"{split}-images-idx3-ubyte", imgs)
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n))
-        images[split] = imgs
-    return images
-
+# --- torchvision loaders on tiny files in the real on-disk formats (tests/dataset_trees.py) ----------------------
 
 def test_cifar10_reads_pickle_batches(tmp_path, monkeypatch):
-    written = _write_cifar10(tmp_path)
-    monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)  # tiny files have other md5s
+    written = write_cifar10(tmp_path)
+    patch_fixed_md5_checks(monkeypatch)  # torchvision checks the real files' md5s
     dm = TorchvisionDataModule(name="cifar10", data_dir=str(tmp_path), val_size=4)
     dm.setup()
     assert len(dm.test_dataset) == 4 and len(dm.train_dataset) + len(dm.val_dataset) == 20
@@ -103,7 +77,7 @@ def test_cifar10_reads_pickle_batches(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
 def test_mnist_formats_read_idx_files(tmp_path, name, folder):
-    images = _write_mnist(tmp_path, folder)
+    images = write_mnist(tmp_path, folder)
     dm = TorchvisionDataModule(name=name, data_dir=str(tmp_path), val_size=1)
     dm.setup()
     image, _ = dm.test_dataset[2]
@@ -112,13 +86,8 @@ def test_mnist_formats_read_idx_files(tmp_path, name, folder):
 
 
 def test_svhn_reads_mat_files(tmp_path, monkeypatch):
-    from scipy.io import savemat
-
-    rng = np.random.default_rng(2)
-    for split in ("train", "test"):
-        savemat(tmp_path / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, 5)).astype(np.uint8),
-                                                   "y": rng.integers(1, 11, (5, 1)).astype(np.uint8)})
-    monkeypatch.setattr(svhn, "check_integrity", lambda *args, **kwargs: True)
+    write_svhn(tmp_path)
+    patch_fixed_md5_checks(monkeypatch)  # torchvision checks the real files' md5s
     dm = TorchvisionDataModule(name="svhn", data_dir=str(tmp_path), val_size=1)
     dm.setup()
     image, label = dm.test_dataset[0]
@@ -126,11 +95,7 @@ def test_svhn_reads_mat_files(tmp_path, monkeypatch):
 
 
 def test_cinic10_reads_image_folders(tmp_path):
-    for split in ("train", "valid", "test"):
-        for cls in ("airplane", "cat"):
-            folder = tmp_path / "cinic-10" / split / cls
-            folder.mkdir(parents=True)
-            Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(folder / "a.png")
+    write_cinic10(tmp_path)
     dm = TorchvisionDataModule(name="cinic10", data_dir=str(tmp_path))
     dm.setup()
     assert len(dm.train_dataset) == len(dm.val_dataset) == len(dm.test_dataset) == 2
@@ -138,12 +103,7 @@ def test_cinic10_reads_image_folders(tmp_path):
 
 
 def test_imagenet_reads_torchvisions_layout(tmp_path):
-    wnids = ["n01440764", "n01443537"]
-    torch.save(({w: (f"class {i}",) for i, w in enumerate(wnids)}, wnids), tmp_path / "meta.bin")
-    for split in ("train", "val"):
-        for wnid in wnids:
-            (tmp_path / split / wnid).mkdir(parents=True)
-            Image.fromarray(np.full((300, 400, 3), 100, np.uint8)).save(tmp_path / split / wnid / "a.JPEG")
+    write_imagenet(tmp_path)
     dm = TorchvisionDataModule(name="imagenet", data_dir=str(tmp_path), val_size=1)
     dm.setup()
     image, label = dm.test_dataset[1]

@@ -1,0 +1,93 @@
+"""Every experiment in ``conf/experiment/`` runs end to end — fit, test, callbacks, reports — through ``train.py``'s
+path (``runner.run_experiment``) under ``smoke=true`` (``conf/smoke.yaml``: a few batches, steps, images), and its
+``metrics.json`` holds the experiment's documented ``headline_metrics``, all finite.
+
+Experiments reading torchvision datasets get tiny trees in the real on-disk formats (``tests/dataset_trees.py``);
+only the CIFAR-10 / SVHN md5 checks of the real archives' files are patched. Weights an experiment requires
+(``model.weights_path``, a DDPM checkpoint) are written by the test in the format the config asks for. On this
+CPU-only machine ``smoke=true`` also swaps ``trainer=gpu`` and bf16 for one CPU process in full precision
+(``runner.shrink_for_smoke``), so the GPU-pinned configs (``smoothed_vit_cifar10``, ``smoothed_vit_imagenet``) run too.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import timm
+import torch
+from dataset_trees import (patch_fixed_md5_checks, write_cifar10, write_cinic10, write_image_folder, write_imagenet,
+                           write_mnist, write_svhn)
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from conftest import REPO
+from lit_robust import runner
+from lit_robust.ddpm import load_ddpm
+from lit_robust.ebm import load_ebm
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+# ebm_digits made the shipped EBM and feeds PureEBM-P; ddpm_digits feeds pureddpm_narcissus_digits
+LOADERS = {"ebm_digits": load_ebm, "ebm_narcissus_digits": load_ebm, "ddpm_digits": load_ddpm}
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """One ``$LIT_ROBUST_DATA`` for the session: the tiny dataset trees, and the caches (poisons, surrogates,
+    purified splits, filter masks) the runs share as real runs do."""
+    root = tmp_path_factory.mktemp("data")
+    write_cifar10(root, per_batch=10)
+    write_mnist(root, "MNIST", n=24)
+    write_mnist(root, "FashionMNIST", n=24)
+    write_svhn(root, n=24)
+    write_cinic10(root)
+    write_imagenet(root, per_class=5, size=(64, 80), val_per_class=1)
+    write_image_folder(root / "tiny-imagenet-200" / "train", classes=("n01443537", "n01629819"), per_class=4,
+                       size=64)   # Narcissus' public OOD set for CIFAR-10
+    return root
+
+
+def _model_of(experiment: str, *overrides: str) -> L.LightningModule:
+    GlobalHydra.instance().clear()
+    with initialize_config_module(runner.CONFIG_MODULE, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", "output_dir=unused", *overrides])
+    return hydra.utils.instantiate(cfg.model, _convert_="all")
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> dict[str, list[str]]:
+    """The overrides giving each experiment the weights its config requires, in the format it asks for: an
+    ImageNet ViT-S state dict (3 channels, 1000 classes; the smoothed ViT adds its mask channel and a new head), a
+    ``smoothed_vit_digits`` Lightning checkpoint, a ``ddpm_digits`` checkpoint."""
+    root = tmp_path_factory.mktemp("weights")
+    vit_s = root / "vit_small_patch16_224.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False).state_dict(), vit_s)
+    digits_vit = root / "smoothed_vit_digits.ckpt"
+    torch.save({"state_dict": _model_of("smoothed_vit_digits").state_dict()}, digits_vit)
+    ddpm = _model_of("ddpm_digits")
+    ddpm_ckpt = root / "ddpm_digits.ckpt"
+    torch.save({"state_dict": ddpm.state_dict(), "hyper_parameters": dict(ddpm.hparams),
+                "pytorch-lightning_version": L.__version__}, ddpm_ckpt)
+    return {"smoothed_vit_cifar10": [f"model.weights_path={vit_s}"],
+            "smoothed_vit_imagenet": [f"model.weights_path={vit_s}"],
+            "smoothed_vit_digits_finetune": [f"model.weights_path={digits_vit}"],
+            "pureddpm_narcissus_digits": [f"callbacks.purification.ddpm={ddpm_ckpt}"]}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_end_to_end_and_reports_its_headline_metrics(experiment, data_root, weights, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("LIT_ROBUST_DATA", str(data_root))
+    monkeypatch.chdir(tmp_path)                         # cwd-relative caches (outputs/cache/...) stay in tmp
+    patch_fixed_md5_checks(monkeypatch)
+    metrics = runner.run_experiment(experiment, ["smoke=true", *weights.get(experiment, [])], tmp_path / "run")
+    cfg = OmegaConf.load(tmp_path / "run" / "config.yaml")   # the run's resolved config
+    assert cfg.headline_metrics, f"conf/experiment/{experiment}.yaml documents no headline_metrics"
+    assert runner.check_headline_metrics(cfg, metrics) == [], (
+        f"{experiment}: documented {list(cfg.headline_metrics)}, metrics.json has {sorted(metrics)}")
+    assert all(math.isfinite(metrics[key]) for key in cfg.headline_metrics)
+    if experiment in LOADERS:   # checkpoints that other experiments take load with the loader they use
+        assert LOADERS[experiment](str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
