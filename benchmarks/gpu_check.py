@@ -23,10 +23,8 @@ from pathlib import Path
 
 import torch
 
+# The benchmarks it runs are imported inside each part, after the GPU check: without a GPU it answers at once.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_certification import art_python, build_vit, time_art, time_ours  # noqa: E402
-from bench_purification import bare_case, callback_case, run_ddp, time_callback  # noqa: E402
-from timing import interleaved  # noqa: E402
 
 NO_GPU = ("gpu_check needs a CUDA GPU and found none; nothing measured (--device cpu --tiny runs every part at toy "
           "sizes)")
@@ -51,6 +49,8 @@ def machine(device: str) -> dict:
 
 def certification(device: str, size: dict, work: Path) -> dict:
     """(a): images/s of our token-dropping path in bf16 and fp32, and of ART (fp32, token dropping)."""
+    from bench_certification import art_python, build_vit, time_art, time_ours
+
     model = build_vit(size["vit"], width=4, max_batch=256, device=device)
     images = torch.rand(size["cert_images"], 3, 32, 32, device=device)
     result = {"model": size["vit"], "input": "3x32x32 upsampled to 224", "ablation": "column, width 4, stride 1",
@@ -67,6 +67,8 @@ def certification(device: str, size: dict, work: Path) -> dict:
 def purification(device: str, size: dict, work: Path) -> dict:
     """(b): the callback's work loop vs the bare loop, same EBM, images, steps, batch and memory format (fp32),
     interleaved repeats."""
+    from bench_purification import bare_case, callback_case
+    from timing import interleaved
     from lit_robust import EBM
     from lit_robust.datamodules import DigitsDataModule
 
@@ -85,6 +87,7 @@ def purification(device: str, size: dict, work: Path) -> dict:
 
 def cifar_purification(device: str, size: dict, work: Path) -> dict:
     """(c): the callback on random CIFAR-sized images with a random 3-channel 32×32 EBM, bf16 on CUDA."""
+    from bench_purification import time_callback
     from lit_robust import EBM
     from lit_robust.callbacks import EBMPurification
 
@@ -105,6 +108,7 @@ def ddp_equality(device: str, size: dict, work: Path) -> dict:
     the one this process computes with the same callback settings."""
     if device == "cuda" and torch.cuda.device_count() < 2:
         return {"status": f"skipped: {torch.cuda.device_count()} GPU(s), 2 needed"}
+    from bench_purification import run_ddp, time_callback
     from lit_robust import EBM
     from lit_robust.callbacks import EBMPurification
     from lit_robust.datamodules import DigitsDataModule

@@ -17,8 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lit_robust import runner
-from lit_robust.runner import CONFIG_MODULE, fit_and_test, run_experiment
+from lit_robust.experiment_names import CONFIG_MODULE, check_experiment
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
@@ -27,6 +26,9 @@ CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 def train(cfg: DictConfig) -> None:
     """``train.py experiment=<name> [trainer=ddp_cpu] [key=value ...]``: fit (resuming from ``ckpt_path=...``), then
     test the best checkpoint; ``metrics.json``, ``config.yaml`` and ``checkpoints/`` land in the run's output dir."""
+    check_experiment(HydraConfig.get().runtime.choices.get("experiment"))  # before Lightning's import
+    from lit_robust.runner import fit_and_test
+
     fit_and_test(cfg)
 
 
@@ -36,6 +38,9 @@ def evaluate(cfg: DictConfig) -> None:
     test split with every configured (evaluation) callback, writing ``metrics.json`` — the numbers of the training
     run's test phase. The model takes the hyperparameters saved in the checkpoint, except ``model.*`` keys given on
     the command line (e.g. ``model.num_samples=20``)."""
+    check_experiment(HydraConfig.get().runtime.choices.get("experiment"))  # before Lightning's import
+    from lit_robust import runner
+
     runner.evaluate(cfg, list(HydraConfig.get().overrides.task))
 
 
@@ -57,6 +62,8 @@ def flagship(overrides: list[str] | None = None) -> None:
     if {"-h", "--help"} & set(overrides):
         print(flagship.__doc__)
         return
+    from lit_robust.runner import run_experiment
+
     root = Path("outputs/flagship") / time.strftime("%Y-%m-%d_%H-%M-%S")
     started, table = time.perf_counter(), {}
     for name, experiment in FLAGSHIP_RUNS.items():

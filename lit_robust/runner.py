@@ -25,12 +25,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
+from lit_robust.experiment_names import CONFIG_MODULE, check_experiment
 from lit_robust.machine import fast_precision, use_available_cores
 from lit_robust.serialization import load_plain
 
 log = logging.getLogger(__name__)
-# The Hydra configs: the repo's conf/, installed as this package (pyproject.toml), so they travel with the wheel.
-CONFIG_MODULE = "lit_robust.conf"
 
 
 def required(hint: str = "", *, _node_) -> None:
@@ -53,16 +52,6 @@ def instantiate_group(group: DictConfig | None) -> list:
     if not group:
         return []
     return [hydra.utils.instantiate(spec, _convert_="all") for spec in group.values() if spec is not None and "_target_" in spec]
-
-
-def check_experiment(name: str | None) -> None:
-    """An experiment is the name of a file in an ``experiment/`` config folder — the package's, or a user's on the
-    search path (``--config-dir``) — never a path such as ``../model/ebm`` that reaches other config groups."""
-    if name is not None and ("/" in name or "\\" in name or ".." in name):
-        shipped = sorted(entry.name[:-5] for entry in resources.files(CONFIG_MODULE).joinpath("experiment").iterdir()
-                         if entry.name.endswith(".yaml"))
-        raise ValueError(f"experiment={name} is a path, not an experiment name; use one of: {', '.join(shipped)} "
-                         "(or a file of your own experiment/ folder, added with --config-dir)")
 
 
 def check_numbers(cfg: DictConfig) -> None:
