@@ -93,9 +93,10 @@ class ImageDataModule(L.LightningDataModule):
         if not train and trainer is not None and trainer.world_size > 1:
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
                                                    rank=trainer.global_rank, shuffle=False)
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"  # pinned: async host→GPU copies
         return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size,
                           shuffle=train, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+                          persistent_workers=self.num_workers > 0, drop_last=False, pin_memory=on_gpu)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, "train", train=True)

@@ -10,6 +10,8 @@ from dataset_trees import (patch_fixed_md5_checks, write_cifar10, write_cinic10,
 
 from lit_robust.datamodules import DigitsDataModule, TorchvisionDataModule
 
+CPU = torch.device("cpu")
+
 
 def test_mnist5k_split_is_stratified_fixed_and_in_unit_range():
     dm = DigitsDataModule(source="mnist5k", seed=3)
@@ -56,9 +58,20 @@ def test_ddp_eval_loaders_cover_every_sample_exactly_once():
     dm.setup()
     seen = []
     for rank in range(2):
-        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, strategy=SimpleNamespace(root_device=CPU))
         seen += list(iter(dm.val_dataloader().sampler))
     assert sorted(seen) == list(range(len(dm.val_dataset)))
+
+
+def test_loaders_pin_memory_only_for_a_gpu_trainer():
+    dm = DigitsDataModule(source="sklearn8x8")
+    dm.setup()
+    pinned = {}
+    for device in ("cpu", "cuda"):
+        dm.trainer = SimpleNamespace(world_size=1, global_rank=0,
+                                     strategy=SimpleNamespace(root_device=torch.device(device)))
+        pinned[device] = [loader.pin_memory for loader in (dm.train_dataloader(), dm.test_dataloader())]
+    assert pinned == {"cpu": [False, False], "cuda": [True, True]}
 
 
 # --- torchvision loaders on tiny files in the real on-disk formats (tests/dataset_trees.py) ----------------------
