@@ -15,7 +15,6 @@ with a poison manifest, ``filter/poisons``, ``filter/precision`` (removed sample
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import lightning as L
 import torch

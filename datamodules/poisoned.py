@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.metrics_file import write_json_atomic
