@@ -21,7 +21,7 @@ import torch
 from lit_robust.ablations import ablation_masks, ablation_positions
 from lit_robust.callbacks.contract import ItemFormat, evaluated_split, gather_in_order, output_folder, shard_batches
 from lit_robust.callbacks.metrics_file import write_json_atomic
-from lit_robust.certification import (RULES, CertifiedAccuracy, ablation_votes, certified_margin, patch_delta,
+from lit_robust.certification import (CertifiedAccuracy, ablation_votes, certified_margin, check_rule, patch_delta,
                                       smoothed_prediction)
 from lit_robust.pixel_space import PixelSpace
 from lit_robust.smoothed_classifier import SmoothedClassifier
@@ -54,9 +54,7 @@ class Certification(L.Callback):
         bad = set(splits) - {"val", "test"}
         if bad:
             raise ValueError(f"Certification splits {sorted(bad)}: use 'val' and/or 'test'")
-        if rule not in RULES:
-            raise ValueError(f"Certification rule={rule!r}: use one of {RULES}")
-        self.rule = rule
+        self.rule = check_rule(rule, "Certification")  # here, not first at the end of validation
         self.output_dir = output_dir
         self.patch_sizes = list(patch_sizes)
         self.kind, self.width, self.stride = kind, width, stride

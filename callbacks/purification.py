@@ -161,11 +161,12 @@ class Purification(TrainSplitDefence):
             chunk = int(rows[0]) // self.chunk_size
             path = folder / f"chunk_{chunk:05d}.pt"
             cached = load_verified(path)
-            if cached is None or cached.shape != images[rows].shape:
+            originals = images[rows]
+            if cached is None or cached.shape != originals.shape:
                 generator = torch.Generator(device=device).manual_seed(chunk_seed(self.seed, chunk))
-                chunk_images = images[rows].to(device).contiguous(memory_format=self.memory_format)
+                chunk_images = originals.to(device).contiguous(memory_format=self.memory_format)
                 cached = self.purify_chunk(chunk_images, rows, generator).detach().float().cpu().contiguous()
-                check_purified(images[rows], cached, self.max_saturated, type(self).__name__)
+                check_purified(originals, cached, self.max_saturated, type(self).__name__)
                 save_atomic(path, cached)
                 computed += 1
             outputs.append(cached)

@@ -68,12 +68,18 @@ def patch_delta(masks: torch.Tensor, patch_size: int) -> int:
 RULES = ("strict", "tight")
 
 
+def check_rule(rule: str, owner: str = "") -> str:
+    """``rule`` if it is one of :data:`RULES`, else a ValueError naming the choices (``owner`` prefixes the key)."""
+    if rule not in RULES:
+        raise ValueError(f"{owner + ' ' if owner else ''}rule={rule!r}: use one of {RULES}")
+    return rule
+
+
 def certified(counts: torch.Tensor, delta: int | torch.Tensor, rule: str = "strict") -> torch.Tensor:
     """Per image, for g = ``smoothed_prediction(counts)``: ``strict`` is Eq. 1.2, n_g > max_{c≠g} n_c + 2Δ;
     ``tight`` adds n_g = max_{c≠g} n_c + 2Δ when g wins the tie with every runner-up (module docstring).
     ``delta`` may be a tensor of several Δ broadcast against the images (shape (N, P) with ``delta`` (P,))."""
-    if rule not in RULES:
-        raise ValueError(f"rule={rule!r}: use one of {RULES}")
+    check_rule(rule)
     margin, wins = certified_margin(counts), wins_ties(counts)
     if isinstance(delta, torch.Tensor) and delta.dim():
         margin, wins = margin[:, None], wins[:, None]
@@ -123,9 +129,7 @@ class CertifiedAccuracy(Metric):
         super().__init__(**kwargs)
         if not deltas:
             raise ValueError("CertifiedAccuracy needs at least one patch size: pass deltas={m: Δ, …}")
-        if rule not in RULES:
-            raise ValueError(f"rule={rule!r}: use one of {RULES}")
-        self.rule = rule
+        self.rule = check_rule(rule)
         self.patch_sizes = sorted(deltas)
         self.register_buffer("deltas", torch.tensor([deltas[m] for m in self.patch_sizes]), persistent=False)
         self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")

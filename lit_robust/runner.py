@@ -206,8 +206,8 @@ def shrink_for_smoke(cfg: DictConfig) -> None:
     filtering, training, testing, reports) takes seconds on a CPU — the check that a full-scale config runs end to
     end before booking GPUs. The values are ``conf/smoke.yaml``, laid out as the config; only keys the config has are
     set (a number only lowered — strides, ``SMOKE_RAISED``, only raised — a list replaced), so one file serves every
-    experiment. Without CUDA, GPU-only
-    settings (``trainer=gpu``/``ddp``, bf16) become one CPU process in full precision, with a warning."""
+    experiment. Without CUDA, GPU-only settings (``trainer=gpu``/``ddp``, bf16) become one CPU process in full
+    precision, with a warning."""
     smoke = OmegaConf.create(resources.files(CONFIG_MODULE).joinpath("smoke.yaml").read_text())
     with open_dict(cfg):
         _shrink(cfg, smoke)
@@ -253,7 +253,8 @@ def check_headline_metrics(cfg: DictConfig, metrics: dict) -> list[str]:
 def build(cfg: DictConfig, checkpoint: dict | None = None
           ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Check the config, seed, instantiate the run's objects, give each process its share of the cores
-    (``lit_robust.machine``), and save the resolved config in the output dir. ``checkpoint``: the one the run will load (its record is checked against the data)."""
+    (``lit_robust.machine``), and save the resolved config in the output dir. ``checkpoint``: the one the run will
+    load (its record is checked against the data)."""
     from hydra.core.hydra_config import HydraConfig
 
     check_experiment(HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None)
