@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -106,14 +105,11 @@ def score_module(module: str, tests: list[str], scratch: Path, max_children: int
 
 
 def machine() -> dict:
+    """The record's commit and machine (``benchmarks/records.py``) and mutmut's version."""
     import mutmut
-    import torch
+    from records import git_state, machine as recorded_machine
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    return {"commit": commit, "dirty": bool(dirty), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "mutmut": getattr(mutmut, "__version__", "?"), "platform": platform.platform()}
+    return {**git_state(), **recorded_machine(), "mutmut": getattr(mutmut, "__version__", "?")}
 
 
 def table(results: dict) -> str:

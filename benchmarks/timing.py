@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
 
 @dataclass
@@ -41,10 +40,11 @@ class Timing:
 
 
 def machine() -> dict:
-    """What a ratio depends on: cores this process may use, torch's intra-op threads, the load average."""
-    return {"cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_average": os.getloadavg()[0],
-            "torch": torch.__version__}
+    """What a ratio depends on: the record's machine (``records.machine``) and the cores this process may use."""
+    from records import machine as recorded_machine
+    from lit_robust.machine import cores_available
+
+    return {**recorded_machine(), "cores_available": cores_available()}
 
 
 def interleaved(cases: dict[str, Callable[[], float | None]], repeats: int = 3, warmup: int = 1
@@ -69,8 +69,8 @@ def print_table(timings: dict[str, Timing], reference: str, work: float = 1.0, u
     """Print throughput (``work`` per best wall second) and the ratio of each case's throughput to ``reference``'s
     (> 1: faster than the reference); returns the numbers with :func:`machine` for a JSON record."""
     about = machine()
-    print(f"cores {about['cores']}, torch threads {about['torch_threads']}, OMP_NUM_THREADS "
-          f"{about['omp_num_threads']}, torch {about['torch']}")
+    print(f"cores {about['cores_available']}, torch threads {about['torch_threads']}, OMP_NUM_THREADS "
+          f"{about['OMP_NUM_THREADS']}, load {about['load_average'][0]}, torch {about['torch']}")
     base = timings[reference].best
     rows = {}
     for name, timing in timings.items():
