@@ -30,10 +30,10 @@ NO_GPU = ("gpu_check needs a CUDA GPU and found none; nothing measured (--device
           "sizes)")
 # Full-size settings, and the toy ones of --tiny.
 SIZES = {
-    False: {"vit": "vit_small_patch16_224", "cert_images": 256, "art_images": 64, "repeats": 2, "purify_images": 2000,
+    False: {"vit": "vit_small_patch16_224", "cert_images": 256, "repeats": 2, "purify_images": 2000,
             "purify_steps": 150, "purify_chunk": 500, "cifar_images": 50_000, "cifar_steps": 150,
             "cifar_chunk": 2500, "ddp_images": 1000, "ddp_steps": 20},
-    True: {"vit": "vit_tiny_patch16_224", "cert_images": 1, "art_images": 1, "repeats": 1, "purify_images": 16,
+    True: {"vit": "vit_tiny_patch16_224", "cert_images": 1, "repeats": 1, "purify_images": 16,
            "purify_steps": 2, "purify_chunk": 8, "cifar_images": 16, "cifar_steps": 2, "cifar_chunk": 8,
            "ddp_images": 16, "ddp_steps": 2},
 }
@@ -48,19 +48,26 @@ def machine(device: str) -> dict:
 
 
 def certification(device: str, size: dict, work: Path) -> dict:
-    """(a): images/s of our token-dropping path in bf16 and fp32, and of ART (fp32, token dropping)."""
-    from bench_certification import art_python, build_vit, time_art, time_ours
+    """(a): images/s of our token-dropping path in bf16 and fp32, and of ART (fp32, token dropping), interleaved."""
+    from bench_certification import ArtWorker, art_python, build_vit, ours_case
+    from timing import interleaved
 
     model = build_vit(size["vit"], width=4, max_batch=256, device=device)
     images = torch.rand(size["cert_images"], 3, 32, 32, device=device)
     result = {"model": size["vit"], "input": "3x32x32 upsampled to 224", "ablation": "column, width 4, stride 1",
               "images": size["cert_images"]}
-    for name, bf16 in (("ours_token_dropping_bf16", True), ("ours_token_dropping_fp32", False)):
-        result[f"{name}_images_per_s"] = size["cert_images"] / time_ours(model, images, True, bf16, size["repeats"])
+    cases = {"ours_token_dropping_bf16": ours_case(model, images, True, True),
+             "ours_token_dropping_fp32": ours_case(model, images, True, False)}
     python = art_python()
-    art = time_art(python, size["vit"], 32, 4, 4, size["art_images"], 128, device, size["repeats"]) if python else None
-    result["art_token_dropping_fp32_images_per_s"] = size["art_images"] / art["seconds"] if art else None
-    result["art"] = f"ART 1.20.1, timm {art['timm']}" if art else "skipped: ART not importable (or it failed)"
+    art = ArtWorker(python, size["vit"], 32, 4, 4, size["cert_images"], 128, device) if python else None
+    if art:
+        cases["art_token_dropping_fp32"] = lambda: art.seconds(size["cert_images"])
+    timings = interleaved(cases, repeats=size["repeats"])
+    if art:
+        art.close()
+    for name, timing in timings.items():
+        result[f"{name}_images_per_s"] = size["cert_images"] / timing.best
+    result["art"] = f"ART 1.20.1, timm {art.timm}" if art else "skipped: ART not importable"
     return result
 
 

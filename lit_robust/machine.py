@@ -3,7 +3,8 @@
 Torch's default intra-op thread count is the machine's physical cores, whatever share of them the process may use
 (a SLURM allocation, ``taskset``) and however many processes of the run share the node (``trainer=ddp_cpu``), so it
 oversubscribes exactly where users scale up; and bf16 autocast on a CPU without native bf16 instructions is emulated
-and slower than float32 (11× on an AVX2-only EPYC, docs/results.md).
+and slower than float32 (11× on an AVX2-only EPYC, docs/results.md); and a forward pass over many stacked copies
+(certification) fills a GPU best when large but spills a CPU's caches.
 """
 from __future__ import annotations
 
@@ -47,3 +48,12 @@ def fast_precision(accelerator: str) -> str:
     if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
         return "bf16-mixed"
     return "bf16-mixed" if native_bf16_on_cpu() else "32-true"
+
+
+def stacked_pass_size(device: torch.device, configured: int | None) -> int:
+    """Inputs per forward pass when a certifier stacks many ablated copies: ``configured`` when given, else 1024 on
+    an accelerator and 128 on a CPU, where larger passes no longer fit the caches and run slower per input
+    (docs/results.md, certification throughput)."""
+    if configured is not None:
+        return configured
+    return 128 if torch.device(device).type == "cpu" else 1024

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lit_robust.machine import stacked_pass_size
 from lit_robust.pixel_space import PixelSpace
 
 
 class SmoothedClassifier(nn.Module):
     """``ablated_logits(images, masks)`` → logits (N, A, K) of ``classifier`` on every [0, 1] image (N, C, H, W)
-    under every mask (A, H, W), at most ``max_batch`` ablated images per forward pass.
+    under every mask (A, H, W), at most ``max_batch`` ablated images per forward pass (None: chosen by
+    device, :func:`lit_robust.machine.stacked_pass_size`).
 
     Args:
         classifier: any ``nn.Module`` (a LightningModule too) mapping images to logits (B, K).
@@ -26,7 +28,7 @@ class SmoothedClassifier(nn.Module):
     """
 
     def __init__(self, classifier: nn.Module, normalization=None, ablation: str | None = None,
-                 ablation_width: int | None = None, ablation_stride: int = 1, max_batch: int = 1024):
+                 ablation_width: int | None = None, ablation_stride: int = 1, max_batch: int | None = None):
         super().__init__()
         self.classifier, self.max_batch = classifier, max_batch
         self.pixel_space = PixelSpace(normalization, "SmoothedClassifier")
@@ -37,7 +39,7 @@ class SmoothedClassifier(nn.Module):
         n, a = images.shape[0], masks.shape[0]
         ablated = (images[:, None] * masks[None, :, None]).flatten(0, 1)  # (n·a, C, H, W), ablated pixels 0
         logits = torch.cat([self.classifier(self.pixel_space.from_unit(chunk))
-                            for chunk in ablated.split(self.max_batch)])
+                            for chunk in ablated.split(stacked_pass_size(images.device, self.max_batch))])
         return logits.view(n, a, -1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from lit_robust.ablations import (ablate, ablation_masks, ablation_positions, gr
                                   random_ablation_mask, tokens_touched)
 from lit_robust.certification import ablation_votes, smoothed_prediction
 from lit_robust.classifier import ImageClassifier
+from lit_robust.machine import stacked_pass_size
 from lit_robust.serialization import load_plain
 from lit_robust.nets import create_backbone
 
@@ -84,7 +85,8 @@ class SmoothedViT(ImageClassifier):
         unablated_epochs: first epochs on whole images (mask all ones) — stands in for the paper's ImageNet
             pretraining when a ViT is trained from scratch on little data.
         val_stride: stride of the ablation set used for the smoothed ``val/acc`` (cheaper than certification).
-        max_batch: most ablated images per forward pass when many positions are stacked.
+        max_batch: most ablated images per forward pass when many positions are stacked (None: 128 on a CPU,
+            1024 on a GPU; :func:`lit_robust.machine.stacked_pass_size`).
         weights_path: weights of the base network (a state dict with the mask channel, or a Lightning checkpoint).
     """
 
@@ -93,7 +95,7 @@ class SmoothedViT(ImageClassifier):
     def __init__(self, backbone: str = "vit_tiny_patch16_224", num_classes: int = 10, in_chans: int = 1,
                  backbone_kwargs: dict | None = None, img_size: int | None = None, ablation: str = "column",
                  ablation_width: int = 4, ablation_stride: int = 1, token_dropping: bool = True,
-                 unablated_epochs: int = 0, val_stride: int = 1, max_batch: int = 1024,
+                 unablated_epochs: int = 0, val_stride: int = 1, max_batch: int | None = None,
                  mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), max_shift: int = 0,
                  hflip: bool = False, label_smoothing: float = 0.0, optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 5e-4, momentum: float = 0.9, scheduler: str = "cosine",
@@ -194,7 +196,7 @@ class SmoothedViT(ImageClassifier):
             if token_dropping:
                 raise ValueError("token dropping needs a ViT backbone: set token_dropping=false for a CNN")
             groups = [torch.arange(a, device=masks.device)]
-        max_batch = self.hparams.max_batch
+        max_batch = stacked_pass_size(images.device, self.hparams.max_batch)
         outputs = images.new_empty(n, a, self.hparams.num_classes)
         for group in groups:
             index = torch.nonzero(touched[group])[:, 1].view(len(group), -1) if self.is_vit else None

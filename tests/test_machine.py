@@ -1,4 +1,4 @@
-"""Threads per process from the usable cores, and bf16 only where the hardware computes it."""
+"""Threads per process from the usable cores, bf16 only where the hardware computes it, and pass sizes by device."""
 from __future__ import annotations
 
 import pytest
@@ -38,3 +38,11 @@ def test_omp_num_threads_set_by_the_user_wins(monkeypatch, restore_threads):
 def test_fast_precision_is_bf16_only_on_gpus_and_cpus_with_native_bf16(monkeypatch, accelerator, native, expected):
     monkeypatch.setattr(machine, "native_bf16_on_cpu", lambda: native)
     assert machine.fast_precision(accelerator) == expected
+
+
+def test_stacked_pass_size_is_the_configured_one_else_small_on_a_cpu_and_large_on_a_gpu():
+    """Certifiers stack ablated copies into passes of this size; without a setting a CPU gets cache-sized passes."""
+    stacked_pass_size = machine.stacked_pass_size
+    assert stacked_pass_size("cpu", None) == 128
+    assert stacked_pass_size(torch.device("cuda", 1), None) == 1024
+    assert stacked_pass_size("cpu", 7) == 7 and stacked_pass_size("cuda", 4096) == 4096
