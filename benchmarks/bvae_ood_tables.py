@@ -9,7 +9,7 @@ then two records per experiment from the merged ``metrics.json`` (``ood/<posteri
 Runs land in ``<out>/<experiment>/`` (the posteriors share one run dir, as in the thesis' tables; a posterior whose
 ``ood/<posterior>/...`` keys are already there is not rerun). Extra arguments are Hydra overrides for every run.
 
-    OMP_NUM_THREADS=1 python benchmarks/bvae_ood_tables.py --out outputs/bvae_tables
+    python benchmarks/bvae_ood_tables.py --out outputs/bvae_tables
 """
 from __future__ import annotations
 

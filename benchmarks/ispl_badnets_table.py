@@ -13,7 +13,7 @@ configs and their hash, commit, machine: ``benchmarks/records.py``) and to ``<ou
 ``--only`` may share one ``--out`` (a run another live invocation is running is skipped); then rerun the full command
 once all are done, to write the table from the finished runs.
 
-    OMP_NUM_THREADS=1 python benchmarks/ispl_badnets_table.py --out outputs/ispl_badnets_table [trainer.max_epochs=15]
+    python benchmarks/ispl_badnets_table.py --out outputs/ispl_badnets_table [trainer.max_epochs=15]
 """
 from __future__ import annotations
 

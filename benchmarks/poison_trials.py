@@ -1,6 +1,6 @@
 """Targeted clean-label poison trials (Gradient Matching, Bullseye Polytope) on CPU: success over many targets.
 
-    OMP_NUM_THREADS=1 python benchmarks/poison_trials.py experiment=gm_digits +trials=10 +victim=finetune \
+    python benchmarks/poison_trials.py experiment=gm_digits +trials=10 +victim=finetune \
         hydra.run.dir=outputs/gm_trials
 
 Trial i crafts with seed ``seed + i`` (a random target test image and adversarial class each; the split and the
