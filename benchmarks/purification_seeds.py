@@ -7,10 +7,9 @@ poisoning tables), mean ± std of natural accuracy.
 ``--run name=experiment[:override:override...]`` adds one row (per-run overrides are ``:``-separated, e.g.
 ``PureEBM-P=pureebm_narcissus_digits:callbacks.purification.ebm=outputs/ebm_p/checkpoints/last.ckpt``); ``--set``
 overrides apply to every run. The seed drives everything in a run (the attacker's surrogate and poison crafting,
-purification noise, classifier init). Each (run, seed) writes to ``<out>/<name>/seed<k>/`` and is skipped when that run already has its test
-metrics, so several invocations with different ``--seeds`` can share one ``--out`` (one process per core, each started with
-``OMP_NUM_THREADS=1``) and a last
-one aggregates. ``<out>/metrics.json`` gets ``table/<name>/<metric>/{mean,std,n}`` and, for every defended run, the
+purification noise, classifier init). Each (run, seed) writes to ``<out>/<name>/seed<k>/`` and is skipped when that
+run already has its test metrics, so several invocations with different ``--seeds`` can share one ``--out`` (one
+process per core, each started with ``OMP_NUM_THREADS=1``) and a last one aggregates. ``<out>/metrics.json`` gets ``table/<name>/<metric>/{mean,std,n}`` and, for every defended run, the
 thesis bounds against the first (undefended) run: attack success as a fraction of the undefended mean (≤ 0.25) and
 the natural-accuracy drop in points (≤ 5). ``<out>/<table>.json`` (``--table``, default the name of ``--out``) is the
 table's record (``benchmarks/records.py``: command, resolved configs and their hash, commit, machine, rows) that
