@@ -1,6 +1,7 @@
 """Langevin purification throughput: the EBMPurification callback vs a bare PyTorch loop, and 2 DDP processes vs 1.
 
-    python benchmarks/bench_purification.py [--images 1000] [--steps 150] [--chunk 250] [--repeats 3] [--out DIR]
+    python benchmarks/bench_purification.py [--images 1000] [--steps 150] [--chunk 250] [--repeats 3] [--rounds 2]
+        [--out docs/records]
 
 Same EBM (the shipped ``pretrained:digits``), same images (the first ``--images`` mnist5k training digits), same
 batch size and memory format (``channels_last``, the callback's default for the EBM). The bare loop is what a careful
@@ -8,12 +9,12 @@ user writes: detached updates under ``no_grad``, the constant ε²/(2T) folded, 
 runs its full path (key hashing, chunk seeding, saturation check, cache writes, gather) with a fresh cache. Both
 1- and 2-process callback runs use every core of the machine (threads = cores / processes,
 ``lit_robust.machine``). The cases take turns (``benchmarks/timing.py``); prints images/s and ratios (callback /
-bare should be ≥ 0.95). Not part of CI.
+bare should be ≥ 0.95). ``--rounds`` repeats the whole comparison back to back; ``--out`` writes the table record
+``bench_purification.json``. Not part of CI.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from timing import interleaved, print_table
+from records import TableRecord
+from timing import interleaved, print_table, write_ratio_record
 from lit_robust import EBM
 from lit_robust.datamodules import DigitsDataModule
 from lit_robust.machine import cores_available, use_available_cores
@@ -145,14 +147,17 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--rounds", type=int, default=2, help="whole comparisons back to back")
+    parser.add_argument("--out", type=Path, default=None, help="write the record bench_purification.json here")
     args = parser.parse_args()
+    record = TableRecord("bench_purification", title="EBMPurification vs a bare Langevin loop (issue 34)")
     use_available_cores(1)
     ebm = EBM.pretrained("digits").to(args.device).eval()
     datamodule = DigitsDataModule()
     datamodule.setup("fit")
     images = datamodule.train_dataset.images[: args.images]
 
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(images, Path(tmp) / "images.pt")
         cases = {"bare loop": bare_case(ebm, images, args.steps, args.chunk, args.device),
@@ -160,14 +165,15 @@ def main() -> None:
         if args.device == "cpu":
             for devices in (1, 2):
                 cases[f"callback, {devices} process(es) (subprocess)"] = ddp_case(devices, tmp, args)
-        timings = interleaved(cases, repeats=args.repeats, warmup=0)
-    table = print_table(timings, reference="bare loop", work=len(images), unit="images")
-    if args.device == "cpu":
-        two, one = (timings[f"callback, {n} process(es) (subprocess)"] for n in (2, 1))
-        print(f"2 processes / 1 process (both on all {cores_available()} cores): {one.best / two.best:.3f}")
+        for _ in range(args.rounds):
+            timings = interleaved(cases, repeats=args.repeats, warmup=0)
+            print_table(timings, reference="bare loop", work=len(images), unit="images")
+            if args.device == "cpu":
+                two, one = (timings[f"callback, {n} process(es) (subprocess)"] for n in (2, 1))
+                print(f"2 processes / 1 process (both on all {cores_available()} cores): {one.best / two.best:.3f}")
+            rounds.append(timings)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_purification.json").write_text(json.dumps(table, indent=1))
+        write_ratio_record(record, args.out, rounds, "bare loop", {**vars(args), "out": str(args.out)})
 
 
 def ddp_case(devices: int, tmp: str, args):

@@ -80,3 +80,33 @@ def print_table(timings: dict[str, Timing], reference: str, work: float = 1.0, u
               f"{timing.median:7.3f} s  cpu {min(timing.cpu):7.3f} s  load ≤ {max(timing.load):4.1f}  "
               f"× {ratio:5.2f} vs {reference}")
     return {"machine": about, "reference": reference, "unit": unit, "work": work, "cases": rows}
+
+
+RATIO_COLUMNS = [("round", "{round}"), ("case", "{case}"), ("reference (s, min)", "{reference_s:.2f}"),
+                 ("case (s, min)", "{case_s:.2f}"), ("case / reference time", "**{time_ratio:.3f}**"),
+                 ("vs round 1", "{vs_first:+.1%}"), ("load ≤", "{load:.1f}")]
+
+
+def ratio_rows(rounds: list[dict[str, Timing]], reference: str) -> list[dict]:
+    """One row per round and case: its best time over the reference's, and how far that ratio moved from round 1
+    (issue 34: a benchmark run twice back to back should agree within 5 %)."""
+    rows, first = [], {}
+    for number, timings in enumerate(rounds, start=1):
+        for name, timing in timings.items():
+            if name == reference:
+                continue
+            ratio = timing.best / timings[reference].best
+            first.setdefault(name, ratio)
+            rows.append({"round": number, "case": name, "reference_s": timings[reference].best,
+                         "case_s": timing.best, "time_ratio": ratio, "vs_first": ratio / first[name] - 1,
+                         "load": max(max(timing.load), max(timings[reference].load))})
+    return rows
+
+
+def write_ratio_record(record, out, rounds: list[dict[str, Timing]], reference: str, settings: dict) -> None:
+    """The rounds' ratios into ``record`` (a ``records.TableRecord`` made when the benchmark started), written to
+    ``out`` for docs/results.md."""
+    record.add_config("benchmark", settings)
+    record.add_run("timings", **{f"round {k}": {name: t.as_dict() for name, t in timings.items()}
+                                 for k, timings in enumerate(rounds, start=1)})
+    print(f"record: {record.write(out, RATIO_COLUMNS, ratio_rows(rounds, reference))}")
