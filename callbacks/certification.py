@@ -137,7 +137,7 @@ class Certification(L.Callback):
             records[mode] = tuple(gather_in_order(t, indices, trainer).cpu() for t in (targets, counts))
         pl_module.log_dict(results, sync_dist=False)
         if trainer.is_global_zero:
-            self._write(self.records_folder(trainer), folder, split, kind, width, stride, deltas, results, records)
+            self._write(self.records_folder(trainer), split, kind, width, stride, deltas, results, records)
         return results
 
     def records_folder(self, trainer: L.Trainer) -> Path:
