@@ -7,23 +7,14 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from test_smoothed_vit import digits, patch_masks, train_briefly
 
 from lit_robust import ImageClassifier, SmoothedClassifier
 from lit_robust.augment import random_masking
 from lit_robust.callbacks import PatchCleanserCertification
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.datamodules.digits import load_digits_source, resize_images
 from lit_robust.patchcleanser import (certified, double_masking, mask_pairs, mask_positions, mask_set,
                                       masked_prediction_table, patchcleanser_outcomes)
-
-
-def patch_masks(size: tuple[int, int], m: int) -> torch.Tensor:
-    """Every placement (P, H, W) of an m×m patch, 1 on the patch."""
-    h, w = size
-    rows, cols = torch.meshgrid(torch.arange(h - m + 1), torch.arange(w - m + 1), indexing="ij")
-    inside_r = (torch.arange(h) >= rows.flatten()[:, None]) & (torch.arange(h) < rows.flatten()[:, None] + m)
-    inside_c = (torch.arange(w) >= cols.flatten()[:, None]) & (torch.arange(w) < cols.flatten()[:, None] + m)
-    return (inside_r[:, :, None] & inside_c[:, None, :]).float()
 
 
 @pytest.mark.parametrize("size", [(32, 32), (16, 21)])
@@ -98,26 +89,6 @@ def test_batched_table_equals_a_loop_over_mask_pairs():
                 assert torch.equal(table[:, i, j], expected), (i, j)
 
 
-def digits(count: int, offset: int = 0, side: int = 12):
-    images, labels = load_digits_source("sklearn8x8")
-    return resize_images(images[offset:offset + count], side), labels[offset:offset + count]
-
-
-def train_with_masks(model: ImageClassifier, masks: torch.Tensor, steps: int = 150) -> ImageClassifier:
-    """A few seconds of training with mask Cutout, enough for certified 12×12 digits."""
-    images, labels = digits(1200, offset=200)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        batch = torch.randint(0, len(images), (64,), generator=generator)
-        loss = F.cross_entropy(model(random_masking(images[batch], masks, generator=generator)), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
-
-
 def attacked_contents(model, image, label, masks, where, steps: int = 2) -> list[torch.Tensor]:
     """The image with random, all-0, all-1 and signed-gradient patch content at every placement ``where`` (P, H, W);
     the attack raises the loss on the label summed over every two-mask input (the vote has no gradient)."""
@@ -143,8 +114,11 @@ def test_certified_images_survive_every_patch():
     Fails if ``certified`` certifies more than Theorem 1 (e.g. the diagonal only) or R misses placements."""
     m, k = 2, 3
     masks = mask_set((12, 12), m, k)
-    model = SmoothedClassifier(train_with_masks(small_cnn(), masks))
-    images, labels = digits(40)
+    classifier = small_cnn()
+    train_briefly(classifier, lambda x, generator: classifier(random_masking(x, masks, generator=generator)),
+                  steps=150, side=12, lr=1e-2)
+    model = SmoothedClassifier(classifier)
+    images, labels = digits(40, side=12)
     with torch.no_grad():
         outcomes = patchcleanser_outcomes(model.ablated_logits, images, labels, masks, 10)
     chosen = torch.nonzero(outcomes[:, 1] == 1).flatten()[:2]
