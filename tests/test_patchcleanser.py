@@ -165,3 +165,15 @@ def test_ddp_records_equal_a_single_process(tmp_path):
             mode.pop("seconds_per_image")
     assert len(single["modes"]["model"]["images"]) % 2 == 1  # uneven shares
     assert ddp["modes"] == single["modes"] and ddp["metrics"] == single["metrics"]
+
+
+def test_mask_cutout_draws_up_to_two_masks_of_the_set():
+    """``ImageClassifier(mask_patch_sizes=…)`` trains on x ⊙ r0 ⊙ r1 with r0, r1 ∈ R ∪ {1}: every augmented image is
+    one of those products, and the batch mixes masked and whole images (fails if the option is ignored)."""
+    model = ImageClassifier(backbone="small_cnn", mask_patch_sizes=[2], mask_k=3)
+    torch.manual_seed(0)
+    augmented = model.augment(torch.ones(64, 1, 12, 12))[:, 0]
+    options = torch.cat([torch.ones(1, 12, 12), mask_set((12, 12), 2, 3)])
+    products = (options[:, None] * options[None]).flatten(0, 1)
+    assert (augmented[:, None] == products[None]).flatten(2).all(2).any(1).all()
+    assert 0 < augmented.flatten(1).min(1).values.eq(0).sum() < 64
