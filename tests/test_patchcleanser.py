@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from test_smoothed_vit import digits, patch_masks, train_briefly
+from test_smoothed_vit import digits, patch_masks, tiny_vit, train_briefly
 
 from lit_robust import ImageClassifier, SmoothedClassifier
 from lit_robust.augment import random_masking
@@ -179,3 +179,23 @@ def test_mask_cutout_draws_up_to_two_masks_of_the_set():
     products = (options[:, None] * options[None]).flatten(0, 1)
     assert (augmented[:, None] == products[None]).flatten(2).all(2).any(1).all()
     assert 0 < augmented.flatten(1).min(1).values.eq(0).sum() < 64
+
+
+def test_smoothed_vit_is_certified_with_and_without_token_dropping(tmp_path):
+    """A ``SmoothedViT`` goes through its own ``ablated_logits``: ``token_dropping=[true, false]`` logs both modes, and
+    the table with dropping equals the model's dropped forward on each doubly masked image (fully masked tokens
+    dropped), so the callback did not fall back to black pixels on all tokens."""
+    model = tiny_vit()
+    images, masks = torch.rand(2, 1, 16, 16), mask_set((16, 16), 4, 2)
+    with torch.no_grad():
+        table = masked_prediction_table(lambda x, r: model.ablated_logits(x, r, token_dropping=True), images, masks)
+        for i, j in mask_pairs(len(masks)).tolist():
+            expected = model.ablated_logits(images, masks[i:i + 1] * masks[j:j + 1], token_dropping=True)[:, 0]
+            assert torch.equal(table[:, i, j], expected.argmax(-1))
+    data = DigitsDataModule(source="sklearn8x8", img_size=16, test_fraction=0.029, batch_size=8, seed=0)
+    callback = PatchCleanserCertification(str(tmp_path), patch_sizes=[2], k=2, token_dropping=[True, False])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[callback])
+    trainer.test(model, datamodule=data, verbose=False)
+    assert {"cert/test/drop/acc_m2", "cert/test/full/clean_m2"} <= set(trainer.callback_metrics)
+    assert set(json.loads((tmp_path / "test_records.json").read_text())["modes"]) == {"token_dropping", "all_tokens"}
