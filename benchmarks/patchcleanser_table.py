@@ -90,10 +90,10 @@ def discarding(function, *args):
     return case
 
 
-def timing_cases(classifier, images, targets, k: int) -> dict:
+def timing_cases(classifier, images, targets, k: int, pass_size: int) -> dict:
     """Per-image certification of every row, as cases for ``interleaved``."""
     cases = {}
-    wrapped = SmoothedClassifier(classifier)
+    wrapped = SmoothedClassifier(classifier, max_batch=pass_size)
     for m in PATCHES:
         masks = mask_set(tuple(images.shape[-2:]), m, k)
         cases[f"patchcleanser_m{m}"] = discarding(patchcleanser_outcomes, wrapped.ablated_logits, images, targets,
@@ -111,17 +111,17 @@ def certify_votes(counts: torch.Tensor, targets: torch.Tensor, deltas: torch.Ten
     return certified(counts, deltas) & (smoothed_prediction(counts) == targets)[:, None]
 
 
-def throughput_cases(classifier, images, targets, masks) -> dict:
+def throughput_cases(classifier, images, targets, masks, pass_size: int) -> dict:
     """The batched certifier against the same stacked forward passes without the bookkeeping, and one pair at a
     time."""
-    wrapped = SmoothedClassifier(classifier)
+    wrapped = SmoothedClassifier(classifier, max_batch=pass_size)
     pairs = mask_pairs(len(masks))
     doubled = masks[pairs[:, 0]] * masks[pairs[:, 1]]
     per_call = max(1, 4096 // len(images))
 
     def bare():
         for part in doubled.split(per_call):
-            for chunk in (images[:, None] * part[None, :, None]).flatten(0, 1).split(wrapped.max_batch):
+            for chunk in (images[:, None] * part[None, :, None]).flatten(0, 1).split(pass_size):
                 classifier(chunk).argmax(-1)
 
     def naive():
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/records", help="folder for the table records")
     parser.add_argument("--images", type=int, default=16, help="test images timed per case")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--pass-size", type=int, default=1024, help="masked images per forward pass")
     args = parser.parse_args()
     run_dir, out = (ROOT / args.run).resolve(), (ROOT / args.out).resolve()
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -150,7 +151,7 @@ def main() -> None:
     classifier = trained_classifier(run_dir)
     images, targets = test_images(args.images)
     with torch.no_grad():
-        timings = interleaved(timing_cases(classifier, images, targets, k), repeats=args.repeats, warmup=0)
+        timings = interleaved(timing_cases(classifier, images, targets, k, args.pass_size), repeats=args.repeats, warmup=0)
     per_image = {name: timing.best / len(images) for name, timing in timings.items()}
     rows = [{"name": "patchcleanser", "label": f"PatchCleanser (k = {k}), small CNN 8-16-32 (0.02 M), mask Cutout",
              **{f"clean_m{m}": 100 * metrics[f"cert/test/clean_m{m}"] for m in PATCHES},
@@ -167,10 +168,10 @@ def main() -> None:
 
     masks = mask_set(tuple(images.shape[-2:]), 4, k)
     with torch.no_grad():
-        speed = interleaved(throughput_cases(classifier, images, targets, masks), repeats=args.repeats + 1)
+        speed = interleaved(throughput_cases(classifier, images, targets, masks, args.pass_size), repeats=args.repeats + 1)
     summary = print_table(speed, reference="bare loop (same stacked batches)", work=len(images), unit="images")
     throughput = TableRecord("patchcleanser_throughput", title=f"PatchCleanser certification throughput, m = 4, "
-                             f"k = {k}, {len(images)} images")
+                             f"k = {k}, {len(images)} images, {args.pass_size} masked images per pass")
     throughput.write(out, THROUGHPUT_COLUMNS, [{"name": name, **row} for name, row in summary["cases"].items()])
 
     from render_results import render_table
