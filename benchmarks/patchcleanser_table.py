@@ -151,7 +151,8 @@ def main() -> None:
     classifier = trained_classifier(run_dir)
     images, targets = test_images(args.images)
     with torch.no_grad():
-        timings = interleaved(timing_cases(classifier, images, targets, k, args.pass_size), repeats=args.repeats, warmup=0)
+        cases = timing_cases(classifier, images, targets, k, args.pass_size)
+        timings = interleaved(cases, repeats=args.repeats, warmup=0)
     per_image = {name: timing.best / len(images) for name, timing in timings.items()}
     rows = [{"name": "patchcleanser", "label": f"PatchCleanser (k = {k}), small CNN 8-16-32 (0.02 M), mask Cutout",
              **{f"clean_m{m}": 100 * metrics[f"cert/test/clean_m{m}"] for m in PATCHES},
@@ -168,7 +169,8 @@ def main() -> None:
 
     masks = mask_set(tuple(images.shape[-2:]), 4, k)
     with torch.no_grad():
-        speed = interleaved(throughput_cases(classifier, images, targets, masks, args.pass_size), repeats=args.repeats + 1)
+        cases = throughput_cases(classifier, images, targets, masks, args.pass_size)
+        speed = interleaved(cases, repeats=args.repeats + 1)
     summary = print_table(speed, reference="bare loop (same stacked batches)", work=len(images), unit="images")
     throughput = TableRecord("patchcleanser_throughput", title=f"PatchCleanser certification throughput, m = 4, "
                              f"k = {k}, {len(images)} images, {args.pass_size} masked images per pass")
