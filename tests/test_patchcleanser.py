@@ -130,7 +130,7 @@ def test_certified_images_survive_every_patch():
                 predictions, _ = double_masking(masked_prediction_table(model.ablated_logits, batch, masks), 10)
             broken[i] |= predictions.ne(labels[i]).any()
     assert is_certified.sum() >= 2, f"only {int(is_certified.sum())} certified images: train the model longer"
-    assert not (broken & is_certified).any(), f"certified images {torch.nonzero(broken & is_certified).flatten()} broken"
+    assert not (broken & is_certified).any(), f"certified {torch.nonzero(broken & is_certified).flatten()} broken"
     assert broken.any(), "the attack broke no image: it is too weak to test the certificate"
 
 
