@@ -2,6 +2,7 @@
 from lit_robust.callbacks.baseline_filters import (ActivationClusteringFilter, SpectralSignatureFilter,
                                                    TrimmedLossFilter)
 from lit_robust.callbacks.certification import Certification
+from lit_robust.callbacks.patchcleanser import PatchCleanserCertification
 from lit_robust.callbacks.counterfactual_report import CounterfactualReport
 from lit_robust.callbacks.latent_grid import LatentAugmentationGrid
 from lit_robust.callbacks.metrics_file import MetricsFile
@@ -15,5 +16,6 @@ from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLear
 
 __all__ = ["ActivationClusteringFilter", "AdversarialRobustnessReport", "Certification", "CounterfactualReport",
            "DDPMPurification", "EBMPurification", "LatentAugmentationGrid", "MetricsFile", "OODDetection",
-           "PoisonMetrics", "PureGenFilt", "PureGenNaive", "PureGenReps", "Purification", "ShiftRobustnessReport",
-           "ShiftSweep", "SpectralSignatureFilter", "TrainingSetFilter", "TrimmedLossFilter", "WeakLearnerFilter"]
+           "PatchCleanserCertification", "PoisonMetrics", "PureGenFilt", "PureGenNaive", "PureGenReps", "Purification",
+           "ShiftRobustnessReport", "ShiftSweep", "SpectralSignatureFilter", "TrainingSetFilter", "TrimmedLossFilter",
+           "WeakLearnerFilter"]

@@ -46,6 +46,8 @@ class Certification(L.Callback):
             ``ablated_logits`` receives ablated images in that normalisation.
     """
 
+    folder_name = "certification"  # under the trainer's output folder when output_dir is not given
+
     def __init__(self, output_dir: str | None = None, patch_sizes: Sequence[int] = (1, 2, 3, 4),
                  kind: str | None = None, width: int | None = None, stride: int | None = None,
                  token_dropping: Sequence[bool] | None = None, splits: Sequence[str] = ("test",),
@@ -82,32 +84,41 @@ class Certification(L.Callback):
                              "module has no 'ablation'/'ablation_width' hparams)")
         return kind, width, stride, ablation_masks(kind, ablation_positions(kind, size, width, stride), size, width)
 
-    def _num_classes(self, classify, images: torch.Tensor, masks: torch.Tensor) -> int:
-        """K, read from the logits of one ablated image (fails early, naming shapes, if the model cannot take it)."""
+    def _num_classes(self, classify, images: torch.Tensor) -> int:
+        """K, read from the logits of one unmasked image (fails early, naming shapes, if the model cannot take it)."""
         try:
             with torch.no_grad():
-                return int(classify(images[:1], masks[:1]).shape[-1])
+                return int(classify(images[:1], images.new_ones(1, *images.shape[-2:])).shape[-1])
         except RuntimeError as error:
-            raise RuntimeError(f"Certification: the model cannot classify the split's images of shape "
+            raise RuntimeError(f"{type(self).__name__}: the model cannot classify the split's images of shape "
                                f"{tuple(images.shape[1:])} ({error}); use data of the model's channels and size") \
                 from error
 
-    def _local_counts(self, trainer, model, dataset, masks, token_dropping) -> tuple[torch.Tensor, ...]:
-        """Votes of this rank's share: (indices, targets, counts)."""
+    def _local_results(self, trainer, model, dataset, token_dropping, evaluate) -> tuple[torch.Tensor, ...]:
+        """(indices, targets, results) of this rank's share, where ``evaluate(classify, images, targets, K)`` gives
+        the per-image results of a batch of [0, 1] images and ``classify(images, masks)`` is the masked forward."""
         kwargs = {} if token_dropping is None else {"token_dropping": token_dropping}
         classify = lambda x, m: model.ablated_logits(x, m, **kwargs)  # noqa: E731
         device = trainer.strategy.root_device
-        masks = masks.to(device)
-        first = self.pixel_space.to_unit(self.item_format.collate([dataset[0]])[0].to(device))
-        num_classes = self._num_classes(classify, first, masks)  # the same on every rank, even one with no share
-        indices, targets, counts = [], [], []
-        for rows, images, labels in shard_batches(dataset, trainer, self.batch_size, self.item_format):
-            counts.append(ablation_votes(classify, self.pixel_space.to_unit(images.to(device)), masks, num_classes))
-            targets.append(labels.to(device))
-            indices.append(rows.to(device))
-        empty = torch.zeros(0, num_classes, dtype=torch.long, device=device)
-        return (torch.cat(indices) if indices else empty[:, 0], torch.cat(targets) if targets else empty[:, 0],
-                torch.cat(counts) if counts else empty)
+        first, first_target = (t.to(device) for t in self.item_format.collate([dataset[0]]))
+        first = self.pixel_space.to_unit(first)
+        num_classes = self._num_classes(classify, first)  # the same on every rank, even one with no share
+        indices, targets, results = [], [], []
+        with torch.no_grad():
+            for rows, images, labels in shard_batches(dataset, trainer, self.batch_size, self.item_format):
+                labels = labels.to(device)
+                results.append(evaluate(classify, self.pixel_space.to_unit(images.to(device)), labels, num_classes))
+                targets.append(labels)
+                indices.append(rows.to(device))
+            if not results:  # a rank without a share still gathers a (0, …) tensor of the right shape
+                return (first_target[:0], first_target[:0], evaluate(classify, first, first_target, num_classes)[:0])
+        return torch.cat(indices), torch.cat(targets), torch.cat(results)
+
+    def _local_counts(self, trainer, model, dataset, masks, token_dropping) -> tuple[torch.Tensor, ...]:
+        """Votes of this rank's share: (indices, targets, counts)."""
+        masks = masks.to(trainer.strategy.root_device)
+        return self._local_results(trainer, model, dataset, token_dropping,
+                                   lambda classify, images, _, k: ablation_votes(classify, images, masks, k))
 
     def certify(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Certify one split; log and return the flat metrics."""
@@ -126,9 +137,12 @@ class Certification(L.Callback):
             records[mode] = tuple(gather_in_order(t, indices, trainer).cpu() for t in (targets, counts))
         pl_module.log_dict(results, sync_dist=False)
         if trainer.is_global_zero:
-            folder = Path(self.output_dir) if self.output_dir else output_folder(trainer, None) / "certification"
-            self._write(folder, split, kind, width, stride, deltas, results, records)
+            self._write(self.records_folder(trainer), split, kind, width, stride, deltas, results, records)
         return results
+
+    def records_folder(self, trainer: L.Trainer) -> Path:
+        """``output_dir``, else ``<the trainer's output folder>/<folder_name>`` (contract: ``output_folder``)."""
+        return Path(self.output_dir) if self.output_dir else output_folder(trainer, None) / self.folder_name
 
     def _write(self, folder: Path, split, kind, width, stride, deltas, results, records) -> None:
         folder.mkdir(parents=True, exist_ok=True)

@@ -25,3 +25,13 @@ def random_hflip(images: torch.Tensor, generator: torch.Generator | None = None)
     """Flip a random half of the batch left-right."""
     flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def random_masking(images: torch.Tensor, masks: torch.Tensor, count: int = 2,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cutout with the masks a certifier will apply: each image is multiplied by ``count`` masks drawn uniformly, with
+    replacement, from ``masks`` (M, H, W; 1 kept) plus the all-ones mask — so a batch mixes whole images and the one-
+    and two-mask inputs of PatchCleanser's two rounds (the paper fine-tunes with masks of R for the same reason)."""
+    options = torch.cat([masks.new_ones(1, *masks.shape[1:]), masks]).to(images.device, images.dtype)
+    draws = torch.randint(0, len(options), (images.shape[0], count), generator=generator).to(images.device)
+    return images * options[draws].prod(1)[:, None]

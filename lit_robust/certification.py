@@ -121,26 +121,37 @@ class CertifiedAccuracy(Metric):
 
     ``deltas`` maps each patch size m to its Δ; ``rule`` is ``strict`` (Eq. 1.2) or ``tight`` (:func:`certified`);
     ``compute()`` returns ``{"acc": …, "acc_m<m>": …}``. The state is sums over images, so torchmetrics syncs it
-    across DDP ranks exactly."""
+    across DDP ranks exactly. A certifier without vote counts (PatchCleanser) passes the patch sizes alone and updates
+    with its own correct/certified flags."""
 
     full_state_update = False
 
-    def __init__(self, deltas: dict[int, int], rule: str = "strict", **kwargs):
+    def __init__(self, deltas: dict[int, int] | list[int], rule: str = "strict", **kwargs):
         super().__init__(**kwargs)
         if not deltas:
             raise ValueError("CertifiedAccuracy needs at least one patch size: pass deltas={m: Δ, …}")
         self.rule = check_rule(rule)
         self.patch_sizes = sorted(deltas)
-        self.register_buffer("deltas", torch.tensor([deltas[m] for m in self.patch_sizes]), persistent=False)
+        if isinstance(deltas, dict):
+            self.register_buffer("deltas", torch.tensor([deltas[m] for m in self.patch_sizes]), persistent=False)
         self.add_state("correct", torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("certified", torch.zeros(len(self.patch_sizes), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
 
-    def update(self, counts: torch.Tensor, targets: torch.Tensor) -> None:
-        correct = smoothed_prediction(counts) == targets
+    def update(self, counts: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,
+               correct: torch.Tensor | None = None, certified_flags: torch.Tensor | None = None) -> None:
+        """Add images, from vote counts (N, K) and targets (N,), or — a certifier without votes — from ``correct``
+        (N,): the defended prediction is the label, and ``certified_flags`` (N, P) per patch size (counted only where
+        also correct)."""
+        if counts is not None:
+            if not hasattr(self, "deltas"):
+                raise ValueError("CertifiedAccuracy was built from patch sizes alone: pass deltas={m: Δ} to count "
+                                 "votes, or update(correct=…, certified_flags=…)")
+            correct = smoothed_prediction(counts) == targets
+            certified_flags = certified(counts, self.deltas.to(counts.device), self.rule)
         self.correct += correct.sum()
-        self.certified += (correct[:, None] & certified(counts, self.deltas.to(counts.device), self.rule)).sum(0)
-        self.total += len(targets)
+        self.certified += (correct[:, None] & certified_flags).sum(0)
+        self.total += len(correct)
 
     def compute(self) -> dict[str, torch.Tensor]:
         total = self.total.clamp(min=1).float()

@@ -11,8 +11,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
-from lit_robust.augment import random_hflip, random_shift
+from lit_robust.augment import random_hflip, random_masking, random_shift
 from lit_robust.nets import create_backbone, load_weights
+from lit_robust.patchcleanser import mask_set
 
 
 class ImageClassifier(L.LightningModule):
@@ -23,6 +24,8 @@ class ImageClassifier(L.LightningModule):
         backbone: ``small_cnn``, ``resnet18_cifar``, ``preact_resnet18_cifar`` or any timm model name.
         mean, std: per-channel normalisation applied inside ``forward`` (length 1 or ``in_chans``).
         max_shift, hflip: batched train-time augmentation (RandomCrop(padding=max_shift), horizontal flip).
+        mask_patch_sizes, mask_k: train-time Cutout with PatchCleanser's mask sets R of these patch sizes and k
+            (``augment.random_masking``: up to two masks per image); empty: off.
         optimizer: ``sgd`` (momentum 0.9, Nesterov off, as the purification paper's ResNet recipe) or ``adamw``.
         scheduler: ``cosine`` (timm, with ``warmup_epochs``), ``multistep`` (×0.1 at ``milestones``) or ``none``.
         weights_path: start from these weights (the papers' pretrained models enter here; nothing is downloaded).
@@ -33,7 +36,7 @@ class ImageClassifier(L.LightningModule):
                  max_shift: int = 0, hflip: bool = False, label_smoothing: float = 0.0,
                  optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 5e-4, momentum: float = 0.9,
                  scheduler: str = "cosine", warmup_epochs: int = 0, milestones: Sequence[int] = (100, 150),
-                 weights_path: str | None = None):
+                 weights_path: str | None = None, mask_patch_sizes: Sequence[int] = (), mask_k: int = 6):
         super().__init__()
         self.save_hyperparameters()
         self.net = create_backbone(backbone, num_classes=num_classes, in_chans=in_chans, **(backbone_kwargs or {}))
@@ -50,7 +53,12 @@ class ImageClassifier(L.LightningModule):
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         images = random_shift(images, self.hparams.max_shift)
-        return random_hflip(images) if self.hparams.hflip else images
+        images = random_hflip(images) if self.hparams.hflip else images
+        sizes = self.hparams.get("mask_patch_sizes") or ()
+        if not sizes:
+            return images
+        masks = torch.cat([mask_set(tuple(images.shape[-2:]), m, self.hparams.mask_k) for m in sizes])
+        return random_masking(images, masks)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch[0], batch[1]

@@ -14,6 +14,7 @@ import torch
 from lit_robust import EBM, ImageClassifier
 from lit_robust.ablations import ablation_masks, ablation_positions
 from lit_robust.certification import ablation_votes
+from lit_robust.patchcleanser import mask_set, patchcleanser_outcomes
 from lit_robust.poisons.bullseye import collide_features
 from lit_robust.poisons.gradient_matching import match_gradients
 from lit_robust.poisons.narcissus import synthesize_trigger
@@ -89,4 +90,15 @@ def test_certification_votes_read_nothing_back_per_ablation_batch():
         return ablation_votes(classifier.ablated_logits, images, masks[: 2 * width], 3)
 
     few, many = reads_for(votes, (2, 4))
+    assert few == many
+
+
+def test_patchcleanser_reads_nothing_back_per_mask_chunk():
+    classifier = SmoothedClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3)), max_batch=4)
+    images, targets = torch.rand(3, 1, 8, 8), torch.tensor([0, 1, 2])
+
+    def outcomes(k):  # a larger k → more masks, more chunks of 6 masked images
+        return patchcleanser_outcomes(classifier.ablated_logits, images, targets, mask_set((8, 8), 2, k), 3, 6)
+
+    few, many = reads_for(outcomes, (2, 4))
     assert few == many

@@ -76,33 +76,41 @@ def test_upsampled_input_and_cnn_option():
         SmoothedViT(backbone="small_cnn", token_dropping=True)
 
 
-def digits16(count: int, offset: int = 0):
+def digits(count: int, offset: int = 0, side: int = 16):
     images, labels = load_digits_source("sklearn8x8")
-    return resize_images(images[offset:offset + count], 16), labels[offset:offset + count]
+    return resize_images(images[offset:offset + count], side), labels[offset:offset + count]
 
 
-def train_briefly(model: SmoothedViT, steps: int = 100) -> SmoothedViT:
-    """A few seconds of training on column ablations, enough for some certified 16×16 digits."""
-    images, labels = digits16(1200, offset=200)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+def train_briefly(model: torch.nn.Module, forward, steps: int = 100, side: int = 16, lr: float = 3e-3):
+    """A few seconds of AdamW on side×side digits, enough for some certified images; ``forward(images, generator)``
+    gives the training logits of a batch (the model under its training ablation or masks)."""
+    images, labels = digits(1200, offset=200, side=side)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(0)
     model.train()
     for step in range(steps):
         batch = torch.randint(0, len(images), (64,), generator=generator)
-        masks = random_ablation_mask("column", (16, 16), model.hparams.ablation_width, generator)
-        loss = F.cross_entropy(model.ablated_logits(images[batch], masks)[:, 0], labels[batch])
+        loss = F.cross_entropy(forward(images[batch], generator), labels[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return model.eval()
 
 
-def patch_masks(size: int, m: int) -> torch.Tensor:
-    """Every placement (P, H, W) of an m×m patch inside a size×size image."""
-    rows, cols = torch.meshgrid(torch.arange(size - m + 1), torch.arange(size - m + 1), indexing="ij")
-    grid = torch.arange(size)
-    inside_r = (grid >= rows.flatten()[:, None]) & (grid < rows.flatten()[:, None] + m)
-    inside_c = (grid >= cols.flatten()[:, None]) & (grid < cols.flatten()[:, None] + m)
+def on_column_ablations(model: SmoothedViT):
+    """``train_briefly``'s forward for the smoothed ViT: one random column ablation per batch."""
+    def forward(images, generator):
+        masks = random_ablation_mask("column", images.shape[-2:], model.hparams.ablation_width, generator)
+        return model.ablated_logits(images, masks)[:, 0]
+    return forward
+
+
+def patch_masks(size: int | tuple[int, int], m: int) -> torch.Tensor:
+    """Every placement (P, H, W) of an m×m patch inside an image of ``size`` (a side or (H, W)), 1 on the patch."""
+    h, w = (size, size) if isinstance(size, int) else size
+    rows, cols = torch.meshgrid(torch.arange(h - m + 1), torch.arange(w - m + 1), indexing="ij")
+    inside_r = (torch.arange(h) >= rows.flatten()[:, None]) & (torch.arange(h) < rows.flatten()[:, None] + m)
+    inside_c = (torch.arange(w) >= cols.flatten()[:, None]) & (torch.arange(w) < cols.flatten()[:, None] + m)
     return (inside_r[:, :, None] & inside_c[:, None, :]).float()
 
 
@@ -127,8 +135,9 @@ def test_certified_images_survive_every_patch(token_dropping, stride):
     all-0, all-1 and gradient-attacked patches, keeps its smoothed prediction g(x), and no placement moves more than
     Δ votes. Kept CI-cheap: a tiny ViT trained for a few seconds, strided ablation sets, three images per patch size
     (the argument holds for any model, so a weak one checks the implementation as well as a strong one)."""
-    model = train_briefly(tiny_vit(token_dropping=token_dropping, ablation_stride=stride))
-    images, labels = digits16(20)
+    model = tiny_vit(token_dropping=token_dropping, ablation_stride=stride)
+    model = train_briefly(model, on_column_ablations(model))
+    images, labels = digits(20)
     masks = model.certification_masks((16, 16))
     with torch.no_grad():
         counts = vote_counts(model.ablated_logits(images, masks).argmax(-1), 10)
