@@ -1,0 +1,113 @@
+"""Adversarial training on the embedded digits (thesis 001 ch. 2; issue #32): a standard, a PGD-AT (Madry et al.) and
+a TRADES (Zhang et al.) small CNN of the same width, trained at ℓ∞ ε = 0.3, each evaluated by
+``AdversarialEvaluation`` on test images at ε ∈ {0.1, 0.2, 0.3, 0.4, 0.6} under PGD-20, APGD-CE and APGD-T.
+
+Rows: model × ε; columns: clean accuracy, robust accuracy under PGD-20, APGD-CE, APGD-T, APGD-CE + APGD-T (correct
+under both; read from the per-image records) and all three. Then the cost of adversarial training: a PGD-AT step
+over a standard step of the same model and batch, timed interleaved (``benchmarks/timing.py``) in this process.
+Written to ``<out>/adversarial_digits.json`` (``benchmarks/records.py``) and ``<out>/metrics.json``;
+``benchmarks/render_results.py`` puts the table into ``docs/results.md``. Extra arguments are Hydra overrides
+applied to every run.
+
+    OMP_NUM_THREADS=1 python benchmarks/adversarial_digits_table.py --out outputs/adversarial_digits_table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import TableRecord, read_hydra_config, train_run  # noqa: E402
+from timing import interleaved, print_table  # noqa: E402
+
+from lit_robust.callbacks.metrics_file import update_metrics_file  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.6)
+# the standard model: digits_classifier's recipe on the adversarially trained models' net, evaluated the same way
+RUNS = {"standard": ["experiment=digits_classifier", "callbacks=adversarial", "model.backbone_kwargs={widths:[16,32,64]}",
+                     "callbacks.adversarial_evaluation.epsilons=[0.1,0.2,0.3,0.4,0.6]",
+                     "callbacks.adversarial_evaluation.masking_eps=0.6",
+                     "callbacks.adversarial_evaluation.num_images=500",
+                     "callbacks.adversarial_evaluation.apgd_steps=50",
+                     "callbacks.adversarial_evaluation.num_targets=3"],
+        "pgd_at": ["experiment=adv_train_digits"], "trades": ["experiment=trades_digits"]}
+LABELS = {"standard": "standard", "pgd_at": "PGD-AT (Madry)", "trades": "TRADES (β = 6)"}
+COLUMNS = [("model", "{label}"), ("ε", "{eps:g}"), ("clean (%)", "{clean:.1f}"), ("PGD-20 (%)", "{pgd:.1f}"),
+           ("APGD-CE (%)", "{apgd_ce:.1f}"), ("APGD-T (%)", "{apgd_t:.1f}"),
+           ("APGD-CE+T (%)", "{apgd_both:.1f}"), ("all three (%)", "{robust:.1f}")]
+
+
+def table_rows(name: str, run_dir: Path) -> list[dict]:
+    """One row per ε from the run's per-image records (``adversarial/test_records.json``)."""
+    images = json.loads((run_dir / "adversarial" / "test_records.json").read_text())["images"]
+    share = lambda test: 100.0 * sum(map(test, images)) / len(images)  # noqa: E731
+    rows = []
+    for eps in EPSILONS:
+        tag = f"eps{eps:g}"
+        rows.append({"name": name, "label": LABELS[name], "eps": eps, "images": len(images),
+                     "clean": share(lambda r: r["clean"]), "pgd": share(lambda r: r[f"{tag}/pgd"]),
+                     "apgd_ce": share(lambda r: r[f"{tag}/apgd-ce"]), "apgd_t": share(lambda r: r[f"{tag}/apgd-t"]),
+                     "apgd_both": share(lambda r: r[f"{tag}/apgd-ce"] and r[f"{tag}/apgd-t"]),
+                     "robust": share(lambda r: r[f"{tag}/robust"])})
+    return rows
+
+
+def step_cost(config: dict, batch_size: int = 128, repeats: int = 5) -> dict:
+    """Seconds of one optimiser step with the PGD-AT loss over one with the standard loss, same model and batch."""
+    import hydra
+    import torch
+
+    from lit_robust.classifier import ImageClassifier
+
+    model = hydra.utils.instantiate(config["model"], _convert_="all").train()
+    optimizer = torch.optim.AdamW(model.parameters())
+    x, y = torch.rand(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
+
+    def step(loss_of) -> None:
+        loss, _ = loss_of(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    timings = interleaved({"standard step": lambda: step(ImageClassifier.training_loss),
+                           "PGD-AT step": lambda: step(type(model).training_loss)}, repeats=repeats)
+    table = print_table(timings, reference="standard step", work=batch_size, unit="images")
+    ratio = timings["PGD-AT step"].best / timings["standard step"].best
+    return {"ratio": ratio, "attack_steps": config["model"]["attack_steps"], "timings": table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="outputs/adversarial_digits_table", help="folder for the runs and the table")
+    parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS), help="subset of the runs")
+    args, extra = parser.parse_known_args()
+    out = (ROOT / args.out).resolve()
+    record = TableRecord("adversarial_digits", title="Adversarial training on digits, ℓ∞ ε = 0.3 (test images)")
+    rows = []
+    for name in args.only:
+        metrics, provenance = train_run(out / name, [*RUNS[name], *extra])
+        if not metrics:
+            print(f"{name} is not finished: no table written")
+            return
+        record.add_run(name, run_dir=str(out / name), **provenance)
+        record.add_config(name, read_hydra_config(out / name))
+        rows += table_rows(name, out / name)
+    cost = step_cost(read_hydra_config(out / "pgd_at")) if "pgd_at" in args.only else None
+    if cost:
+        record.notes.append(f"PGD-AT step / standard step = {cost['ratio']:.2f} with {cost['attack_steps']} attack "
+                            f"steps (bound: steps + 1.3 = {cost['attack_steps'] + 1.3:.1f})")
+        record.runs["step_cost"] = cost
+    update_metrics_file(out / "metrics.json", {f"table/{r['name']}/eps{r['eps']:g}/{k}": float(v) for r in rows
+                                               for k, v in r.items() if k not in ("name", "label", "eps")})
+    path = record.write(out, COLUMNS, rows)
+    from render_results import render_table
+    print(render_table(json.loads(path.read_text())))
+    print("\n".join(record.notes))
+    print(f"record: {path}")
+
+
+if __name__ == "__main__":
+    main()
