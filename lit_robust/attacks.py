@@ -234,15 +234,17 @@ def robust_correct(logits_fn: LogitsFn, x: torch.Tensor, labels: torch.Tensor, e
                    attacks: tuple[str, ...] = ("pgd", "apgd-ce", "apgd-t"),
                    generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Per image and attack, whether the prediction stays correct (bool (N,) each) under: ``pgd`` (PGD-k on the CE,
-    ``restarts`` starts, worst kept by :func:`margin_loss`), ``apgd-ce``, ``apgd-t``; ``clean`` is added. Each attack
-    runs only on the images still correct before it (AutoAttack's protocol; a misclassified image stays so)."""
+    ``restarts`` starts, worst kept by :func:`margin_loss`), ``apgd-ce``, ``apgd-t``; ``clean`` is added. ``pgd`` and
+    ``apgd-ce`` attack every clean-correct image; ``apgd-t`` only those ``apgd-ce`` left correct (AutoAttack's
+    cascade, Croce & Hein 2020 §5), so its column is "correct under APGD-CE and APGD-T" and costs little where
+    APGD-CE already succeeded."""
     unknown = set(attacks) - {"pgd", "apgd-ce", "apgd-t"}
     if unknown:
         raise ValueError(f"attacks {sorted(unknown)}: use 'pgd', 'apgd-ce' and/or 'apgd-t'")
     with torch.no_grad():
         correct = {"clean": logits_fn(x).argmax(1) == labels}
     for attack in attacks:
-        result = correct["clean"].clone()
+        result = (correct["apgd-ce"] if attack == "apgd-t" and "apgd-ce" in correct else correct["clean"]).clone()
         todo = result.nonzero()[:, 0]
         if len(todo):
             xs, ys = x[todo], labels[todo]
