@@ -13,18 +13,16 @@ applied to every run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, read_hydra_config, train_run  # noqa: E402
+from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
 from timing import interleaved, print_table  # noqa: E402
 
 from lit_robust.callbacks.metrics_file import update_metrics_file  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.6)
 # the standard model: digits_classifier's recipe on the adversarially trained models' net, evaluated the same way
 RUNS = {"standard": ["experiment=digits_classifier", "callbacks=adversarial", "model.backbone_kwargs={widths:[16,32,64]}",
@@ -79,11 +77,7 @@ def step_cost(config: dict, batch_size: int = 128, repeats: int = 5) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="outputs/adversarial_digits_table", help="folder for the runs and the table")
-    parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS), help="subset of the runs")
-    args, extra = parser.parse_known_args()
-    out = (ROOT / args.out).resolve()
+    args, extra, out = table_arguments(__doc__, "outputs/adversarial_digits_table", RUNS)
     record = TableRecord("adversarial_digits", title="Adversarial training on digits, ℓ∞ ε = 0.3 (test images)")
     rows = []
     for name in args.only:

@@ -17,18 +17,16 @@ once all are done, to write the table from the finished runs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, read_hydra_config, train_run  # noqa: E402
+from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
 
 from lit_robust.callbacks.metrics_file import update_metrics_file  # noqa: E402
 from lit_robust.poison_metrics import defense_effectiveness_rating  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"clean": ["data_filter=none", "data.params.fraction=0"], "none": ["data_filter=none"],
         "spectral_signatures": ["data_filter=spectral_signatures"],
         "activation_clustering": ["data_filter=activation_clustering"], "itlm": ["data_filter=itlm"],
@@ -65,11 +63,7 @@ def flat_keys(rows: list[dict]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="outputs/ispl_badnets_table", help="folder for the runs and the table")
-    parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS), help="subset of the runs")
-    args, extra = parser.parse_known_args()
-    out = (ROOT / args.out).resolve()
+    args, extra, out = table_arguments(__doc__, "outputs/ispl_badnets_table", RUNS)
     record = TableRecord("ispl_badnets", title="Seed 003 Table 1 on digits: BadNets pixel trigger, 10 % of class 1")
     results = {}
     for name in args.only:

@@ -104,6 +104,18 @@ class TableRecord:
         return path
 
 
+def table_arguments(doc: str, default_out: str, runs) -> tuple[object, list[str], Path]:
+    """A table command's ``--out`` (resolved under the repository) and ``--only`` (a subset of ``runs``); the
+    remaining arguments are Hydra overrides for every run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", default=default_out, help="folder for the runs and the table")
+    parser.add_argument("--only", nargs="*", choices=list(runs), default=list(runs), help="subset of the runs")
+    args, extra = parser.parse_known_args()
+    return args, extra, (ROOT / args.out).resolve()
+
+
 def running_elsewhere(run_dir: Path) -> bool:
     """Whether another live invocation is running this run now (``<run>/.running`` holds its pid), so that several
     invocations with different ``--only`` can share one ``--out`` (one per core); the last one writes the table."""
@@ -147,9 +159,11 @@ def train_run(run_dir: Path, overrides: list[str], done_key: str = "test/acc") -
 
 def read_hydra_config(run_dir: Path) -> dict:
     """A Hydra run's resolved config (``<run_dir>/.hydra/config.yaml``), ``{}`` when the run left none."""
+    from importlib import import_module
+
     from omegaconf import OmegaConf
 
-    import lit_robust.runner  # noqa: F401 — registers the configs' resolvers (fast_precision, ...)
+    import_module("lit_robust.runner")  # registers the configs' resolvers (fast_precision, ...)
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         return {}
