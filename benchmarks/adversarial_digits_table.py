@@ -25,11 +25,12 @@ from lit_robust.callbacks.metrics_file import update_metrics_file  # noqa: E402
 
 EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.6)
 # the standard model: digits_classifier's recipe on the adversarially trained models' net, evaluated the same way
-RUNS = {"standard": ["experiment=digits_classifier", "callbacks=adversarial", "model.backbone_kwargs={widths:[16,32,64]}",
+RUNS = {"standard": ["experiment=digits_classifier", "callbacks=adversarial",
+                     "model.backbone_kwargs={widths:[8,16,32]}",
                      "callbacks.adversarial_evaluation.epsilons=[0.1,0.2,0.3,0.4,0.6]",
                      "callbacks.adversarial_evaluation.masking_eps=0.6",
-                     "callbacks.adversarial_evaluation.num_images=500",
-                     "callbacks.adversarial_evaluation.apgd_steps=50",
+                     "callbacks.adversarial_evaluation.num_images=200",
+                     "callbacks.adversarial_evaluation.apgd_steps=25",
                      "callbacks.adversarial_evaluation.num_targets=3"],
         "pgd_at": ["experiment=adv_train_digits"], "trades": ["experiment=trades_digits"]}
 LABELS = {"standard": "standard", "pgd_at": "PGD-AT (Madry)", "trades": "TRADES (β = 6)"}
