@@ -3,6 +3,8 @@ image, found by PGD on the device inside ``training_step`` — Madry et al. 2018
 TRADES (Zhang et al. 2019: clean cross-entropy plus β times the KL between clean and perturbed predictions)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -64,17 +66,23 @@ class AdversarialClassifier(ImageClassifier):
     def current_eps(self) -> float:
         return warmed_up_eps(self.hparams.eps, self.current_epoch, self.hparams.eps_warmup_epochs)
 
-    def adversarial_inputs(self, images: torch.Tensor, loss_fn, eps: float, start: torch.Tensor | None = None):
-        """PGD in the ε-ball of ``images`` on ``loss_fn``, the model in eval mode meanwhile."""
-        hp = self.hparams
-        step = (hp.attack_step_size if hp.attack_step_size is not None else 2.5 * hp.eps / hp.attack_steps) \
-            * eps / hp.eps
+    @contextmanager
+    def attack_mode(self):
+        """Eval mode (BatchNorm's running statistics, no dropout) for the attack's forward passes, then back."""
         was_training = self.training
         self.eval()
         try:
-            return pgd(loss_fn, images, eps, step, hp.attack_steps, hp.norm, start=start)
+            yield
         finally:
             self.train(was_training)
+
+    def adversarial_inputs(self, images: torch.Tensor, loss_fn, eps: float, start: torch.Tensor | None = None):
+        """PGD in the ε-ball of ``images`` on ``loss_fn``, in :meth:`attack_mode`."""
+        hp = self.hparams
+        step = (hp.attack_step_size if hp.attack_step_size is not None else 2.5 * hp.eps / hp.attack_steps) \
+            * eps / hp.eps
+        with self.attack_mode():
+            return pgd(loss_fn, images, eps, step, hp.attack_steps, hp.norm, start=start)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.current_eps()
@@ -83,10 +91,8 @@ class AdversarialClassifier(ImageClassifier):
             adv = self.adversarial_inputs(images, lambda v: F.cross_entropy(self(v), labels, reduction="none"), eps)
             logits = self(adv)
             return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing), logits
-        with torch.no_grad():
-            self.eval()
-            clean_eval = self(images)
-            self.train()
+        with torch.no_grad(), self.attack_mode():
+            clean_eval = self(images)   # the attack's fixed target f(x), as in TRADES' reference code
         start = images + 0.001 * torch.randn_like(images)
         adv = self.adversarial_inputs(images, lambda v: trades_kl(clean_eval, self(v)), eps, start=start)
         logits_clean = self(images)
