@@ -3,7 +3,9 @@ a TRADES (Zhang et al.) small CNN of the same width, trained at ℓ∞ ε = 0.3,
 ``AdversarialEvaluation`` on test images at ε ∈ {0.1, 0.2, 0.3, 0.4, 0.6} under PGD-20, APGD-CE and APGD-T.
 
 Rows: model × ε; columns: clean accuracy, robust accuracy under PGD-20, APGD-CE, APGD-CE + APGD-T (correct under
-both; APGD-T attacks APGD-CE's survivors, AutoAttack's cascade) and all three, from the per-image records. Then the cost of adversarial training: a PGD-AT step
+both; APGD-T attacks APGD-CE's survivors, AutoAttack's cascade) and all three, from the per-image records; at
+ε = 0.3 the adversarially trained models also meet the black-box Square attack (300 queries), the gradient-masking
+check: a model robust to the gradient attacks but not to Square would be masking its gradients. Then the cost of adversarial training: a PGD-AT step
 over a standard step of the same model and batch, timed interleaved (``benchmarks/timing.py``) in this process.
 Written to ``<out>/adversarial_digits.json`` (``benchmarks/records.py``) and ``<out>/metrics.json``;
 ``benchmarks/render_results.py`` puts the table into ``docs/results.md``. Extra arguments are Hydra overrides
@@ -35,7 +37,8 @@ RUNS = {"standard": ["experiment=digits_classifier", "callbacks=adversarial",
         "pgd_at": ["experiment=adv_train_digits"], "trades": ["experiment=trades_digits"]}
 LABELS = {"standard": "standard", "pgd_at": "PGD-AT (Madry)", "trades": "TRADES (β = 6)"}
 COLUMNS = [("model", "{label}"), ("ε", "{eps:g}"), ("clean (%)", "{clean:.1f}"), ("PGD-20 (%)", "{pgd:.1f}"),
-           ("APGD-CE (%)", "{apgd_ce:.1f}"), ("APGD-CE+T (%)", "{apgd_both:.1f}"), ("all three (%)", "{robust:.1f}")]
+           ("APGD-CE (%)", "{apgd_ce:.1f}"), ("APGD-CE+T (%)", "{apgd_both:.1f}"), ("all three (%)", "{robust:.1f}"),
+           ("Square-300 (%)", "{square:.1f}"), ("all + Square (%)", "{with_square:.1f}")]
 
 
 def table_rows(name: str, run_dir: Path) -> list[dict]:
@@ -51,6 +54,25 @@ def table_rows(name: str, run_dir: Path) -> list[dict]:
                      "apgd_both": share(lambda r: r[f"{tag}/apgd-ce"] and r[f"{tag}/apgd-t"]),
                      "robust": share(lambda r: r[f"{tag}/robust"])})
     return rows
+
+
+def square_correct(config: dict, run_dir: Path, num_images: int, eps: float = 0.3, steps: int = 300) -> list[bool]:
+    """Per evaluated image, whether the run's best checkpoint still classifies it correctly under the black-box Square
+    attack (p_init = 0.3, the paper's MNIST setting): the gradient-masking check beside the white-box attacks."""
+    import hydra
+    import torch
+
+    from lit_robust.attacks import square_linf
+    from lit_robust.nets import load_weights
+
+    model = load_weights(hydra.utils.instantiate(config["model"], _convert_="all"),
+                         str(run_dir / "checkpoints" / "best.ckpt")).eval()
+    datamodule = hydra.utils.instantiate(config["data"], _convert_="all")
+    datamodule.setup("test")
+    x, y = datamodule.test_dataset.images[:num_images], datamodule.test_dataset.targets[:num_images]
+    adv = square_linf(model, x, y, eps, steps, p_init=0.3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (model(adv).argmax(1) == y).tolist()
 
 
 def step_cost(config: dict, batch_size: int = 128, repeats: int = 5) -> dict:
@@ -89,6 +111,13 @@ def main() -> None:
         record.add_run(name, run_dir=str(out / name), **provenance)
         record.add_config(name, read_hydra_config(out / name))
         rows += table_rows(name, out / name)
+        if name != "standard":  # the standard model is already at 0 under the gradient attacks
+            config = read_hydra_config(out / name)
+            square = square_correct(config, out / name, config["callbacks"]["adversarial_evaluation"]["num_images"])
+            row = next(r for r in rows if r["name"] == name and r["eps"] == 0.3)
+            images = json.loads((out / name / "adversarial" / "test_records.json").read_text())["images"]
+            row["square"] = 100.0 * sum(square) / len(square)
+            row["with_square"] = 100.0 * sum(s and r["eps0.3/robust"] for s, r in zip(square, images)) / len(square)
     cost = step_cost(read_hydra_config(out / "pgd_at")) if "pgd_at" in args.only else None
     if cost:
         record.notes.append(f"PGD-AT step / standard step = {cost['ratio']:.2f} with {cost['attack_steps']} attack "

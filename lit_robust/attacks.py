@@ -260,3 +260,34 @@ def robust_correct(logits_fn: LogitsFn, x: torch.Tensor, labels: torch.Tensor, e
                 result[todo] = logits_fn(adv).argmax(1) == ys
         correct[attack] = result
     return correct
+
+
+# ---- Square attack (Andriushchenko et al. 2020, ℓ∞; black-box) ------------------------------------------------------
+def square_fraction(iteration: int, steps: int, p_init: float = 0.05) -> float:
+    """The share of pixels the square covers at ``iteration`` (§A.2 schedule, given for 10,000 queries and rescaled
+    to ``steps``): ``p_init`` halved at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000."""
+    halvings = sum(iteration > round(t * steps / 10000) for t in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
+    return p_init / 2 ** halvings
+
+
+def square_linf(logits_fn: LogitsFn, x: torch.Tensor, labels: torch.Tensor, eps: float, steps: int = 1000,
+                p_init: float = 0.05, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Square attack (Andriushchenko et al. 2020, Alg. 1, ℓ∞): random search without gradients — start from vertical
+    stripes of ±ε, then at each step redraw one random square window of ±ε per channel (side from
+    :func:`square_fraction`) and keep it per sample where :func:`margin_loss` rises. A model that resists gradient
+    attacks but not this one masks its gradients."""
+    n, c, h, w = x.shape
+    draw = lambda *shape: torch.randint(0, 2, shape, generator=generator).to(x.device) * 2 - 1  # noqa: E731
+    with torch.no_grad():
+        adv = (x + eps * draw(n, c, 1, w)).clamp(0.0, 1.0)
+        best = margin_loss(logits_fn(adv), labels)
+        rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        for i in range(steps):
+            side = max(1, min(h - 1, round(math.sqrt(square_fraction(i, steps, p_init) * h * w))))
+            top = torch.randint(0, h - side + 1, (n,), generator=generator).to(x.device)
+            left = torch.randint(0, w - side + 1, (n,), generator=generator).to(x.device)
+            window = (((rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side))[:, :, None]
+                      & ((cols[None] >= left[:, None]) & (cols[None] < left[:, None] + side))[:, None, :])
+            candidate = torch.where(window[:, None], (x + eps * draw(n, c, 1, 1)).clamp(0.0, 1.0), adv)
+            adv, best = keep_better(adv, best, candidate, margin_loss(logits_fn(candidate), labels))
+    return adv

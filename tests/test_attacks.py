@@ -156,3 +156,19 @@ def test_robust_correct_is_clean_correct_and_unbroken_by_each_attack(trained_mlp
     for attack in ("pgd", "apgd-ce", "apgd-t"):
         assert not (correct[attack] & ~correct["clean"]).any()
         assert correct[attack].sum() < correct["clean"].sum()
+
+
+def test_square_attack_beats_random_noise_without_gradients_and_stays_valid(trained_mlp):
+    """Square's random search (no gradient) misclassifies far more than random ±ε noise of the same size, and its
+    points stay in the ε-ball and [0, 1]. A stub returning its stripes start, or accepting every proposal, fails the
+    first; a window outside the ball fails the second. The schedule halves p at iterations 1, 5, 20, … of 1000."""
+    from lit_robust.attacks import square_fraction, square_linf
+
+    net, x, y = trained_mlp
+    assert [square_fraction(i, 1000) for i in (0, 1, 5, 20)] == [0.05, 0.05, 0.025, 0.0125]
+    adv = square_linf(net, x, y, 0.1, steps=200, p_init=0.3, generator=torch.Generator().manual_seed(0))
+    noise = random_sign(x, 0.1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        wrong = lambda v: (net(v).argmax(1) != y).float().mean().item()  # noqa: E731
+        assert wrong(adv) > wrong(noise) + 0.3
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
