@@ -56,9 +56,10 @@ def table_rows(name: str, run_dir: Path) -> list[dict]:
     return rows
 
 
-def square_correct(config: dict, run_dir: Path, num_images: int, eps: float = 0.3, steps: int = 300) -> list[bool]:
-    """Per evaluated image, whether the run's best checkpoint still classifies it correctly under the black-box Square
-    attack (p_init = 0.3, the paper's MNIST setting): the gradient-masking check beside the white-box attacks."""
+def square_correct(config: dict, run_dir: Path, indices: list[int], eps: float = 0.3, steps: int = 300) -> list[bool]:
+    """Per evaluated test image (``indices`` of the split), whether the run's best checkpoint still classifies it
+    correctly under the black-box Square attack (p_init = 0.3, the paper's MNIST setting): the gradient-masking check
+    beside the white-box attacks."""
     import hydra
     import torch
 
@@ -69,7 +70,7 @@ def square_correct(config: dict, run_dir: Path, num_images: int, eps: float = 0.
                          str(run_dir / "checkpoints" / "best.ckpt")).eval()
     datamodule = hydra.utils.instantiate(config["data"], _convert_="all")
     datamodule.setup("test")
-    x, y = datamodule.test_dataset.images[:num_images], datamodule.test_dataset.targets[:num_images]
+    x, y = datamodule.test_dataset.images[indices], datamodule.test_dataset.targets[indices]
     adv = square_linf(model, x, y, eps, steps, p_init=0.3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return (model(adv).argmax(1) == y).tolist()
@@ -112,10 +113,9 @@ def main() -> None:
         record.add_config(name, read_hydra_config(out / name))
         rows += table_rows(name, out / name)
         if name != "standard":  # the standard model is already at 0 under the gradient attacks
-            config = read_hydra_config(out / name)
-            square = square_correct(config, out / name, config["callbacks"]["adversarial_evaluation"]["num_images"])
-            row = next(r for r in rows if r["name"] == name and r["eps"] == 0.3)
             images = json.loads((out / name / "adversarial" / "test_records.json").read_text())["images"]
+            square = square_correct(read_hydra_config(out / name), out / name, [r["index"] for r in images])
+            row = next(r for r in rows if r["name"] == name and r["eps"] == 0.3)
             row["square"] = 100.0 * sum(square) / len(square)
             row["with_square"] = 100.0 * sum(s and r["eps0.3/robust"] for s, r in zip(square, images)) / len(square)
     cost = step_cost(read_hydra_config(out / "pgd_at")) if "pgd_at" in args.only else None

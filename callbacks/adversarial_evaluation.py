@@ -48,10 +48,11 @@ class AdversarialEvaluation(L.Callback):
         norm: ``linf`` or ``l2``; epsilons: radii in [0, 1] pixel units.
         attacks: among ``pgd`` (PGD-``pgd_steps`` on the CE, ``restarts`` random starts, the per-image worst kept),
             ``apgd-ce`` and ``apgd-t`` (``apgd_steps`` iterations, APGD-T over ``num_targets`` target classes).
-        num_images: the first images of the split (``None``: all); batch_size: images attacked at once.
+        num_images: a seeded random subset of the split, in split order (``None``: all; not the first images: a
+            split may be sorted by class); batch_size: images attacked at once.
         masking_eps: a radius where robust accuracy must be ≈ 0 (:func:`masking_warnings`; it should be among
             ``epsilons``); ``None`` checks only that accuracy does not rise with ε.
-        splits: ``val`` and/or ``test``; seed: the attacks' random starts (batch b uses seed·10⁶ + b).
+        splits: ``val`` and/or ``test``; seed: the subset and the attacks' random starts (batch b uses seed·10⁶ + b).
         split, item_keys, normalization: the split, item format and loader normalisation (contract).
     """
 
@@ -103,8 +104,10 @@ class AdversarialEvaluation(L.Callback):
         """Attack one split; log and return the flat metrics (``adv/<split>/clean``, ``adv/<split>/eps<ε>/<attack>``,
         ``adv/<split>/eps<ε>/robust``)."""
         dataset = evaluated_split(trainer, split, self.split, "AdversarialEvaluation")
-        if self.num_images is not None and self.num_images < len(dataset):
-            dataset = Subset(dataset, range(self.num_images))
+        if self.num_images is not None and self.num_images < len(dataset):  # a seeded draw: splits can be class-sorted
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
+            dataset = Subset(dataset, order[:self.num_images].sort().values.tolist())
+        originals = dataset.indices if isinstance(dataset, Subset) else range(len(dataset))
         was_training = pl_module.training
         pl_module.eval()
         with torch.inference_mode(False), torch.enable_grad():
@@ -130,7 +133,8 @@ class AdversarialEvaluation(L.Callback):
                 "norm": self.norm, "epsilons": self.epsilons, "attacks": list(self.attacks),
                 "attack_settings": {k: v for k, v in self.attack_kwargs.items() if k != "attacks"},
                 "metrics": results, "warnings": problems,
-                "images": [{"index": i, "target": int(t), **{name: bool(v[i]) for name, v in table.items()}}
+                "images": [{"index": int(originals[i]), "target": int(t), **{name: bool(v[i]) for name, v in
+                                                                            table.items()}}
                            for i, t in enumerate(targets.tolist())]})
         return results
 

@@ -112,10 +112,13 @@ CALLBACK = dict(epsilons=[0.02, 0.5], pgd_steps=3, restarts=2, apgd_steps=4, num
 
 
 def direct(model, dataset) -> dict[str, torch.Tensor]:
-    """The callback's numbers computed by hand: batches of 16 of the first 36 images, batch b seeded 7·10⁶ + b."""
+    """The callback's numbers computed by hand: 36 images drawn with seed 7 (in split order), batches of 16, batch b
+    seeded 7·10⁶ + b."""
     columns = {}
+    chosen = torch.randperm(40, generator=torch.Generator().manual_seed(7))[:36].sort().values
     for b, start in enumerate(range(0, 36, 16)):
-        x, y = dataset.images[start:min(start + 16, 36)], dataset.targets[start:min(start + 16, 36)]
+        rows = chosen[start:start + 16]
+        x, y = dataset.images[rows], dataset.targets[rows]
         for eps in CALLBACK["epsilons"]:
             correct = robust_correct(model, x, y, eps, pgd_steps=3, restarts=2, apgd_steps=4, num_targets=2,
                                      generator=torch.Generator().manual_seed(7 * 10**6 + b))
@@ -129,7 +132,7 @@ def direct(model, dataset) -> dict[str, torch.Tensor]:
 def test_callback_logs_and_records_the_direct_computation(tmp_path):
     """After ``trainer.test`` the logged clean/per-attack/robust accuracies and the per-image records equal
     :func:`robust_correct` run directly on the same batches and seeds (a callback skipping an attack, or attacking
-    other images or with other seeds, differs); robust accuracy ~0 at ε = 0.5 on an untrained model."""
+    other images or with other seeds, differs); robust accuracy < 10 % at ε = 0.5 on an untrained model."""
     model, dataset = tiny_setup()
     callback = AdversarialEvaluation(output_dir=str(tmp_path), **CALLBACK)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -142,10 +145,12 @@ def test_callback_logs_and_records_the_direct_computation(tmp_path):
     for eps in ("0.02", "0.5"):
         robust = torch.stack([expected[f"eps{eps}/{a}"] for a in ("pgd", "apgd-ce", "apgd-t")]).all(0)
         assert logged[f"adv/test/eps{eps}/robust"].item() == pytest.approx(robust.float().mean().item())
-    assert logged["adv/test/eps0.5/robust"].item() < 0.05 < logged["adv/test/clean"].item()
+    assert logged["adv/test/eps0.5/robust"].item() < 0.1 < logged["adv/test/clean"].item()
     records = json.loads((tmp_path / "test_records.json").read_text())
     assert len(records["images"]) == 36
     assert [r["eps0.02/apgd-t"] for r in records["images"]] == expected["eps0.02/apgd-t"].tolist()
+    assert [r["index"] for r in records["images"]] == torch.randperm(40, generator=torch.Generator().manual_seed(7))[
+        :36].sort().values.tolist()
 
 
 def _free_port() -> int:
