@@ -17,21 +17,16 @@ once all are done, to write the table from the finished runs.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, git_state, machine, read_hydra_config, utc_now  # noqa: E402
+from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
 
-from lit_robust.callbacks.metrics_file import update_metrics_file, write_json_atomic  # noqa: E402
+from lit_robust.callbacks.metrics_file import update_metrics_file  # noqa: E402
 from lit_robust.poison_metrics import defense_effectiveness_rating  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"clean": ["data_filter=none", "data.params.fraction=0"], "none": ["data_filter=none"],
         "spectral_signatures": ["data_filter=spectral_signatures"],
         "activation_clustering": ["data_filter=activation_clustering"], "itlm": ["data_filter=itlm"],
@@ -45,46 +40,6 @@ PERCENT = {"c_acc", "asr", "ra", "precision", "recall", "clean_kept"}
 COLUMNS = [("defence", "{label}"), ("C-Acc (%)", "{c_acc:.1f}"), ("ASR (%)", "{asr:.1f}"), ("RA (%)", "{ra:.1f}"),
            ("DER (%)", "{der:.1f}"), ("removed", "{removed:.0f}"), ("precision (%)", "{precision:.1f}"),
            ("recall (%)", "{recall:.1f}"), ("clean kept (%)", "{clean_kept:.1f}")]
-
-
-def run(name: str, out: Path, extra: list[str]) -> tuple[dict, dict]:
-    """The run's metrics and its provenance (``<run>/provenance.json``, written when this script launches it)."""
-    run_dir = out / name
-    metrics_path, provenance_path = run_dir / "metrics.json", run_dir / "provenance.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    if "test/acc" not in metrics:
-        if running_elsewhere(run_dir):
-            print(f"{run_dir} is being run by another invocation: skipped (rerun this command when it is done)")
-            return {}, {}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".running").write_text(str(os.getpid()))
-        command = [sys.executable, "train.py", "experiment=ispl_badnets_digits", f"hydra.run.dir={run_dir}",
-                   "callbacks.rich_progress_bar=null", *RUNS[name], *extra]
-        print("+", " ".join(command), flush=True)
-        started, clock = utc_now(), time.monotonic()
-        git, load = git_state(), machine()["load_average"]
-        try:
-            subprocess.run(command, cwd=ROOT, check=True)
-        finally:
-            (run_dir / ".running").unlink(missing_ok=True)
-        write_json_atomic(provenance_path, {"overrides": [*RUNS[name], *extra], "git": git, "started": started,
-                                            "finished": utc_now(), "seconds": round(time.monotonic() - clock, 1),
-                                            "load_average_at_start": load, "machine": machine()})
-        metrics = json.loads(metrics_path.read_text())
-        return metrics, {"reused": False, **json.loads(provenance_path.read_text())}
-    provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
-    return metrics, {"reused": True, **provenance}
-
-
-def running_elsewhere(run_dir: Path) -> bool:
-    """Whether another live invocation is running this run now (``<run>/.running`` holds its pid), so that several
-    invocations with different ``--only`` can share one ``--out`` (one per core); the last one writes the table."""
-    marker = run_dir / ".running"
-    try:
-        os.kill(int(marker.read_text()), 0)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def table_rows(results: dict[str, dict]) -> list[dict]:
@@ -108,15 +63,11 @@ def flat_keys(rows: list[dict]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="outputs/ispl_badnets_table", help="folder for the runs and the table")
-    parser.add_argument("--only", nargs="*", choices=list(RUNS), default=list(RUNS), help="subset of the runs")
-    args, extra = parser.parse_known_args()
-    out = (ROOT / args.out).resolve()
+    args, extra, out = table_arguments(__doc__, "outputs/ispl_badnets_table", RUNS)
     record = TableRecord("ispl_badnets", title="Seed 003 Table 1 on digits: BadNets pixel trigger, 10 % of class 1")
     results = {}
     for name in args.only:
-        metrics, provenance = run(name, out, extra)
+        metrics, provenance = train_run(out / name, ["experiment=ispl_badnets_digits", *RUNS[name], *extra])
         if metrics:
             results[name] = metrics
             record.add_run(name, run_dir=str(out / name), **provenance)

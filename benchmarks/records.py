@@ -104,9 +104,66 @@ class TableRecord:
         return path
 
 
+def table_arguments(doc: str, default_out: str, runs) -> tuple[object, list[str], Path]:
+    """A table command's ``--out`` (resolved under the repository) and ``--only`` (a subset of ``runs``); the
+    remaining arguments are Hydra overrides for every run."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out", default=default_out, help="folder for the runs and the table")
+    parser.add_argument("--only", nargs="*", choices=list(runs), default=list(runs), help="subset of the runs")
+    args, extra = parser.parse_known_args()
+    return args, extra, (ROOT / args.out).resolve()
+
+
+def running_elsewhere(run_dir: Path) -> bool:
+    """Whether another live invocation is running this run now (``<run>/.running`` holds its pid), so that several
+    invocations with different ``--only`` can share one ``--out`` (one per core); the last one writes the table."""
+    marker = run_dir / ".running"
+    try:
+        os.kill(int(marker.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def train_run(run_dir: Path, overrides: list[str], done_key: str = "test/acc") -> tuple[dict, dict]:
+    """``train.py <overrides>`` into ``run_dir`` unless a finished run (``done_key`` in its ``metrics.json``) is
+    there; returns the run's metrics and its provenance (``<run>/provenance.json``, written when launched here;
+    ``({}, {})`` when another live invocation is running it)."""
+    from lit_robust.callbacks.metrics_file import write_json_atomic
+
+    metrics_path, provenance_path = run_dir / "metrics.json", run_dir / "provenance.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    if done_key in metrics:
+        provenance = json.loads(provenance_path.read_text()) if provenance_path.exists() else {}
+        return metrics, {"reused": True, **provenance}
+    if running_elsewhere(run_dir):
+        print(f"{run_dir} is being run by another invocation: skipped (rerun this command when it is done)")
+        return {}, {}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".running").write_text(str(os.getpid()))
+    command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", "callbacks.rich_progress_bar=null", *overrides]
+    print("+", " ".join(command), flush=True)
+    started, clock = utc_now(), time.monotonic()
+    git, load = git_state(), machine()["load_average"]
+    try:
+        subprocess.run(command, cwd=ROOT, check=True)
+    finally:
+        (run_dir / ".running").unlink(missing_ok=True)
+    write_json_atomic(provenance_path, {"overrides": overrides, "git": git, "started": started,
+                                        "finished": utc_now(), "seconds": round(time.monotonic() - clock, 1),
+                                        "load_average_at_start": load, "machine": machine()})
+    return json.loads(metrics_path.read_text()), {"reused": False, **json.loads(provenance_path.read_text())}
+
+
 def read_hydra_config(run_dir: Path) -> dict:
     """A Hydra run's resolved config (``<run_dir>/.hydra/config.yaml``), ``{}`` when the run left none."""
+    from importlib import import_module
+
     from omegaconf import OmegaConf
+
+    import_module("lit_robust.runner")  # registers the configs' resolvers (fast_precision, ...)
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         return {}

@@ -1,4 +1,5 @@
 """Callbacks usable in any Lightning ``Trainer`` (no Hydra needed)."""
+from lit_robust.callbacks.adversarial_evaluation import AdversarialEvaluation
 from lit_robust.callbacks.baseline_filters import (ActivationClusteringFilter, SpectralSignatureFilter,
                                                    TrimmedLossFilter)
 from lit_robust.callbacks.certification import Certification
@@ -14,7 +15,7 @@ from lit_robust.callbacks.robustness_report import AdversarialRobustnessReport, 
 from lit_robust.callbacks.shift_sweep import ShiftSweep
 from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLearnerFilter
 
-__all__ = ["ActivationClusteringFilter", "AdversarialRobustnessReport", "Certification", "CounterfactualReport",
+__all__ = ["ActivationClusteringFilter", "AdversarialEvaluation", "AdversarialRobustnessReport", "Certification", "CounterfactualReport",
            "DDPMPurification", "EBMPurification", "LatentAugmentationGrid", "MetricsFile", "OODDetection",
            "PatchCleanserCertification", "PoisonMetrics", "PureGenFilt", "PureGenNaive", "PureGenReps", "Purification",
            "ShiftRobustnessReport", "ShiftSweep", "SpectralSignatureFilter", "TrainingSetFilter", "TrimmedLossFilter",

@@ -12,7 +12,7 @@ from importlib import import_module
 _MODULES = {"BayesianVAE": "bayesian_vae", "CausalVAE": "causal_vae", "DDPM": "ddpm", "DeepCAMA": "deep_cama",
             "EBM": "ebm", "ImageClassifier": "classifier", "LAVAE": "lavae",
             "SmoothedClassifier": "smoothed_classifier", "SmoothedViT": "smoothed_vit",
-            "TransferClassifier": "transfer_classifier"}
+            "TransferClassifier": "transfer_classifier", "AdversarialClassifier": "adversarial"}
 __all__ = sorted(_MODULES)
 
 

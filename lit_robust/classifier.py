@@ -60,10 +60,15 @@ class ImageClassifier(L.LightningModule):
         masks = torch.cat([mask_set(tuple(images.shape[-2:]), m, self.hparams.mask_k) for m in sizes])
         return random_masking(images, masks)
 
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss minimised on an augmented batch and the logits its accuracy is logged from (the one method a
+        training variant such as :class:`~lit_robust.AdversarialClassifier` overrides)."""
+        logits = self(images)
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing), logits
+
     def training_step(self, batch, batch_idx):
         images, labels = batch[0], batch[1]
-        logits = self(self.augment(images))
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        loss, logits = self.training_loss(self.augment(images), labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss.item()} at step {self.global_step}; "
                                      "lower model.lr or check the input data for NaN")
