@@ -1,6 +1,5 @@
 """Behaviour of the latent re-evaluation of Algorithm 2 (thesis 004 ch. 5): ``latent_langevin`` and
 ``restoration_gain`` on models whose posterior is known in closed form (issue #29)."""
-import pytest
 import torch
 
 from lit_robust.ood_adversarial import latent_langevin, restoration_gain

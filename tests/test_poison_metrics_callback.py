@@ -1,5 +1,4 @@
 import lightning as L
-import torch
 
 from lit_robust import ImageClassifier
 from lit_robust.callbacks import PoisonMetrics

@@ -11,7 +11,7 @@ from lit_robust import EBM, ImageClassifier
 from lit_robust.callbacks import MetricsFile
 from lit_robust.callbacks.contract import ReplacedImages, rank_share
 from lit_robust.callbacks.purification import EBMPurification, PureGenFilt, Purification
-from lit_robust.datamodules import DigitsDataModule, TensorImageDataset
+from lit_robust.datamodules import DigitsDataModule
 
 
 def tiny_ebm(seed: int = 0) -> EBM:

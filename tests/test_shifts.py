@@ -11,7 +11,6 @@ def test_rotate_quarter_turn_matches_rot90_and_zero_is_identity():
 
 
 def test_corruptions_grow_with_severity_and_stay_in_range():
-    g = torch.Generator().manual_seed(0)
     x = torch.rand(8, 1, 16, 16)
     for fn in (lambda s: gaussian_noise(x, s, generator=torch.Generator().manual_seed(0)),
                lambda s: gaussian_blur(x, s), lambda s: contrast(x, s)):
