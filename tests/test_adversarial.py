@@ -167,6 +167,9 @@ def _fake_trainer(rank: int, world: int, dataset, root) -> SimpleNamespace:
 
 
 def _rank(rank: int, world: int, port: int, root) -> None:
+    # A forked child inherits the parent's OpenMP state but not its threads: a multi-threaded op here would wait on
+    # them forever (it hung CI when the suite ran with 2 threads). One thread per rank is what DDP on CPU uses anyway.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model, dataset = tiny_setup()
