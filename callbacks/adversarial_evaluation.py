@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import Subset
 
 from lit_robust.attacks import check_norm, robust_correct
-from lit_robust.callbacks.contract import ItemFormat, evaluated_split, gather_in_order, output_folder, shard_batches
+from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order,
+                                          output_folder, shard_batches)
 from lit_robust.callbacks.metrics_file import write_json_atomic
 from lit_robust.pixel_space import PixelSpace
 
@@ -40,7 +41,7 @@ def masking_warnings(robust: dict[float, float], masking_eps: float | None, floo
     return problems
 
 
-class AdversarialEvaluation(L.Callback):
+class AdversarialEvaluation(SplitEvaluation):
     """Clean and robust accuracy for a list of ε.
 
     Args:
@@ -62,15 +63,13 @@ class AdversarialEvaluation(L.Callback):
                  num_images: int | None = None, batch_size: int = 256, masking_eps: float | None = None,
                  splits: Sequence[str] = ("test",), seed: int = 0, split: str | Callable | None = None,
                  item_keys: tuple | None = None, normalization=None):
-        bad = set(splits) - {"val", "test"}
-        if bad:
-            raise ValueError(f"AdversarialEvaluation splits {sorted(bad)}: use 'val' and/or 'test'")
+        super().__init__(splits, "AdversarialEvaluation")
         self.norm = check_norm(norm)
         self.epsilons, self.attacks = sorted(float(e) for e in epsilons), tuple(attacks)
         self.attack_kwargs = {"pgd_steps": pgd_steps, "restarts": restarts, "apgd_steps": apgd_steps,
                               "num_targets": num_targets, "attacks": self.attacks, "norm": norm}
         self.output_dir, self.num_images, self.batch_size = output_dir, num_images, batch_size
-        self.masking_eps, self.splits, self.seed, self.split = masking_eps, list(splits), seed, split
+        self.masking_eps, self.seed, self.split = masking_eps, seed, split
         self.item_format = ItemFormat(item_keys)
         self.pixel_space = PixelSpace(normalization, "AdversarialEvaluation")
 
@@ -137,11 +136,3 @@ class AdversarialEvaluation(L.Callback):
                                                                             table.items()}}
                            for i, t in enumerate(targets.tolist())]})
         return results
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if "val" in self.splits and not trainer.sanity_checking:
-            self.evaluate(trainer, pl_module, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module):
-        if "test" in self.splits:
-            self.evaluate(trainer, pl_module, "test")

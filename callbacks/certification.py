@@ -19,7 +19,8 @@ import lightning as L
 import torch
 
 from lit_robust.ablations import ablation_masks, ablation_positions
-from lit_robust.callbacks.contract import ItemFormat, evaluated_split, gather_in_order, output_folder, shard_batches
+from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order,
+                                          output_folder, shard_batches)
 from lit_robust.callbacks.metrics_file import write_json_atomic
 from lit_robust.certification import (CertifiedAccuracy, ablation_votes, certified_margin, check_rule, patch_delta,
                                       smoothed_prediction)
@@ -27,7 +28,7 @@ from lit_robust.pixel_space import PixelSpace
 from lit_robust.smoothed_classifier import SmoothedClassifier
 
 
-class Certification(L.Callback):
+class Certification(SplitEvaluation):
     """Certified accuracy of a smoothed classifier for a list of patch sizes.
 
     Args:
@@ -53,15 +54,13 @@ class Certification(L.Callback):
                  token_dropping: Sequence[bool] | None = None, splits: Sequence[str] = ("test",),
                  batch_size: int = 64, split: str | Callable | None = None, item_keys: tuple | None = None,
                  normalization=None, rule: str = "strict"):
-        bad = set(splits) - {"val", "test"}
-        if bad:
-            raise ValueError(f"Certification splits {sorted(bad)}: use 'val' and/or 'test'")
+        super().__init__(splits, type(self).__name__)
         self.rule = check_rule(rule, "Certification")  # here, not first at the end of validation
         self.output_dir = output_dir
         self.patch_sizes = list(patch_sizes)
         self.kind, self.width, self.stride = kind, width, stride
         self.token_dropping = list(token_dropping) if token_dropping is not None else None
-        self.splits, self.batch_size, self.split = list(splits), batch_size, split
+        self.batch_size, self.split = batch_size, split
         self.item_format = ItemFormat(item_keys)
         self.normalization = normalization
         self.pixel_space = PixelSpace(normalization, "Certification")
@@ -120,7 +119,7 @@ class Certification(L.Callback):
         return self._local_results(trainer, model, dataset, token_dropping,
                                    lambda classify, images, _, k: ablation_votes(classify, images, masks, k))
 
-    def certify(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Certify one split; log and return the flat metrics."""
         dataset = evaluated_split(trainer, split, self.split, "Certification")
         model = self.smoothed(pl_module)
@@ -177,12 +176,4 @@ class Certification(L.Callback):
         fig.tight_layout()
         fig.savefig(folder / f"{split}_certified_accuracy.png", dpi=120)
         plt.close(fig)
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if "val" in self.splits and not trainer.sanity_checking:
-            self.certify(trainer, pl_module, "val")
-
-    def on_test_epoch_end(self, trainer, pl_module):
-        if "test" in self.splits:
-            self.certify(trainer, pl_module, "test")
 

@@ -333,3 +333,25 @@ class TrainSplitDefence(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stats:  # the same on every rank (computed from gathered results)
             pl_module.log_dict(self.stats, on_step=False, on_epoch=True, sync_dist=False)
+
+
+class SplitEvaluation(L.Callback):
+    """A callback that evaluates the val and/or test split at the end of that loop's epoch (not during the sanity
+    check): subclasses implement :meth:`evaluate`, which returns the flat metrics it logged."""
+
+    def __init__(self, splits: Sequence[str], user: str):
+        bad = set(splits) - {"val", "test"}
+        if bad:
+            raise ValueError(f"{user} splits {sorted(bad)}: use 'val' and/or 'test'")
+        self.splits = list(splits)
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "val" in self.splits and not trainer.sanity_checking:
+            self.evaluate(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if "test" in self.splits:
+            self.evaluate(trainer, pl_module, "test")

@@ -58,7 +58,7 @@ class PatchCleanserCertification(Certification):
             return torch.stack(outcomes, dim=1)
         return evaluate
 
-    def certify(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Certify one split; log and return the flat metrics."""
         dataset = evaluated_split(trainer, split, self.split, type(self).__name__)
         model = self.smoothed(pl_module)
