@@ -158,7 +158,8 @@ def test_callback_logs_and_writes_records(tmp_path):
 @pytest.mark.slow
 def test_ddp_records_equal_a_single_process(tmp_path):
     """Two gloo ranks (ddp_spawn) share the split unevenly and gather: the records and metrics equal one process's.
-    Marked slow like test_smoothed_vit's DDP test: spawning two ranks takes 30–90 s on the shared CPU."""
+    Marked slow like test_smoothed_vit's DDP test: spawning two ranks takes 30–90 s on the shared CPU. In CI,
+    tests/test_example_project.py checks 2 DDP processes against one on the example project's model."""
     model = small_cnn()
     single = certify_records(tmp_path / "single", model)
     ddp = certify_records(tmp_path / "ddp", model, devices=2, strategy="ddp_spawn")

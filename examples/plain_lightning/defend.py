@@ -1,7 +1,7 @@
 """Drop lit_robust's defences into the project of ``project.py``, changing nothing but the callbacks' arguments.
 
-    python defend.py purify spectral ispl certify ood --out results.json [--raw] [--dict-items] [--alias]
-        [--devices 2] [--workdir DIR]
+    python defend.py purify spectral ispl certify patchcleanser adversarial ood --out results.json [--raw]
+        [--dict-items] [--alias] [--devices 2] [--workdir DIR]
 
 ``--raw`` gives the loader [0, 1] images (no ``Normalize``); otherwise the defences are told the loader's
 normalisation with ``normalization=(MNIST_MEAN, MNIST_STD)``. A probe callback records what the trainer's train loader
@@ -19,8 +19,10 @@ import torch
 from project import MNIST_MEAN, MNIST_STD, DigitImages, LitClassifier, MNISTDataModule
 
 from lit_robust import EBM, BayesianVAE
-from lit_robust.callbacks import (Certification, EBMPurification, OODDetection, SpectralSignatureFilter,
-                                  WeakLearnerFilter)
+from lit_robust.callbacks import (AdversarialEvaluation, Certification, EBMPurification, OODDetection,
+                                  PatchCleanserCertification, SpectralSignatureFilter, WeakLearnerFilter)
+
+DEFENCES = ["purify", "spectral", "ispl", "certify", "patchcleanser", "adversarial", "ood"]
 
 
 def to_unit(image: torch.Tensor, normalized: bool) -> torch.Tensor:
@@ -57,6 +59,25 @@ def trainer_for(args, callbacks, steps: int = 1, **kwargs) -> L.Trainer:
                      limit_val_batches=0, **kwargs)
 
 
+def trained_classifier(data) -> LitClassifier:
+    """The project's classifier trained in one process, so that 1 and 2 processes evaluate the same model."""
+    model = LitClassifier()
+    L.Trainer(accelerator="cpu", devices=1, max_steps=60, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(model, datamodule=data)
+    return model
+
+
+def test_time_defence(name: str, workdir: Path, contract: dict):
+    """The callbacks that evaluate a trained model on the test split the loader reads."""
+    if name == "certify":
+        return Certification(output_dir=str(workdir), kind="column", width=12, stride=2, patch_sizes=[2, 4],
+                             **contract)
+    if name == "patchcleanser":
+        return PatchCleanserCertification(output_dir=str(workdir), patch_sizes=[2, 4], k=3, **contract)
+    return AdversarialEvaluation(output_dir=str(workdir), epsilons=[0.05, 0.3], attacks=["pgd", "apgd-ce"],
+                                 pgd_steps=10, apgd_steps=10, num_images=100, batch_size=32, **contract)
+
+
 def run_defence(name: str, args, normalized: bool) -> dict:
     """Fit (or test) the project with one defence; the measurements a user would look at."""
     contract = {"normalization": (MNIST_MEAN, MNIST_STD)} if normalized else {}
@@ -79,14 +100,11 @@ def run_defence(name: str, args, normalized: bool) -> dict:
         planted = set(data.poisoned_indices.tolist())
         return {"removed": len(removed), "planted": len(planted), "probe": probe.record,
                 "recall": len(planted & removed) / max(1, len(planted))}
-    if name == "certify":
-        model = LitClassifier()  # trained in one process, so that 1 and 2 processes certify the same model
-        L.Trainer(accelerator="cpu", devices=1, max_steps=60, logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(model, datamodule=data)
-        defence = Certification(output_dir=str(workdir), kind="column", width=12, stride=2, patch_sizes=[2, 4],
-                                **contract)
-        return {k: float(v) for k, v in trainer_for(args, [defence]).test(model, datamodule=data,
-                                                                         verbose=False)[0].items()}
+    if name in ("certify", "patchcleanser", "adversarial"):
+        model = trained_classifier(data)
+        metrics = trainer_for(args, [test_time_defence(name, workdir, contract)]).test(model, datamodule=data,
+                                                                                      verbose=False)[0]
+        return {k: float(v) for k, v in metrics.items()}
     detector = BayesianVAE(img_size=28, latent_dim=4, hidden_dims=(64,), num_draws=3, num_importance=4)
     L.Trainer(accelerator="cpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(
@@ -102,7 +120,7 @@ def run_defence(name: str, args, normalized: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("defences", nargs="+", choices=["purify", "spectral", "ispl", "certify", "ood"])
+    parser.add_argument("defences", nargs="+", choices=DEFENCES)
     parser.add_argument("--out", required=True)
     parser.add_argument("--raw", action="store_true")
     parser.add_argument("--dict-items", action="store_true")
