@@ -6,8 +6,9 @@ then two records per experiment from the merged ``metrics.json`` (``ood/<posteri
   AUROC, FPR95 (FPR at 95 % TPR) and AUPR-Out, OpenOOD's set with AUPR-In, beside the thesis' FPR80 — all with the
   **outliers as the positive class** (AUPR-In takes the inliers as positive, the score negated).
 
-Runs land in ``<out>/<experiment>/`` (the posteriors share one run dir, as in the thesis' tables; a posterior whose
-``ood/<posterior>/...`` keys are already there is not rerun). Extra arguments are Hydra overrides for every run.
+Runs land in ``<out>/<experiment>/<posterior>/`` (one run dir each: a run's ``metrics.json`` holds that run only); a
+posterior whose ``ood/<posterior>/...`` keys are already there is not rerun, and the tables merge the posteriors' keys.
+Extra arguments are Hydra overrides for every run.
 
     python benchmarks/bvae_ood_tables.py --out outputs/bvae_tables
 """
@@ -94,15 +95,16 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     out = (ROOT / args.out).resolve() if not args.out.is_absolute() else args.out
     for direction in args.only:
-        experiment, run_dir = EXPERIMENTS[direction], out / EXPERIMENTS[direction]
+        experiment = EXPERIMENTS[direction]
         records = {kind: TableRecord(f"bvae_{direction}_{kind}") for kind in ("auroc", "openood")}
+        metrics = {}
         for posterior in args.posteriors:
+            run_dir = out / experiment / posterior
             provenance = run(experiment, posterior, run_dir, extra)
             for record in records.values():
                 record.add_run(posterior, run_dir=str(run_dir), **provenance)
-                # the posteriors share one run dir: .hydra/config.yaml holds the last run's config
-                record.add_config(posterior, {**read_hydra_config(run_dir), "model.posterior": posterior})
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+                record.add_config(posterior, read_hydra_config(run_dir))
+            metrics.update(json.loads((run_dir / "metrics.json").read_text()))
         print(records["auroc"].write(out, *auroc_table(metrics, args.posteriors)))
         print(records["openood"].write(out, *conventions_table(metrics, args.scores, args.posteriors)))
 
