@@ -17,6 +17,7 @@ from lit_robust.runner import adopt_checkpoint_hparams, instantiate_group
 REQUIRED = {("train", "smoothed_vit_digits_finetune"): "model.weights_path",
             ("train", "smoothed_vit_cifar10"): "model.weights_path",
             ("train", "smoothed_vit_imagenet"): "model.weights_path",
+            ("train", "patchcleanser_imagenet"): "model.weights_path",
             ("evaluate", "digits_classifier"): "ckpt_path"}
 
 

@@ -73,6 +73,7 @@ def weights(tmp_path_factory) -> dict[str, list[str]]:
                 "pytorch-lightning_version": L.__version__}, ddpm_ckpt)
     return {"smoothed_vit_cifar10": [f"model.weights_path={vit_s}"],
             "smoothed_vit_imagenet": [f"model.weights_path={vit_s}"],
+            "patchcleanser_imagenet": [f"model.weights_path={vit_s}"],
             "smoothed_vit_digits_finetune": [f"model.weights_path={digits_vit}"],
             "pureddpm_narcissus_digits": [f"callbacks.purification.ddpm={ddpm_ckpt}"]}
 
