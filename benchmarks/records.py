@@ -45,9 +45,13 @@ def git_state(root: Path = ROOT) -> dict:
 def machine() -> dict:
     """What the timings and any thread-dependent numbers depend on."""
     import torch
+
+    from lit_robust.machine import native_bf16_on_cpu
     return {"cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "cuda": torch.cuda.is_available(),
+            # the classifiers train in bf16 where the CPU computes it natively (lit_robust.machine.fast_precision)
+            "cpu_native_bf16": native_bf16_on_cpu(),
             **{name: os.environ.get(name) for name in ENV_SHOWN}}
 
 

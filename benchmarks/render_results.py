@@ -45,6 +45,8 @@ def provenance(record: dict) -> str:
     run_commits = sorted({describe_commit(run["git"]) for run in record.get("runs", {}).values() if run.get("git")})
     runs_at = f" Runs trained at commit {', '.join(run_commits)}." if run_commits and run_commits != [commit] else ""
     threads = f"OMP_NUM_THREADS={m.get('OMP_NUM_THREADS') or 'unset'}, torch threads {m.get('torch_threads')}"
+    if "cpu_native_bf16" in m:
+        threads += ", CPU with native bf16" if m["cpu_native_bf16"] else ", CPU without native bf16 (fp32 training)"
     load = m.get("load_average_at_start") or m.get("load_average")
     reused = [name for name, run in record.get("runs", {}).items() if run.get("reused")]
     runs = f" {len(reused)} of {len(record['runs'])} runs reused from an earlier invocation ({', '.join(reused)})." \
