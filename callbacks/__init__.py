@@ -7,6 +7,7 @@ from lit_robust.callbacks.patchcleanser import PatchCleanserCertification
 from lit_robust.callbacks.counterfactual_report import CounterfactualReport
 from lit_robust.callbacks.latent_grid import LatentAugmentationGrid
 from lit_robust.callbacks.metrics_file import MetricsFile
+from lit_robust.callbacks.missingness import MissingnessReport
 from lit_robust.callbacks.ood_detection import OODDetection
 from lit_robust.callbacks.poison_metrics import PoisonMetrics
 from lit_robust.callbacks.purification import (DDPMPurification, EBMPurification, PureGenFilt, PureGenNaive,
@@ -16,7 +17,8 @@ from lit_robust.callbacks.shift_sweep import ShiftSweep
 from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLearnerFilter
 
 __all__ = ["ActivationClusteringFilter", "AdversarialEvaluation", "AdversarialRobustnessReport", "Certification", "CounterfactualReport",
-           "DDPMPurification", "EBMPurification", "LatentAugmentationGrid", "MetricsFile", "OODDetection",
+           "DDPMPurification", "EBMPurification", "LatentAugmentationGrid", "MetricsFile", "MissingnessReport",
+           "OODDetection",
            "PatchCleanserCertification", "PoisonMetrics", "PureGenFilt", "PureGenNaive", "PureGenReps", "Purification",
            "ShiftRobustnessReport", "ShiftSweep", "SpectralSignatureFilter", "TrainingSetFilter", "TrimmedLossFilter",
            "WeakLearnerFilter"]

@@ -35,3 +35,18 @@ def random_masking(images: torch.Tensor, masks: torch.Tensor, count: int = 2,
     options = torch.cat([masks.new_ones(1, *masks.shape[1:]), masks]).to(images.device, images.dtype)
     draws = torch.randint(0, len(options), (images.shape[0], count), generator=generator).to(images.device)
     return images * options[draws].prod(1)[:, None]
+
+
+def random_region_removal(images: torch.Tensor, region: int, fraction: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Missingness augmentation (001 App. E.1, after ROAR): black out a random ``fraction`` of each image's
+    ``region``×``region`` patches, drawn independently per image."""
+    n, _, height, width = images.shape
+    if height % region or width % region:
+        raise ValueError(f"a {height}×{width} image does not split into {region}×{region} regions: choose a region "
+                         f"size that divides the image")
+    grid = (height // region, width // region)
+    keys = torch.rand(n, grid[0] * grid[1], generator=generator).to(images.device)
+    removed = keys.argsort(1).argsort(1) < round(fraction * keys.shape[1])  # each region's draw rank
+    keep = (~removed).to(images.dtype).view(n, 1, *grid)
+    return images * F.interpolate(keep, scale_factor=region, mode="nearest")

@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
-from lit_robust.augment import random_hflip, random_masking, random_shift
+from lit_robust.augment import random_hflip, random_masking, random_region_removal, random_shift
 from lit_robust.nets import create_backbone, load_weights
 from lit_robust.patchcleanser import mask_set
 
@@ -26,6 +26,8 @@ class ImageClassifier(L.LightningModule):
         max_shift, hflip: batched train-time augmentation (RandomCrop(padding=max_shift), horizontal flip).
         mask_patch_sizes, mask_k: train-time Cutout with PatchCleanser's mask sets R of these patch sizes and k
             (``augment.random_masking``: up to two masks per image); empty: off.
+        missingness_region, missingness_fraction: missingness augmentation (001 ch. 5): black out this fraction of
+            the region×region patches of every training image (the chapter: 0.5); 0: off.
         optimizer: ``sgd`` (momentum 0.9, Nesterov off, as the purification paper's ResNet recipe) or ``adamw``.
         scheduler: ``cosine`` (timm, with ``warmup_epochs``), ``multistep`` (×0.1 at ``milestones``) or ``none``.
         weights_path: start from these weights (the papers' pretrained models enter here; nothing is downloaded).
@@ -36,7 +38,8 @@ class ImageClassifier(L.LightningModule):
                  max_shift: int = 0, hflip: bool = False, label_smoothing: float = 0.0,
                  optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 5e-4, momentum: float = 0.9,
                  scheduler: str = "cosine", warmup_epochs: int = 0, milestones: Sequence[int] = (100, 150),
-                 weights_path: str | None = None, mask_patch_sizes: Sequence[int] = (), mask_k: int = 6):
+                 weights_path: str | None = None, mask_patch_sizes: Sequence[int] = (), mask_k: int = 6,
+                 missingness_region: int = 4, missingness_fraction: float = 0.0):
         super().__init__()
         self.save_hyperparameters()
         self.net = create_backbone(backbone, num_classes=num_classes, in_chans=in_chans, **(backbone_kwargs or {}))
@@ -54,6 +57,8 @@ class ImageClassifier(L.LightningModule):
     def augment(self, images: torch.Tensor) -> torch.Tensor:
         images = random_shift(images, self.hparams.max_shift)
         images = random_hflip(images) if self.hparams.hflip else images
+        if self.hparams.get("missingness_fraction"):
+            images = random_region_removal(images, self.hparams.missingness_region, self.hparams.missingness_fraction)
         sizes = self.hparams.get("mask_patch_sizes") or ()
         if not sizes:
             return images

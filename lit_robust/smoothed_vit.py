@@ -45,6 +45,25 @@ def check_droppable_vit(vit: nn.Module) -> None:
                          "dynamic image size): pick a standard vit_* model")
 
 
+def logits_of_kept_tokens(vit: VisionTransformer, tokens: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+    """Logits (B, K) of a timm ViT that sees only some of its patch tokens: ``tokens`` (B, k, D) are patch
+    embeddings (no position yet) at grid positions ``token_index`` (B, k). Each gets its own position embedding, the
+    prefix (class/register) tokens are prepended, and the blocks run on the k + prefix tokens — dropping tokens,
+    which is how a ViT leaves a region out (001 Alg. 2 for ablations; §5.1.2 and App. E.2 for missingness)."""
+    pos = vit.pos_embed
+    if vit.no_embed_class:
+        prefix_pos, token_pos = 0, pos[0][token_index]
+    else:
+        prefix_pos, token_pos = pos[:, :vit.num_prefix_tokens], pos[0, vit.num_prefix_tokens:][token_index]
+    tokens = tokens + token_pos
+    prefix = [t for t in (vit.cls_token, vit.reg_token) if t is not None]
+    if prefix:
+        prefix_tokens = torch.cat(prefix, dim=1) + prefix_pos
+        tokens = torch.cat([prefix_tokens.expand(len(tokens), -1, -1), tokens], dim=1)
+    x = vit.blocks(vit.norm_pre(vit.pos_drop(tokens)))
+    return vit.forward_head(vit.norm(x))
+
+
 def base_state_dict(state: dict, net: nn.Module) -> dict:
     """Weights for the base network from a plain state dict, a Lightning checkpoint of a ``SmoothedViT`` (keys under
     ``net.``), or a pretrained model without the mask channel: the patch embedding gets a zero weight for the mask
@@ -152,19 +171,8 @@ class SmoothedViT(ImageClassifier):
         ablated = self._normalise_patches(pixels * mask_kept[None, :, :, None])
         vectors = torch.cat([ablated, mask_kept[None, :, :, None].expand(n, -1, -1, -1, -1)], dim=3)
         proj = vit.patch_embed.proj
-        tokens = F.linear(vectors.view(n, a, k, -1), proj.weight.flatten(1), proj.bias)  # (n, a, k, D)
-        prefix = [t for t in (vit.cls_token, vit.reg_token) if t is not None]
-        pos = vit.pos_embed
-        if vit.no_embed_class:
-            prefix_pos, token_pos = 0, pos[0][token_index]
-        else:
-            prefix_pos, token_pos = pos[:, :vit.num_prefix_tokens], pos[0, vit.num_prefix_tokens:][token_index]
-        tokens = (tokens + token_pos[None]).view(n * a, k, -1)
-        if prefix:
-            prefix_tokens = torch.cat(prefix, dim=1) + prefix_pos
-            tokens = torch.cat([prefix_tokens.expand(n * a, -1, -1), tokens], dim=1)
-        x = vit.blocks(vit.norm_pre(vit.pos_drop(tokens)))
-        return vit.forward_head(vit.norm(x))
+        tokens = F.linear(vectors.view(n * a, k, -1), proj.weight.flatten(1), proj.bias)  # (n·a, k, D)
+        return logits_of_kept_tokens(vit, tokens, token_index.repeat(n, 1))
 
     def _normalise_patches(self, pixels: torch.Tensor) -> torch.Tensor:
         """Per-channel normalisation of patch vectors (..., C, p·p)."""
