@@ -26,7 +26,7 @@ from project import MNIST_MEAN, MNIST_STD, LitClassifier, MNISTDataModule  # noq
 from lit_robust import EBM  # noqa: E402
 from lit_robust.callbacks import EBMPurification, SpectralSignatureFilter  # noqa: E402
 
-ALL = ["purify", "spectral", "ispl", "certify", "patchcleanser", "adversarial", "ood"]
+ALL = ["purify", "spectral", "ispl", "certify", "patchcleanser", "adversarial", "missingness", "ood"]
 
 
 def defend(installed, tmp_path, name: str, *flags: str, defences=ALL) -> dict:
@@ -80,6 +80,17 @@ def test_patchcleanser_and_attacks_act_on_the_users_model_in_pixel_space(normali
     assert clean > 0.7 and clean - 0.3 < small < clean and large < 0.05
 
 
+def test_missingness_report_runs_on_the_users_cnn(normalised):
+    """Blacking out a quarter, then half, of the 7×7 regions of the user's CNN: removing the most salient regions
+    changes more predictions than removing the least salient ones, and more regions change more. Caught: orders
+    that ignore the saliency (most = least), and a blackout that removes nothing (everything unchanged)."""
+    report = normalised["missingness"]
+    least, most = (report[f"missing/test/blackout/{o}_salient/unchanged_f50"] for o in ("least", "most"))
+    assert most < least
+    assert report["missing/test/blackout/random/unchanged_f50"] < report["missing/test/blackout/random/unchanged_f25"]
+    assert report["missing/test/blackout/acc"] > 0.7
+
+
 def test_unnormalised_dict_items_give_the_normalised_numbers(installed, normalised, tmp_path):
     raw = defend(installed, tmp_path, "raw", "--raw", "--dict-items", defences=["purify", "spectral", "ispl", "ood"])
     assert raw["purify"]["mean_l2_change"] == pytest.approx(normalised["purify"]["mean_l2_change"], abs=0.02)
@@ -95,9 +106,9 @@ def test_two_ddp_processes_give_the_single_process_numbers(installed, normalised
     assert ddp["purify"]["mean_l2_change"] == pytest.approx(normalised["purify"]["mean_l2_change"], rel=1e-5)
     assert ddp["purify"]["probe"] == normalised["purify"]["probe"]
     assert ddp["spectral"] == normalised["spectral"] and ddp["ispl"] == normalised["ispl"]
-    for name in ("certify", "patchcleanser", "adversarial"):
+    for name in ("certify", "patchcleanser", "adversarial", "missingness"):
         for key, value in normalised[name].items():
-            if key.startswith(("cert/", "adv/")):  # the project's own test_acc is logged per rank, unsynced
+            if key.startswith(("cert/", "adv/", "missing/")):  # the project's own test_acc is logged per rank, unsynced
                 assert ddp[name][key] == pytest.approx(value, abs=1e-6), (name, key)
     for key, value in normalised["ood"].items():
         assert ddp["ood"][key] == pytest.approx(value, abs=1e-5), key

@@ -1,6 +1,6 @@
 """Drop lit_robust's defences into the project of ``project.py``, changing nothing but the callbacks' arguments.
 
-    python defend.py purify spectral ispl certify patchcleanser adversarial ood --out results.json [--raw]
+    python defend.py purify spectral ispl certify patchcleanser adversarial missingness ood --out results.json [--raw]
         [--dict-items] [--alias] [--devices 2] [--workdir DIR]
 
 ``--raw`` gives the loader [0, 1] images (no ``Normalize``); otherwise the defences are told the loader's
@@ -19,10 +19,11 @@ import torch
 from project import MNIST_MEAN, MNIST_STD, DigitImages, LitClassifier, MNISTDataModule
 
 from lit_robust import EBM, BayesianVAE
-from lit_robust.callbacks import (AdversarialEvaluation, Certification, EBMPurification, OODDetection,
-                                  PatchCleanserCertification, SpectralSignatureFilter, WeakLearnerFilter)
+from lit_robust.callbacks import (AdversarialEvaluation, Certification, EBMPurification, MissingnessReport,
+                                  OODDetection, PatchCleanserCertification, SpectralSignatureFilter, WeakLearnerFilter)
 
-DEFENCES = ["purify", "spectral", "ispl", "certify", "patchcleanser", "adversarial", "ood"]
+DEFENCES = ["purify", "spectral", "ispl", "certify", "patchcleanser", "adversarial", "missingness", "ood"]
+EVALUATIONS = ("certify", "patchcleanser", "adversarial", "missingness")
 
 
 def to_unit(image: torch.Tensor, normalized: bool) -> torch.Tensor:
@@ -74,6 +75,8 @@ def test_time_defence(name: str, workdir: Path, contract: dict):
                              **contract)
     if name == "patchcleanser":
         return PatchCleanserCertification(output_dir=str(workdir), patch_sizes=[2, 4], k=3, **contract)
+    if name == "missingness":
+        return MissingnessReport(output_dir=str(workdir), region=7, fractions=[0.25, 0.5], batch_size=64, **contract)
     return AdversarialEvaluation(output_dir=str(workdir), epsilons=[0.05, 0.3], attacks=["pgd", "apgd-ce"],
                                  pgd_steps=10, apgd_steps=10, num_images=100, batch_size=32, **contract)
 
@@ -100,7 +103,7 @@ def run_defence(name: str, args, normalized: bool) -> dict:
         planted = set(data.poisoned_indices.tolist())
         return {"removed": len(removed), "planted": len(planted), "probe": probe.record,
                 "recall": len(planted & removed) / max(1, len(planted))}
-    if name in ("certify", "patchcleanser", "adversarial"):
+    if name in EVALUATIONS:
         model = trained_classifier(data)
         metrics = trainer_for(args, [test_time_defence(name, workdir, contract)]).test(model, datamodule=data,
                                                                                       verbose=False)[0]
