@@ -101,8 +101,13 @@ def create_backbone(name: str, num_classes: int = 10, in_chans: int = 3, **kwarg
 
 def load_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
     """Load a state dict (or a Lightning checkpoint's ``state_dict``) from ``path``; the paper's pretrained weights
-    enter this way, since nothing is downloaded at run time."""
+    enter this way, since nothing is downloaded at run time. A bare network takes the ``net.`` part of a lit_robust
+    module's checkpoint (a source model for transfer)."""
     state = load_plain(path, "weights")
     state = state.get("state_dict", state)
+    own = model.state_dict()
+    if own and not any(key.startswith("net.") for key in own) and any(key.startswith("net.") for key in state):
+        # a lit_robust module's checkpoint (keys under ``net.``) into a bare network: take its network
+        state = {key[4:]: value for key, value in state.items() if key.startswith("net.")}
     model.load_state_dict(state, strict=strict)
     return model

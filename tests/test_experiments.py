@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from lit_robust import runner
+from lit_robust.classifier import ImageClassifier
 from lit_robust.ddpm import load_ddpm
 from lit_robust.ebm import load_ebm
 
@@ -71,7 +72,11 @@ def weights(tmp_path_factory) -> dict[str, list[str]]:
     ddpm_ckpt = root / "ddpm_digits.ckpt"
     torch.save({"state_dict": ddpm.state_dict(), "hyper_parameters": dict(ddpm.hparams),
                 "pytorch-lightning_version": L.__version__}, ddpm_ckpt)
-    return {"smoothed_vit_cifar10": [f"model.weights_path={vit_s}"],
+    source = root / "digits_source.ckpt"
+    torch.save({"state_dict": ImageClassifier(backbone="small_cnn", backbone_kwargs={"widths": [8, 16, 32]}).state_dict()},
+               source)
+    return {"robust_transfer_digits": [f"model.weights_path={source}"],
+            "smoothed_vit_cifar10": [f"model.weights_path={vit_s}"],
             "smoothed_vit_imagenet": [f"model.weights_path={vit_s}"],
             "patchcleanser_imagenet": [f"model.weights_path={vit_s}"],
             "smoothed_vit_digits_finetune": [f"model.weights_path={digits_vit}"],

@@ -64,3 +64,24 @@ def test_finetune_trains_the_backbone_and_beats_the_frozen_random_features(tmp_p
     assert all(torch.equal(linear.net.state_dict()[k], initial[k]) for k in extractor)
     assert all(not torch.equal(finetuned.net.state_dict()[k], initial[k]) for k in weights)
     assert finetuned_acc > linear_acc, (finetuned_acc, linear_acc)
+
+
+def test_a_source_models_lightning_checkpoint_gives_its_features(tmp_path):
+    """Robust-feature transfer (001 ch. 2) starts from a source run's checkpoint: an ``AdversarialClassifier``'s
+    ``state_dict`` has its network under ``net.``. The transfer model's extractor equals the source's network
+    exactly, and so do its features on the same images. Loading the whole module's keys into the bare network (no
+    ``net.`` stripping) fails strict loading; ignoring the file leaves other features."""
+    from lit_robust import AdversarialClassifier
+
+    torch.manual_seed(0)
+    kwargs = dict(backbone="small_cnn", backbone_kwargs={"widths": (4, 8)})
+    source = AdversarialClassifier(eps=0.1, attack_steps=1, **kwargs)
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": dict(source.hparams)}, tmp_path / "src.ckpt")
+    torch.manual_seed(1)
+    target = TransferClassifier(mode="linear", weights_path=str(tmp_path / "src.ckpt"), **kwargs)
+    for key, value in source.net.state_dict().items():
+        assert torch.equal(target.net.state_dict()[key], value), key
+    images = torch.rand(4, 1, 28, 28)
+    source.eval(), target.eval()
+    with torch.no_grad():
+        assert torch.equal(target.net.forward_features(images), source.net.forward_features(images))
