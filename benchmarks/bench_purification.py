@@ -1,7 +1,7 @@
 """Langevin purification throughput: the EBMPurification callback vs a bare PyTorch loop, and 2 DDP processes vs 1.
 
     python benchmarks/bench_purification.py [--images 1000] [--steps 150] [--chunk 250] [--repeats 3] [--rounds 2]
-        [--out docs/records]
+        [--out docs/records] [--other-chunks 500 1000]
 
 Same EBM (the shipped ``pretrained:digits``), same images (the first ``--images`` mnist5k training digits), same
 batch size and memory format (``channels_last``, the callback's default for the EBM). The bare loop is what a careful
@@ -10,7 +10,8 @@ runs its full path (key hashing, chunk seeding, saturation check, cache writes, 
 1- and 2-process callback runs use every core of the machine (threads = cores / processes,
 ``lit_robust.machine``). The cases take turns (``benchmarks/timing.py``); prints images/s and ratios (callback /
 bare should be ≥ 0.95). ``--rounds`` repeats the whole comparison back to back; ``--out`` writes the table record
-``bench_purification.json``. Not part of CI.
+``bench_purification.json``. ``--other-chunks`` adds the bare loop at other chunk sizes (the callback's
+``chunk_size``: images per forward batch). Not part of CI.
 """
 from __future__ import annotations
 
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rounds", type=int, default=2, help="whole comparisons back to back")
     parser.add_argument("--out", type=Path, default=None, help="write the record bench_purification.json here")
+    parser.add_argument("--other-chunks", type=int, nargs="*", default=[], help="bare loops at these chunk sizes too")
     args = parser.parse_args()
     record = TableRecord("bench_purification", title="EBMPurification vs a bare Langevin loop (issue 34)")
     use_available_cores(1)
@@ -162,6 +164,8 @@ def main() -> None:
         torch.save(images, Path(tmp) / "images.pt")
         cases = {"bare loop": bare_case(ebm, images, args.steps, args.chunk, args.device),
                  "callback, 1 process (in-process)": callback_case(images, args.steps, args.chunk, args.device, tmp)}
+        cases.update({f"bare loop, chunk {size}": bare_case(ebm, images, args.steps, size, args.device)
+                      for size in args.other_chunks})
         if args.device == "cpu":
             for devices in (1, 2):
                 cases[f"callback, {devices} process(es) (subprocess)"] = ddp_case(devices, tmp, args)
