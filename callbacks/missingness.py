@@ -20,9 +20,10 @@ from timm.models.vision_transformer import VisionTransformer
 from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order,
                                           output_folder, shard_batches)
 from lit_robust.callbacks.metrics_file import write_json_atomic
+from lit_robust.ablations import keep_masks, region_masks
 from lit_robust.missingness import (MODES, ORDERS, blackout_logits, dropped_token_logits, gradient_saliency,
-                                    keep_masks, missingness_statistics, region_masks, region_scores,
-                                    removal_order, removal_predictions, removed_counts)
+                                    missingness_statistics, region_scores, removal_order, removal_predictions,
+                                    removed_counts)
 from lit_robust.pixel_space import PixelSpace
 
 

@@ -8,6 +8,8 @@ Everything here is a pure tensor function; the models and the certificate (``lit
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -98,3 +100,22 @@ def group_by_token_count(touched: torch.Tensor) -> list[torch.Tensor]:
     without padding tokens (which would change the attention)."""
     counts = touched.sum(1)
     return [torch.nonzero(counts == c).flatten() for c in torch.unique(counts)]
+
+
+# ---- regions removed in an order (missingness, 001 ch. 5; missingness augmentation) -------------------------------
+def region_masks(size: tuple[int, int], region: int) -> torch.Tensor:
+    """Masks (R, H, W) of the p×p regions of the grid, row-major (timm's token order): 1 inside region r."""
+    height, width = size
+    if height % region or width % region:
+        raise ValueError(f"a {height}×{width} image does not split into {region}×{region} regions: choose a region "
+                         f"size that divides the image (the ViT's patch size)")
+    grid = torch.arange((height // region) * (width // region)).view(1, 1, height // region, width // region)
+    cells = F.interpolate(grid.float(), scale_factor=region, mode="nearest").long().view(height, width)
+    return (cells[None] == torch.arange(grid.numel())[:, None, None]).float()
+
+
+def keep_masks(orders: torch.Tensor, counts: Sequence[int], regions: torch.Tensor) -> torch.Tensor:
+    """Pixel keep-masks (N, F, H, W): for each image and count c, every region but the first c of its order."""
+    rank = orders.argsort(1)  # the step at which each region goes
+    removed = rank[:, None, :] < torch.as_tensor(counts, device=orders.device)[None, :, None]  # (N, F, R)
+    return 1 - torch.einsum("nfr,rhw->nfhw", removed.float(), regions.to(orders.device))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lit_robust.ablations import keep_masks, region_masks
+
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Translate every image by its own integer offset in [-max_shift, max_shift]² with zero fill
@@ -40,13 +42,9 @@ def random_masking(images: torch.Tensor, masks: torch.Tensor, count: int = 2,
 def random_region_removal(images: torch.Tensor, region: int, fraction: float,
                           generator: torch.Generator | None = None) -> torch.Tensor:
     """Missingness augmentation (001 App. E.1, after ROAR): black out a random ``fraction`` of each image's
-    ``region``×``region`` patches, drawn independently per image."""
-    n, _, height, width = images.shape
-    if height % region or width % region:
-        raise ValueError(f"a {height}×{width} image does not split into {region}×{region} regions: choose a region "
-                         f"size that divides the image")
-    grid = (height // region, width // region)
-    keys = torch.rand(n, grid[0] * grid[1], generator=generator).to(images.device)
-    removed = keys.argsort(1).argsort(1) < round(fraction * keys.shape[1])  # each region's draw rank
-    keep = (~removed).to(images.dtype).view(n, 1, *grid)
-    return images * F.interpolate(keep, scale_factor=region, mode="nearest")
+    ``region``×``region`` patches, drawn independently per image (the regions and keep-masks of the missingness
+    analysis, in a random order)."""
+    regions = region_masks(tuple(images.shape[-2:]), region)
+    order = torch.rand(images.shape[0], len(regions), generator=generator).argsort(1).to(images.device)
+    keep = keep_masks(order, [round(fraction * len(regions))], regions)[:, 0]
+    return images * keep[:, None].to(images.dtype)

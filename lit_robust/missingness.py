@@ -22,17 +22,6 @@ MODES = ("blackout", "drop_tokens")
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def region_masks(size: tuple[int, int], region: int) -> torch.Tensor:
-    """Masks (R, H, W) of the p×p regions of the grid, row-major (timm's token order): 1 inside region r."""
-    height, width = size
-    if height % region or width % region:
-        raise ValueError(f"a {height}×{width} image does not split into {region}×{region} regions: choose a region "
-                         f"size that divides the image (the ViT's patch size)")
-    grid = torch.arange((height // region) * (width // region)).view(1, 1, height // region, width // region)
-    cells = F.interpolate(grid.float(), scale_factor=region, mode="nearest").long().view(height, width)
-    return (cells[None] == torch.arange(grid.numel())[:, None, None]).float()
-
-
 def gradient_saliency(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """|∂ logit of the predicted class / ∂ pixel|, the largest over channels (Simonyan et al. 2013): (N, H, W)."""
     x = images.detach().requires_grad_(True)
@@ -63,13 +52,6 @@ def removed_counts(num_regions: int, fractions: Sequence[float]) -> list[int]:
     if any(not 0 <= f <= 1 for f in fractions):
         raise ValueError(f"fractions={list(fractions)}: each must lie in [0, 1]")
     return [round(f * num_regions) for f in fractions]
-
-
-def keep_masks(orders: torch.Tensor, counts: Sequence[int], regions: torch.Tensor) -> torch.Tensor:
-    """Pixel keep-masks (N, F, H, W): for each image and count c, every region but the first c of its order."""
-    rank = orders.argsort(1)  # the step at which each region goes
-    removed = rank[:, None, :] < torch.as_tensor(counts, device=orders.device)[None, :, None]  # (N, F, R)
-    return 1 - torch.einsum("nfr,rhw->nfhw", removed.float(), regions.to(orders.device))
 
 
 def blackout_logits(model: nn.Module) -> LogitsFn:

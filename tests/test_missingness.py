@@ -18,9 +18,9 @@ from lit_robust.callbacks import MissingnessReport
 from lit_robust.callbacks.missingness import module_vit
 from lit_robust.classifier import ImageClassifier
 from lit_robust.datamodules.base import TensorImageDataset
-from lit_robust.missingness import (blackout_logits, dropped_token_logits, gradient_saliency, keep_masks,
-                                    missingness_statistics, region_masks, region_scores, removal_order,
-                                    removal_predictions, removed_counts)
+from lit_robust.ablations import keep_masks, region_masks
+from lit_robust.missingness import (blackout_logits, dropped_token_logits, gradient_saliency, missingness_statistics,
+                                    region_scores, removal_order, removal_predictions, removed_counts)
 
 VIT = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2)
 
