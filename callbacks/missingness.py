@@ -100,7 +100,8 @@ class MissingnessReport(SplitEvaluation):
         indices, targets, predictions = [], [], []
         for rows, images, labels in shard_batches(dataset, trainer, self.batch_size, self.item_format):
             x = self.pixel_space.to_unit(images.to(device))
-            scores = region_scores(gradient_saliency(ranker, x), self.region)
+            scores = (region_scores(gradient_saliency(ranker, x), self.region) if set(self.orders) != {"random"}
+                      else x.new_zeros(len(x), len(regions)))  # a random order needs no saliency pass
             generator = torch.Generator().manual_seed(self.seed * 10**6 + int(rows[0]) // self.batch_size)
             keep = [keep_masks(removal_order(scores, order, generator), counts, regions) for order in self.orders]
             with torch.no_grad():  # every mode removes the same regions in the same order
