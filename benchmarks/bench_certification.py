@@ -12,6 +12,8 @@ touches (2 or 3 of the 14 token columns, grouped so each pass is one dense tenso
 over ``--art-batch`` images. For each image count the paths take turns (``benchmarks/timing.py``): ours with token
 dropping, ours with all tokens (only up to ``--full-images`` images: it is 6× slower), and ART, which runs in a
 persistent subprocess and reports the seconds of its own ``eval_and_certify`` call (its start-up is not counted).
+A fourth case, the floor, runs only the ViT blocks and head on the same kept-token sequences: no token-dropping
+certifier of this ViT can be faster, so ART / floor is the most any implementation could be ahead of ART.
 
 ART 1.20.1's ViT path fails on timm ≥ 1.0.26 (``forward_features() got an unexpected keyword argument
 'is_causal'``), so ART runs in its own environment, a hard-linked copy of the project's with an older timm::
@@ -101,6 +103,35 @@ def ours_case(model, images: torch.Tensor, token_dropping: bool, bf16: bool):
     return run
 
 
+def floor_case(model, count: int, size: int, bf16: bool):
+    """A timing case: only the ViT blocks and head on the exact kept-token sequences of ``count`` images (random
+    tokens, passes of the model's pass size) — what any token-dropping certifier must compute, so ART's time over
+    this one bounds how far ahead of ART an implementation can get."""
+    from lit_robust.ablations import group_by_token_count, tokens_touched
+    from lit_robust.smoothed_vit import logits_of_kept_tokens
+
+    vit, device = model.net, model.device
+    masks = model.certification_masks((size, size))
+    touched = tokens_touched(model._resize(masks[:, None])[:, 0], vit.patch_embed.proj.kernel_size[0])
+    pass_size = stacked_pass_size(device, model.hparams.max_batch)
+    passes = []
+    for group in group_by_token_count(touched):
+        rows = torch.nonzero(touched[group])[:, 1].view(len(group), -1).repeat(count, 1)
+        for first in range(0, len(rows), pass_size):
+            index = rows[first:first + pass_size]
+            passes.append((torch.randn(*index.shape, vit.embed_dim, device=device), index))
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def run() -> None:
+        with torch.inference_mode(), autocast:
+            for tokens, index in passes:
+                logits_of_kept_tokens(vit, tokens, index)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
 def art_python(fallback: Path = ROOT / ".venv-art" / "bin" / "python") -> Path | None:
     """The interpreter to time ART with: this one when ``art`` is importable here, else ``fallback`` (the
     ``.venv-art`` of the docstring) when it exists, else None."""
@@ -122,9 +153,12 @@ def build_vit(model: str, width: int, max_batch: int, device: str):
 
 
 CASE_DROP, CASE_FULL, CASE_ART = "ours, token dropping", "ours, all tokens", "ART 1.20.1, token dropping"
+CASE_FLOOR = "ViT blocks only (floor)"
 COLUMNS = [("images per call", "{images}"), ("ours, token dropping (ms/image)", "{drop_ms:,.0f}"),
            ("ART 1.20.1 (ms/image)", "{art_ms:,.0f}"), ("ours / ART speed", "**{vs_art:.2f}×**"),
            ("ours, all tokens (ms/image)", "{full_ms:,.0f}"), ("dropping / all tokens speed", "{vs_full:.2f}×"),
+           ("blocks-only floor (ms/image)", "{floor_ms:,.0f}"), ("ART / floor (best possible ours / ART)",
+                                                                 "{art_floor:.2f}×"),
            ("load ≤", "{load:.1f}")]
 
 
@@ -136,6 +170,10 @@ def table_row(images: int, table: dict) -> dict:
     for name, key, ratio in ((CASE_ART, "art_ms", "vs_art"), (CASE_FULL, "full_ms", "vs_full")):
         if name in ms:
             row[key], row[ratio] = ms[name], ms[name] / ms[CASE_DROP]
+    if CASE_FLOOR in ms:
+        row["floor_ms"] = ms[CASE_FLOOR]
+        if CASE_ART in ms:
+            row["art_floor"] = ms[CASE_ART] / ms[CASE_FLOOR]
     return row
 
 
@@ -154,6 +192,8 @@ def main() -> None:
                         help="bf16 autocast for our path (default: on for CUDA, off on CPU)")
     parser.add_argument("--art-python", type=Path, default=ROOT / ".venv-art" / "bin" / "python")
     parser.add_argument("--art-batch", type=int, default=128)
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the ViT blocks alone on the kept tokens")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per image count (minimum counts)")
     parser.add_argument("--out", type=Path, default=None, help="write the record certification_throughput.json here")
     args = parser.parse_args()
@@ -173,6 +213,8 @@ def main() -> None:
         images = torch.rand(count, 3, args.size, args.size, generator=torch.Generator().manual_seed(count))
         images = images.to(args.device)
         cases = {CASE_DROP: ours_case(model, images, True, bf16)}
+        if args.floor:
+            cases[CASE_FLOOR] = floor_case(model, count, args.size, bf16)
         if count <= args.full_images:
             cases[CASE_FULL] = ours_case(model, images, False, bf16)
         if art:

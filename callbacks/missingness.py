@@ -7,6 +7,11 @@ The split is the one the trainer's loop iterates, read through :mod:`lit_robust.
 pixel space); images are shared out over DDP ranks and the per-image predictions gathered in split order, so every
 rank logs the numbers of the whole split. Rank zero writes ``<output_dir>/<split>_missingness.json`` and the plots
 ``<split>_unchanged.png`` (Fig. 5.4) and ``<split>_entropy.png`` (Fig. 5.3, right).
+
+With ``lime_samples`` > 0 it also explains every image with LIME under each mode's missingness (§5.3,
+:mod:`lit_robust.lime`): the consistency of black-out explanations across eight baseline colours (Fig. 5.8) and the
+top-k ablation test of the model's own explanations and of other runs' (Fig. 5.9; the random explanation is the
+``random`` order). The explanations go to ``<split>_lime.pt`` for other runs to be tested with.
 """
 from __future__ import annotations
 
@@ -21,10 +26,13 @@ from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluate
                                           output_folder, shard_batches)
 from lit_robust.callbacks.metrics_file import write_json_atomic
 from lit_robust.ablations import keep_masks, region_masks
+from lit_robust.lime import baseline_colours, lime_scores, pairwise_consistency, random_presence
 from lit_robust.missingness import (MODES, ORDERS, blackout_logits, dropped_token_logits, gradient_saliency,
                                     missingness_statistics, region_scores, removal_order, removal_predictions,
                                     removed_counts)
+from lit_robust.cache import save_atomic
 from lit_robust.pixel_space import PixelSpace
+from lit_robust.serialization import load_plain
 
 
 def module_vit(module: torch.nn.Module) -> VisionTransformer:
@@ -47,6 +55,9 @@ class MissingnessReport(SplitEvaluation):
         modes: ``blackout`` (any classifier) and/or ``drop_tokens`` (a timm ViT as the module or its ``net``).
         saliency_checkpoint: an ``ImageClassifier`` checkpoint whose gradient saliency orders the regions, so that
             several models are compared on one order (the chapter uses a standard ResNet's); ``None``: the module's.
+        lime_samples: LIME perturbations per image (the chapter: 1000); 0 leaves LIME out.
+        lime_explanations: other runs' explanations to run the top-k ablation test with, ``{name: path to their
+            <split>_lime.pt}``; a run's explanation is its ``drop_tokens`` one when it has that mode, else black-out.
         splits, batch_size, seed (random order; batch b uses seed·10⁶ + b), split, item_keys, normalization: as the
             other split-evaluating callbacks (contract).
 
@@ -57,6 +68,7 @@ class MissingnessReport(SplitEvaluation):
     def __init__(self, output_dir: str | None = None, region: int = 4,
                  fractions: Sequence[float] = (0.1, 0.25, 0.5, 0.75), orders: Sequence[str] = ORDERS,
                  modes: Sequence[str] = ("blackout",), saliency_checkpoint: str | None = None,
+                 lime_samples: int = 0, lime_explanations: dict[str, str] | None = None,
                  splits: Sequence[str] = ("test",), batch_size: int = 256, seed: int = 0,
                  split: str | Callable | None = None, item_keys: tuple | None = None, normalization=None):
         super().__init__(splits, "MissingnessReport")
@@ -67,11 +79,21 @@ class MissingnessReport(SplitEvaluation):
         self.fractions = [0.0] + sorted(float(f) for f in fractions if f > 0)
         self.orders, self.modes = list(orders), list(modes)
         self.saliency_checkpoint, self.batch_size, self.seed, self.split = saliency_checkpoint, batch_size, seed, split
+        if lime_samples < 0:
+            raise ValueError(f"MissingnessReport lime_samples={lime_samples}: use 0 (no LIME) or a positive count")
+        self.lime_samples, self.lime_explanations = lime_samples, dict(lime_explanations or {})
+        if self.lime_explanations and not lime_samples:
+            raise ValueError("MissingnessReport lime_explanations need lime_samples > 0 (the model's own explanation "
+                             "is the reference of the top-k ablation test)")
+        for name, path in self.lime_explanations.items():
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"MissingnessReport lime_explanations[{name!r}]={path}: no such file; pass "
+                                        f"the <split>_lime.pt a run with lime_samples > 0 wrote")
         self.item_format = ItemFormat(item_keys)
         self.pixel_space = PixelSpace(normalization, "MissingnessReport")
 
-    def _models(self, pl_module: L.LightningModule) -> tuple[dict, Callable]:
-        """The masked forward of each mode on [0, 1] images, and the saliency model."""
+    def _models(self, pl_module: L.LightningModule) -> tuple[dict, Callable, Callable]:
+        """The masked forward of each mode on [0, 1] images, the saliency model and the model on [0, 1] images."""
         unit_model = lambda unit: pl_module(self.pixel_space.from_unit(unit))  # noqa: E731
         logits = {}
         for mode in self.modes:
@@ -83,21 +105,65 @@ class MissingnessReport(SplitEvaluation):
                 logits[mode] = dropped_token_logits(module_vit(pl_module),
                                                     lambda unit: own(self.pixel_space.from_unit(unit)))
         if self.saliency_checkpoint is None:
-            return logits, unit_model
+            return logits, unit_model, unit_model
         from lit_robust.classifier import ImageClassifier
 
         ranker = ImageClassifier.load_from_checkpoint(self.saliency_checkpoint, map_location=pl_module.device,
                                                       weights_only=True).eval()
-        return logits, ranker
+        return logits, ranker, unit_model
 
-    def _local_predictions(self, trainer, pl_module, dataset) -> tuple[torch.Tensor, ...]:
-        """This rank's share: (indices, targets, predictions (n, modes, orders, fractions))."""
+    def _other_explanations(self, dataset, regions: int, device) -> dict[str, torch.Tensor]:
+        """Each run's explanation of ``lime_explanations`` as a table (len(split), R) indexed by dataset index."""
+        tables = {}
+        for name, path in self.lime_explanations.items():
+            saved = load_plain(path, "LIME explanations")
+            scores = saved["scores"].get("drop_tokens", saved["scores"].get("blackout"))
+            if scores is None or scores.shape[1] != regions or int(saved["indices"].max()) >= len(dataset):
+                raise ValueError(f"MissingnessReport lime_explanations[{name!r}]={path} does not explain this split "
+                                 f"with {regions} regions: make it with the same data, split and region size")
+            table = torch.full((len(dataset), regions), float("nan"), device=device)
+            table[saved["indices"].to(device)] = scores.float().to(device)
+            tables[name] = table
+        return tables
+
+    def _lime(self, logits: dict, unit_model: Callable, x: torch.Tensor, regions: torch.Tensor,
+              counts: list[int], others: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """LIME of one batch: the own explanation per mode (n, modes, R), black-out explanations under the eight
+        baseline colours (n, 8, R; with the black-out mode) and the predictions of the top-k ablation test with the
+        own and the other explanations (n, modes, sources, fractions)."""
+        presence = random_presence(self.lime_samples, len(regions),
+                                   torch.Generator().manual_seed(self.seed)).to(x.device)  # shared by all images
+        target = {mode: logits[mode](x, torch.ones_like(x[:, 0])).argmax(-1) for mode in self.modes}
+        out = {}
+        if "blackout" in self.modes:  # the first baseline colour is black: the mode's own explanation
+            out["colour_lime"] = torch.stack([
+                lime_scores(blackout_logits(unit_model, colour), x, regions, presence, target["blackout"])
+                for colour in baseline_colours(x.shape[1]).to(x.device)], 1)
+        own = torch.stack([out["colour_lime"][:, 0] if mode == "blackout" else
+                           lime_scores(logits[mode], x, regions, presence, target[mode]) for mode in self.modes], 1)
+        out["lime"] = own
+        topk = []
+        for m, mode in enumerate(self.modes):
+            explanations = [own[:, m], *(table[rows] for table in others.values())]
+            if any(bool(e.isnan().any()) for e in explanations):
+                raise ValueError("MissingnessReport lime_explanations miss some images of this split: make them "
+                                 "on the same split")
+            topk.append(torch.stack([removal_predictions(
+                logits[mode], x, keep_masks(removal_order(e, "most_salient"), counts, regions))
+                for e in explanations], 1))
+        out["topk"] = torch.stack(topk, 1)
+        return out
+
+    def _local_predictions(self, trainer, pl_module, dataset) -> dict[str, torch.Tensor]:
+        """This rank's share: indices, targets, predictions (n, modes, orders, fractions) and, with LIME, the
+        outputs of ``_lime``."""
         device = trainer.strategy.root_device
-        logits, ranker = self._models(pl_module)
+        logits, ranker, unit_model = self._models(pl_module)
         size = tuple(self.item_format.read(dataset[0])[0].shape[-2:])
         regions = region_masks(size, self.region).to(device)
         counts = removed_counts(len(regions), self.fractions)
-        indices, targets, predictions = [], [], []
+        others = self._other_explanations(dataset, len(regions), device)
+        parts = []
         for rows, images, labels in shard_batches(dataset, trainer, self.batch_size, self.item_format):
             x = self.pixel_space.to_unit(images.to(device))
             scores = (region_scores(gradient_saliency(ranker, x), self.region) if set(self.orders) != {"random"}
@@ -106,26 +172,36 @@ class MissingnessReport(SplitEvaluation):
             keep = [keep_masks(removal_order(scores, order, generator), counts, regions) for order in self.orders]
             with torch.no_grad():  # every mode removes the same regions in the same order
                 table = [[removal_predictions(logits[mode], x, masks) for masks in keep] for mode in self.modes]
-            predictions.append(torch.stack([torch.stack(row, 1) for row in table], 1))
-            indices.append(rows.to(device))
-            targets.append(labels.to(device))
-        if not predictions:
-            empty = torch.zeros(0, len(self.modes), len(self.orders), len(self.fractions), dtype=torch.long,
-                                device=device)
-            return empty[:, 0, 0, 0], empty[:, 0, 0, 0], empty
-        return torch.cat(indices), torch.cat(targets), torch.cat(predictions)
+                part = {"indices": rows.to(device), "targets": labels.to(device),
+                        "predictions": torch.stack([torch.stack(row, 1) for row in table], 1)}
+                if self.lime_samples:
+                    part.update(self._lime(logits, unit_model, x, regions, counts, others, rows.to(device)))
+            parts.append(part)
+        if not parts:  # an empty shard still takes part in the gathers, with tensors of the right trailing shape
+            modes, fractions, sources = len(self.modes), len(self.fractions), 1 + len(others)
+            shapes = {"indices": (0,), "targets": (0,), "predictions": (0, modes, len(self.orders), fractions)}
+            if self.lime_samples:
+                shapes.update(lime=(0, modes, len(regions)), topk=(0, modes, sources, fractions))
+                if "blackout" in self.modes:
+                    shapes["colour_lime"] = (0, 8, len(regions))
+            return {key: torch.zeros(shape, dtype=torch.float if "lime" in key else torch.long, device=device)
+                    for key, shape in shapes.items()}
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Logs ``missing/<split>/<mode>/<order>/unchanged_f<%>`` and ``.../entropy_f<%>`` (nats) per fraction, and
-        ``missing/<split>/<mode>/acc`` (accuracy on whole images)."""
+        ``missing/<split>/<mode>/acc`` (accuracy on whole images); with LIME also ``.../<mode>/lime_<source>/
+        unchanged_f<%>`` (top-k ablation test; source ``own`` or a name of ``lime_explanations``) and
+        ``missing/<split>/blackout/lime/consistency_f<%>`` beside ``missing/<split>/lime/random_consistency_f<%>``
+        (mean top-k Jaccard over the 28 pairs of baseline colours, k = the fraction's region count)."""
         dataset = evaluated_split(trainer, split, self.split, "MissingnessReport")
         was_training = pl_module.training
         pl_module.eval()
         with torch.inference_mode(False):
-            indices, targets, predictions = self._local_predictions(trainer, pl_module, dataset)
+            local = self._local_predictions(trainer, pl_module, dataset)
         pl_module.train(was_training)
-        targets = gather_in_order(targets, indices, trainer).cpu()
-        predictions = gather_in_order(predictions, indices, trainer).cpu()
+        gathered = {key: gather_in_order(value, local["indices"], trainer).cpu() for key, value in local.items()}
+        targets, predictions = gathered["targets"], gathered["predictions"]
         num_classes = int(max(predictions.max(), targets.max())) + 1 if len(targets) else 1
         results, curves = {}, {}
         for m, mode in enumerate(self.modes):
@@ -133,10 +209,9 @@ class MissingnessReport(SplitEvaluation):
             for o, order in enumerate(self.orders):
                 stats = missingness_statistics(predictions[:, m, o], predictions[:, m, o, 0], num_classes)
                 curves[(mode, order)] = stats
-                for f, fraction in enumerate(self.fractions[1:], start=1):
-                    tag = f"missing/{split}/{mode}/{order}"
-                    results[f"{tag}/unchanged_f{round(100 * fraction)}"] = stats["unchanged"][f].item()
-                    results[f"{tag}/entropy_f{round(100 * fraction)}"] = stats["entropy"][f].item()
+                self._log_fractions(results, f"missing/{split}/{mode}/{order}", stats, ("unchanged", "entropy"))
+        if self.lime_samples:
+            results.update(self._lime_metrics(split, gathered, num_classes))
         pl_module.log_dict(results, sync_dist=False)  # the gathered numbers, equal on every rank
         if trainer.is_global_zero:
             folder = Path(self.output_dir) if self.output_dir else output_folder(trainer, None) / "missingness"
@@ -145,7 +220,35 @@ class MissingnessReport(SplitEvaluation):
                 "region": self.region, "fractions": self.fractions, "metrics": results,
                 "class_shares": {f"{mode}/{order}": stats["class_shares"].tolist()
                                  for (mode, order), stats in curves.items()}})
+            if self.lime_samples:
+                save_atomic(folder / f"{split}_lime.pt", {
+                    "indices": gathered["indices"], "region": self.region, "samples": self.lime_samples,
+                    "scores": {mode: gathered["lime"][:, m].contiguous() for m, mode in enumerate(self.modes)}})
             self._plot(folder, split, curves)
+        return results
+
+    def _log_fractions(self, results: dict, tag: str, stats: dict, keys: Sequence[str]) -> None:
+        for f, fraction in enumerate(self.fractions[1:], start=1):
+            for key in keys:
+                results[f"{tag}/{key}_f{round(100 * fraction)}"] = stats[key][f].item()
+
+    def _lime_metrics(self, split: str, gathered: dict, num_classes: int) -> dict[str, float]:
+        """The top-k ablation test per mode and explanation, and the baseline-colour consistency of black-out."""
+        results, topk = {}, gathered["topk"]
+        for m, mode in enumerate(self.modes):
+            for s, source in enumerate(["own", *self.lime_explanations]):
+                stats = missingness_statistics(topk[:, m, s], topk[:, m, s, 0], num_classes)
+                self._log_fractions(results, f"missing/{split}/{mode}/lime_{source}", stats, ("unchanged",))
+        regions = gathered["lime"].shape[-1]
+        ks = removed_counts(regions, self.fractions[1:])
+        random = torch.rand(len(gathered["lime"]), 8, regions, generator=torch.Generator().manual_seed(self.seed))
+        consistency = {"lime/random_consistency": pairwise_consistency(random.unbind(1), ks).mean(0)}
+        if "colour_lime" in gathered:
+            consistency["blackout/lime/consistency"] = pairwise_consistency(gathered["colour_lime"].unbind(1),
+                                                                            ks).mean(0)
+        for name, values in consistency.items():
+            for fraction, value in zip(self.fractions[1:], values):
+                results[f"missing/{split}/{name}_f{round(100 * fraction)}"] = value.item()
         return results
 
     def _plot(self, folder: Path, split: str, curves: dict) -> None:

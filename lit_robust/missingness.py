@@ -54,9 +54,16 @@ def removed_counts(num_regions: int, fractions: Sequence[float]) -> list[int]:
     return [round(f * num_regions) for f in fractions]
 
 
-def blackout_logits(model: nn.Module) -> LogitsFn:
-    """Missingness as black pixels: the model on [0, 1] images with the removed pixels set to 0."""
-    return lambda images, keep: model(images * keep[:, None])
+def blackout_logits(model: nn.Module, colour: torch.Tensor | None = None) -> LogitsFn:
+    """Missingness as a baseline colour: the model on [0, 1] images with the removed pixels set to ``colour`` (C,)
+    in [0, 1], black by default."""
+    def logits(images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        keep = keep[:, None]
+        if colour is None:
+            return model(images * keep)
+        return model(images * keep + colour.to(images).view(1, -1, 1, 1) * (1 - keep))
+
+    return logits
 
 
 def dropped_token_logits(vit: nn.Module, normalise: Callable[[torch.Tensor], torch.Tensor]) -> LogitsFn:
