@@ -33,6 +33,7 @@ MODULES = {
     "poison_metrics": ["tests/test_poison_metrics.py"],
     "langevin": ["tests/test_langevin.py"],
     "ood_scores": ["tests/test_ood_scores.py"],
+    "lime": ["tests/test_lime.py"],
     "cache": ["tests/test_cache.py",
               "tests/test_bad_inputs.py::test_cache_entry_with_code_payload_and_matching_sha256"],
 }

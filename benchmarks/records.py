@@ -131,10 +131,11 @@ def running_elsewhere(run_dir: Path) -> bool:
     return True
 
 
-def train_run(run_dir: Path, overrides: list[str], done_key: str = "test/acc") -> tuple[dict, dict]:
-    """``train.py <overrides>`` into ``run_dir`` unless a finished run (``done_key`` in its ``metrics.json``) is
-    there; returns the run's metrics and its provenance (``<run>/provenance.json``, written when launched here;
-    ``({}, {})`` when another live invocation is running it)."""
+def train_run(run_dir: Path, overrides: list[str], done_key: str = "test/acc",
+              script: str = "train.py") -> tuple[dict, dict]:
+    """``train.py <overrides>`` (or ``evaluate.py``) into ``run_dir`` unless a finished run (``done_key`` in its
+    ``metrics.json``) is there; returns the run's metrics and its provenance (``<run>/provenance.json``, written when
+    launched here; ``({}, {})`` when another live invocation is running it)."""
     from lit_robust.callbacks.metrics_file import write_json_atomic
 
     metrics_path, provenance_path = run_dir / "metrics.json", run_dir / "provenance.json"
@@ -147,7 +148,7 @@ def train_run(run_dir: Path, overrides: list[str], done_key: str = "test/acc") -
         return {}, {}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ".running").write_text(str(os.getpid()))
-    command = [sys.executable, "train.py", f"hydra.run.dir={run_dir}", "callbacks.rich_progress_bar=null", *overrides]
+    command = [sys.executable, script, f"hydra.run.dir={run_dir}", "callbacks.rich_progress_bar=null", *overrides]
     print("+", " ".join(command), flush=True)
     started, clock = utc_now(), time.monotonic()
     git, load = git_state(), machine()["load_average"]

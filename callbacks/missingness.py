@@ -10,8 +10,7 @@ rank logs the numbers of the whole split. Rank zero writes ``<output_dir>/<split
 
 With ``lime_samples`` > 0 it also explains every image with LIME under each mode's missingness (§5.3,
 :mod:`lit_robust.lime`): the consistency of black-out explanations across eight baseline colours (Fig. 5.8) and the
-top-k ablation test of the model's own explanations and of other runs' (Fig. 5.9; the random explanation is the
-``random`` order). The explanations go to ``<split>_lime.pt`` for other runs to be tested with.
+top-k ablation test of the model's own explanations, of random ones and of other runs' (Fig. 5.9). The explanations go to ``<split>_lime.pt`` for other runs to be tested with.
 """
 from __future__ import annotations
 
@@ -44,6 +43,9 @@ def module_vit(module: torch.nn.Module) -> VisionTransformer:
                      f"`net`, got {type(module).__name__}: use modes=['blackout'] for other models")
 
 
+LIME_OUTPUTS = ("lime_indices", "lime", "colour_lime", "topk")  # rows of the explained images only
+
+
 class MissingnessReport(SplitEvaluation):
     """Share of unchanged predictions, predicted-class shares and their entropy as regions are removed.
 
@@ -56,6 +58,10 @@ class MissingnessReport(SplitEvaluation):
         saliency_checkpoint: an ``ImageClassifier`` checkpoint whose gradient saliency orders the regions, so that
             several models are compared on one order (the chapter uses a standard ResNet's); ``None``: the module's.
         lime_samples: LIME perturbations per image (the chapter: 1000); 0 leaves LIME out.
+        lime_images: explain only the split's first images (dataset index below this; ``None``: all) — LIME costs
+            ``lime_samples`` forward passes per image and mode, 8× that for black-out with ``lime_consistency``.
+        lime_consistency: also explain black-out under the eight baseline colours and log their agreement (8× the
+            black-out LIME cost).
         lime_explanations: other runs' explanations to run the top-k ablation test with, ``{name: path to their
             <split>_lime.pt}``; a run's explanation is its ``drop_tokens`` one when it has that mode, else black-out.
         splits, batch_size, seed (random order; batch b uses seed·10⁶ + b), split, item_keys, normalization: as the
@@ -68,7 +74,8 @@ class MissingnessReport(SplitEvaluation):
     def __init__(self, output_dir: str | None = None, region: int = 4,
                  fractions: Sequence[float] = (0.1, 0.25, 0.5, 0.75), orders: Sequence[str] = ORDERS,
                  modes: Sequence[str] = ("blackout",), saliency_checkpoint: str | None = None,
-                 lime_samples: int = 0, lime_explanations: dict[str, str] | None = None,
+                 lime_samples: int = 0, lime_images: int | None = None, lime_consistency: bool = True,
+                 lime_explanations: dict[str, str] | None = None,
                  splits: Sequence[str] = ("test",), batch_size: int = 256, seed: int = 0,
                  split: str | Callable | None = None, item_keys: tuple | None = None, normalization=None):
         super().__init__(splits, "MissingnessReport")
@@ -82,6 +89,10 @@ class MissingnessReport(SplitEvaluation):
         if lime_samples < 0:
             raise ValueError(f"MissingnessReport lime_samples={lime_samples}: use 0 (no LIME) or a positive count")
         self.lime_samples, self.lime_explanations = lime_samples, dict(lime_explanations or {})
+        if lime_images is not None and lime_images < 1:
+            raise ValueError(f"MissingnessReport lime_images={lime_images}: use a positive count or null (all)")
+        self.lime_images = lime_images
+        self.lime_consistency = lime_consistency and "blackout" in self.modes
         if self.lime_explanations and not lime_samples:
             raise ValueError("MissingnessReport lime_explanations need lime_samples > 0 (the model's own explanation "
                              "is the reference of the top-k ablation test)")
@@ -127,24 +138,26 @@ class MissingnessReport(SplitEvaluation):
         return tables
 
     def _lime(self, logits: dict, unit_model: Callable, x: torch.Tensor, regions: torch.Tensor,
-              counts: list[int], others: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+              counts: list[int], others: dict[str, torch.Tensor], rows: torch.Tensor,
+              generator: torch.Generator) -> dict[str, torch.Tensor]:
         """LIME of one batch: the own explanation per mode (n, modes, R), black-out explanations under the eight
-        baseline colours (n, 8, R; with the black-out mode) and the predictions of the top-k ablation test with the
-        own and the other explanations (n, modes, sources, fractions)."""
+        baseline colours (n, 8, R; with ``lime_consistency``) and the predictions of the top-k ablation test with
+        the own, a random (scores from ``generator``) and the other explanations (n, modes, sources, fractions)."""
         presence = random_presence(self.lime_samples, len(regions),
                                    torch.Generator().manual_seed(self.seed)).to(x.device)  # shared by all images
         target = {mode: logits[mode](x, torch.ones_like(x[:, 0])).argmax(-1) for mode in self.modes}
         out = {}
-        if "blackout" in self.modes:  # the first baseline colour is black: the mode's own explanation
+        if self.lime_consistency:  # the first baseline colour is black: the black-out mode's own explanation
             out["colour_lime"] = torch.stack([
                 lime_scores(blackout_logits(unit_model, colour), x, regions, presence, target["blackout"])
                 for colour in baseline_colours(x.shape[1]).to(x.device)], 1)
-        own = torch.stack([out["colour_lime"][:, 0] if mode == "blackout" else
+        own = torch.stack([out["colour_lime"][:, 0] if mode == "blackout" and self.lime_consistency else
                            lime_scores(logits[mode], x, regions, presence, target[mode]) for mode in self.modes], 1)
         out["lime"] = own
+        random = torch.rand(own[:, 0].shape, generator=generator).to(x.device)
         topk = []
         for m, mode in enumerate(self.modes):
-            explanations = [own[:, m], *(table[rows] for table in others.values())]
+            explanations = [own[:, m], random, *(table[rows] for table in others.values())]
             if any(bool(e.isnan().any()) for e in explanations):
                 raise ValueError("MissingnessReport lime_explanations miss some images of this split: make them "
                                  "on the same split")
@@ -174,24 +187,31 @@ class MissingnessReport(SplitEvaluation):
                 table = [[removal_predictions(logits[mode], x, masks) for masks in keep] for mode in self.modes]
                 part = {"indices": rows.to(device), "targets": labels.to(device),
                         "predictions": torch.stack([torch.stack(row, 1) for row in table], 1)}
-                if self.lime_samples:
-                    part.update(self._lime(logits, unit_model, x, regions, counts, others, rows.to(device)))
+                explained = rows.to(device) < (self.lime_images or len(dataset))
+                if self.lime_samples and explained.any():
+                    part.update(lime_indices=rows.to(device)[explained], **self._lime(
+                        logits, unit_model, x[explained], regions, counts, others, rows.to(device)[explained],
+                        torch.Generator().manual_seed(self.seed * 10**6 + 500_000 + int(rows[0]) // self.batch_size)))
             parts.append(part)
-        if not parts:  # an empty shard still takes part in the gathers, with tensors of the right trailing shape
-            modes, fractions, sources = len(self.modes), len(self.fractions), 1 + len(others)
-            shapes = {"indices": (0,), "targets": (0,), "predictions": (0, modes, len(self.orders), fractions)}
-            if self.lime_samples:
-                shapes.update(lime=(0, modes, len(regions)), topk=(0, modes, sources, fractions))
-                if "blackout" in self.modes:
-                    shapes["colour_lime"] = (0, 8, len(regions))
-            return {key: torch.zeros(shape, dtype=torch.float if "lime" in key else torch.long, device=device)
-                    for key, shape in shapes.items()}
-        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        empty = self._empty_outputs(len(regions), len(others), device)  # an empty shard still takes part in gathers
+        return {key: torch.cat([part[key] for part in parts if key in part] + [value])
+                for key, value in empty.items()}
+
+    def _empty_outputs(self, regions: int, others: int, device) -> dict[str, torch.Tensor]:
+        """Zero-row tensors of every output of ``_local_predictions``, with their trailing shapes and dtypes."""
+        modes, fractions = len(self.modes), len(self.fractions)
+        shapes = {"indices": (0,), "targets": (0,), "predictions": (0, modes, len(self.orders), fractions)}
+        if self.lime_samples:
+            shapes.update(lime_indices=(0,), lime=(0, modes, regions), topk=(0, modes, 2 + others, fractions))
+            if self.lime_consistency:
+                shapes["colour_lime"] = (0, 8, regions)
+        return {key: torch.zeros(shape, dtype=torch.float if key.endswith("lime") else torch.long, device=device)
+                for key, shape in shapes.items()}
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Logs ``missing/<split>/<mode>/<order>/unchanged_f<%>`` and ``.../entropy_f<%>`` (nats) per fraction, and
         ``missing/<split>/<mode>/acc`` (accuracy on whole images); with LIME also ``.../<mode>/lime_<source>/
-        unchanged_f<%>`` (top-k ablation test; source ``own`` or a name of ``lime_explanations``) and
+        unchanged_f<%>`` (top-k ablation test; source ``own``, ``random`` or a name of ``lime_explanations``) and
         ``missing/<split>/blackout/lime/consistency_f<%>`` beside ``missing/<split>/lime/random_consistency_f<%>``
         (mean top-k Jaccard over the 28 pairs of baseline colours, k = the fraction's region count)."""
         dataset = evaluated_split(trainer, split, self.split, "MissingnessReport")
@@ -200,7 +220,8 @@ class MissingnessReport(SplitEvaluation):
         with torch.inference_mode(False):
             local = self._local_predictions(trainer, pl_module, dataset)
         pl_module.train(was_training)
-        gathered = {key: gather_in_order(value, local["indices"], trainer).cpu() for key, value in local.items()}
+        gathered = {key: gather_in_order(value, local["lime_indices" if key in LIME_OUTPUTS else "indices"],
+                                         trainer).cpu() for key, value in local.items()}
         targets, predictions = gathered["targets"], gathered["predictions"]
         num_classes = int(max(predictions.max(), targets.max())) + 1 if len(targets) else 1
         results, curves = {}, {}
@@ -222,7 +243,7 @@ class MissingnessReport(SplitEvaluation):
                                  for (mode, order), stats in curves.items()}})
             if self.lime_samples:
                 save_atomic(folder / f"{split}_lime.pt", {
-                    "indices": gathered["indices"], "region": self.region, "samples": self.lime_samples,
+                    "indices": gathered["lime_indices"], "region": self.region, "samples": self.lime_samples,
                     "scores": {mode: gathered["lime"][:, m].contiguous() for m, mode in enumerate(self.modes)}})
             self._plot(folder, split, curves)
         return results
@@ -236,16 +257,17 @@ class MissingnessReport(SplitEvaluation):
         """The top-k ablation test per mode and explanation, and the baseline-colour consistency of black-out."""
         results, topk = {}, gathered["topk"]
         for m, mode in enumerate(self.modes):
-            for s, source in enumerate(["own", *self.lime_explanations]):
+            for s, source in enumerate(["own", "random", *self.lime_explanations]):
                 stats = missingness_statistics(topk[:, m, s], topk[:, m, s, 0], num_classes)
                 self._log_fractions(results, f"missing/{split}/{mode}/lime_{source}", stats, ("unchanged",))
+        if not self.lime_consistency:
+            return results
         regions = gathered["lime"].shape[-1]
         ks = removed_counts(regions, self.fractions[1:])
         random = torch.rand(len(gathered["lime"]), 8, regions, generator=torch.Generator().manual_seed(self.seed))
-        consistency = {"lime/random_consistency": pairwise_consistency(random.unbind(1), ks).mean(0)}
-        if "colour_lime" in gathered:
-            consistency["blackout/lime/consistency"] = pairwise_consistency(gathered["colour_lime"].unbind(1),
-                                                                            ks).mean(0)
+        consistency = {"lime/random_consistency": pairwise_consistency(random.unbind(1), ks).mean(0),
+                       "blackout/lime/consistency": pairwise_consistency(gathered["colour_lime"].unbind(1),
+                                                                         ks).mean(0)}
         for name, values in consistency.items():
             for fraction, value in zip(self.fractions[1:], values):
                 results[f"missing/{split}/{name}_f{round(100 * fraction)}"] = value.item()

@@ -82,11 +82,15 @@ def test_patchcleanser_and_attacks_act_on_the_users_model_in_pixel_space(normali
 
 def test_missingness_report_runs_on_the_users_cnn(normalised):
     """Blacking out a quarter, then half, of the 7×7 regions of the user's CNN: removing the most salient regions
-    changes more predictions than removing the least salient ones, and more regions change more. Caught: orders
-    that ignore the saliency (most = least), and a blackout that removes nothing (everything unchanged)."""
+    changes more predictions than removing the least salient ones, and more regions change more; removing the
+    regions LIME ranks first changes more than removing random ones. Caught: orders that ignore the saliency (most =
+    least), a blackout that removes nothing (everything unchanged), LIME scores of random or flipped sign."""
     report = normalised["missingness"]
     least, most = (report[f"missing/test/blackout/{o}_salient/unchanged_f50"] for o in ("least", "most"))
     assert most < least
+    for percent in (25, 50):
+        assert (report[f"missing/test/blackout/lime_own/unchanged_f{percent}"]
+                < report[f"missing/test/blackout/lime_random/unchanged_f{percent}"] - 0.1)
     assert report["missing/test/blackout/random/unchanged_f50"] < report["missing/test/blackout/random/unchanged_f25"]
     assert report["missing/test/blackout/acc"] > 0.7
 

@@ -2,6 +2,8 @@
 hand-built additive models and a tiny ViT, so the file runs in seconds. Each docstring names the stubs it catches."""
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -102,10 +104,36 @@ def test_baseline_colours_are_the_rgb_corners_or_eight_greys_black_first():
     assert torch.allclose(grey[:, 0], torch.linspace(0, 1, 8))
 
 
-def run_report(tmp_path, dataset, **kwargs) -> tuple[L.Trainer, ImageClassifier]:
+def quadrant_images(count: int, seed: int) -> TensorImageDataset:
+    """16×16 noise with one bright 8×8 quadrant (0–2), the label: a model must read particular tokens."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (count,), generator=g)
+    images = 0.3 * torch.rand(count, 1, 16, 16, generator=g)
+    for quadrant, (row, col) in enumerate(((0, 0), (0, 8), (8, 0))):
+        images[labels == quadrant, :, row:row + 8, col:col + 8] += 0.7
+    return TensorImageDataset(images, labels)
+
+
+@functools.cache
+def quadrant_vit() -> ImageClassifier:
+    """A tiny ViT (16 tokens of 4×4) trained 60 steps on ``quadrant_images``."""
     torch.manual_seed(0)
     model = ImageClassifier(backbone="vit_tiny_patch16_224", num_classes=3, in_chans=1,
-                            backbone_kwargs={k: v for k, v in VIT.items() if k not in ("in_chans", "num_classes")}).eval()
+                            backbone_kwargs={**{k: v for k, v in VIT.items() if k not in ("in_chans", "num_classes")},
+                                             "img_size": 16})
+    data = quadrant_images(96, 0)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = torch.nn.functional.cross_entropy(model(data.images), data.targets)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model.eval()
+
+
+def run_report(tmp_path, dataset, **kwargs) -> tuple[L.Trainer, ImageClassifier]:
+    """``quadrant_vit`` tested with LIME on both missingness modes."""
+    model = quadrant_vit()
     callback = MissingnessReport(output_dir=str(tmp_path), region=4, fractions=[0.25, 0.5], orders=["random"],
                                  modes=["blackout", "drop_tokens"], batch_size=8, seed=5, **kwargs)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -120,13 +148,12 @@ def test_callback_explanations_and_tests_equal_the_pure_functions(tmp_path):
     pure functions. Another run's explanations, saved in another order, are matched by image index: the same
     explanations shuffled give the own numbers. A callback that tests the explanations in file order, mixes the
     modes' explanations or skips the colours differs."""
-    g = torch.Generator().manual_seed(6)
-    dataset = TensorImageDataset(torch.rand(20, 1, 8, 8, generator=g), torch.randint(0, 3, (20,), generator=g))
-    trainer, model = run_report(tmp_path / "own", dataset, lime_samples=24)
+    dataset = quadrant_images(20, 6)
+    trainer, model = run_report(tmp_path / "own", dataset, lime_samples=48)
     saved = load_plain(tmp_path / "own" / "test_lime.pt")
     assert torch.equal(saved["indices"], torch.arange(20))
-    regions = region_masks((8, 8), 4)
-    presence = random_presence(24, 4, torch.Generator().manual_seed(5))
+    regions = region_masks((16, 16), 4)
+    presence = random_presence(48, 16, torch.Generator().manual_seed(5))
     modes = {"blackout": blackout_logits(model), "drop_tokens": dropped_token_logits(
         model.net, lambda x: (x - model.mean) / model.std)}
     logged = trainer.callback_metrics
@@ -136,33 +163,51 @@ def test_callback_explanations_and_tests_equal_the_pure_functions(tmp_path):
             scores = torch.cat([lime_scores(logits, dataset.images[s:s + 8], regions, presence)
                                 for s in range(0, 20, 8)])
             assert torch.allclose(saved["scores"][mode], scores, atol=1e-5)
-            predictions = removal_predictions(logits, dataset.images, keep_masks(
-                removal_order(scores, "most_salient"), [0, 1, 2], regions))
-            stats = missingness_statistics(predictions, predictions[:, 0], 3)
+            unchanged = {}
+            for order in ("most_salient", "least_salient"):
+                predictions = removal_predictions(logits, dataset.images, keep_masks(
+                    removal_order(scores, order), [0, 4, 8], regions))
+                unchanged[order] = missingness_statistics(predictions, predictions[:, 0], 3)["unchanged"]
+            assert not torch.equal(unchanged["most_salient"], unchanged["least_salient"])  # the test can tell
             for f, pct in ((1, 25), (2, 50)):
                 assert logged[f"missing/test/{mode}/lime_own/unchanged_f{pct}"].item() == pytest.approx(
-                    stats["unchanged"][f].item())
+                    unchanged["most_salient"][f].item())
+            # the model reads one quadrant: its own explanation flips far more than random scores do
+            assert (logged[f"missing/test/{mode}/lime_random/unchanged_f25"]
+                    > logged[f"missing/test/{mode}/lime_own/unchanged_f25"] + 0.15)
         for colour in baseline_colours(1):
             colour_scores.append(torch.cat([lime_scores(blackout_logits(model, colour), dataset.images[s:s + 8],
                                                         regions, presence) for s in range(0, 20, 8)]))
-    consistency = pairwise_consistency(colour_scores, [1, 2]).mean(0)
+    consistency = pairwise_consistency(colour_scores, [4, 8]).mean(0)
     assert logged["missing/test/blackout/lime/consistency_f25"].item() == pytest.approx(consistency[0].item(), abs=1e-6)
     assert logged["missing/test/blackout/lime/consistency_f50"].item() == pytest.approx(consistency[1].item(), abs=1e-6)
     assert consistency[0] < 0.99  # the grey level changes which region ranks first for some image
     assert "missing/test/drop_tokens/lime/consistency_f25" not in logged  # 1 by construction: not computed
-    random = torch.rand(20, 8, 4, generator=torch.Generator().manual_seed(5))
+    random = torch.rand(20, 8, 16, generator=torch.Generator().manual_seed(5))
     assert logged["missing/test/lime/random_consistency_f50"].item() == pytest.approx(
-        pairwise_consistency(random.unbind(1), [2]).mean().item())
+        pairwise_consistency(random.unbind(1), [8]).mean().item())
 
     order = torch.randperm(20, generator=torch.Generator().manual_seed(7))
     save_atomic(tmp_path / "shuffled.pt", {"indices": saved["indices"][order],
                                            "scores": {m: s[order] for m, s in saved["scores"].items()}})
-    trainer, _ = run_report(tmp_path / "again", dataset, lime_samples=24,
+    trainer, _ = run_report(tmp_path / "again", dataset, lime_samples=48,
                             lime_explanations={"copy": str(tmp_path / "shuffled.pt")})
     again = trainer.callback_metrics
-    for pct in (25, 50):  # a run's explanation is its drop_tokens one, tested under each mode
+    with torch.no_grad():  # explanations given to the wrong images would test differently
+        predictions = removal_predictions(modes["drop_tokens"], dataset.images, keep_masks(
+            removal_order(saved["scores"]["drop_tokens"][order], "most_salient"), [0, 4, 8], regions))
+    misplaced = missingness_statistics(predictions, predictions[:, 0], 3)["unchanged"]
+    for f, pct in ((1, 25), (2, 50)):  # a run's explanation is its drop_tokens one, tested under each mode
         assert again[f"missing/test/drop_tokens/lime_copy/unchanged_f{pct}"].item() == pytest.approx(
             logged[f"missing/test/drop_tokens/lime_own/unchanged_f{pct}"].item())
+    trainer, _ = run_report(tmp_path / "first", dataset, lime_samples=48, lime_images=10, lime_consistency=False)
+    first = load_plain(tmp_path / "first" / "test_lime.pt")  # the first 10 images only, explained as before
+    assert torch.equal(first["indices"], torch.arange(10)) and "missing/test/lime/random_consistency_f50" not in \
+        trainer.callback_metrics
+    for mode in modes:
+        assert torch.allclose(first["scores"][mode], saved["scores"][mode][:10], atol=1e-5)
+    assert any(misplaced[f].item() != pytest.approx(logged[f"missing/test/drop_tokens/lime_own/unchanged_f{pct}"]
+                                                    .item()) for f, pct in ((1, 25), (2, 50)))
 
 
 def test_lime_arguments_are_checked_before_any_work(tmp_path):
@@ -172,3 +217,5 @@ def test_lime_arguments_are_checked_before_any_work(tmp_path):
         MissingnessReport(lime_samples=8, lime_explanations={"other": str(tmp_path / "missing.pt")})
     with pytest.raises(ValueError, match="positive count"):
         MissingnessReport(lime_samples=-1)
+    with pytest.raises(ValueError, match="lime_images=0"):
+        MissingnessReport(lime_samples=8, lime_images=0)

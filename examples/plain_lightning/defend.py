@@ -76,7 +76,8 @@ def test_time_defence(name: str, workdir: Path, contract: dict):
     if name == "patchcleanser":
         return PatchCleanserCertification(output_dir=str(workdir), patch_sizes=[2, 4], k=3, **contract)
     if name == "missingness":
-        return MissingnessReport(output_dir=str(workdir), region=7, fractions=[0.25, 0.5], batch_size=64, **contract)
+        return MissingnessReport(output_dir=str(workdir), region=7, fractions=[0.25, 0.5], batch_size=64,
+                                 lime_samples=32, **contract)
     return AdversarialEvaluation(output_dir=str(workdir), epsilons=[0.05, 0.3], attacks=["pgd", "apgd-ce"],
                                  pgd_steps=10, apgd_steps=10, num_images=100, batch_size=32, **contract)
 
