@@ -48,12 +48,13 @@ def mutmut_config(module: str, tests: list[str]) -> str:
 
 
 def prepare_copy(work: Path, module: str, tests: list[str]) -> None:
-    """The package, the selected tests and ``pyproject.toml`` (plus the mutmut section) under ``work``."""
+    """The package, the test files (selected tests import helpers from others) and ``pyproject.toml`` (plus the
+    mutmut section, which selects ``tests``) under ``work``."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(ROOT / "lit_robust", work / "lit_robust", ignore=ignore)
     (work / "tests").mkdir()
-    for name in ["tests/conftest.py", *sorted({t.split("::")[0] for t in tests})]:
-        shutil.copy(ROOT / name, work / name)
+    for path in (ROOT / "tests").glob("*.py"):
+        shutil.copy(path, work / "tests" / path.name)
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + mutmut_config(module, tests))
 
 

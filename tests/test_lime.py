@@ -42,6 +42,8 @@ def test_ridge_weights_equal_scikit_learns_ridge():
     for alpha in (1.0, 30.0):
         expected = Ridge(alpha=alpha).fit(presence.numpy(), targets.T.numpy()).coef_
         assert torch.allclose(ridge_weights(presence, targets, alpha), torch.from_numpy(expected), atol=1e-10)
+    expected = Ridge().fit(presence.numpy(), targets.T.numpy()).coef_  # the same default penalty
+    assert torch.allclose(ridge_weights(presence, targets), torch.from_numpy(expected), atol=1e-10)
 
 
 def test_lime_recovers_an_additive_models_region_weights_and_their_dependence_on_the_colour():
@@ -87,11 +89,13 @@ def test_perturbed_logits_equal_one_image_and_one_perturbation_at_a_time():
 
 
 def test_topk_jaccard_and_pairwise_consistency_on_hand_built_scores():
-    """Top-2 {0, 1} vs {1, 2}: 1/3; identical explanations: 1; three explanations make three pairs. A similarity
-    of the bottom-k, or an intersection without the union, differs."""
+    """Top-2 {0, 1} vs {1, 2}: 1/3; identical explanations: 1; three explanations make three pairs; each image its
+    own similarity. A similarity of the bottom-k, an intersection without the union, or a union pooled over the
+    images differs."""
     a = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
     b = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
     assert topk_jaccard(a, b, 2).item() == pytest.approx(1 / 3)
+    assert torch.allclose(topk_jaccard(torch.cat([a, a]), torch.cat([b, a]), 2), torch.tensor([1 / 3, 1.0]))
     assert topk_jaccard(a, a, 3).item() == 1.0 and topk_jaccard(a, b, 0).item() == 1.0
     table = pairwise_consistency([a, b, a], [1, 2])
     assert torch.allclose(table, torch.tensor([[0.0, 1 / 3], [1.0, 1.0], [0.0, 1 / 3]]))
@@ -100,6 +104,7 @@ def test_topk_jaccard_and_pairwise_consistency_on_hand_built_scores():
 def test_baseline_colours_are_the_rgb_corners_or_eight_greys_black_first():
     rgb = baseline_colours(3)
     assert rgb.shape == (8, 3) and len({tuple(c) for c in rgb.tolist()}) == 8 and rgb[0].eq(0).all()
+    assert set(rgb.flatten().tolist()) == {0.0, 1.0} and rgb.dtype == torch.float32  # the cube's corners
     grey = baseline_colours(1)
     assert torch.allclose(grey[:, 0], torch.linspace(0, 1, 8))
 
