@@ -10,7 +10,8 @@ rank logs the numbers of the whole split. Rank zero writes ``<output_dir>/<split
 
 With ``lime_samples`` > 0 it also explains every image with LIME under each mode's missingness (§5.3,
 :mod:`lit_robust.lime`): the consistency of black-out explanations across eight baseline colours (Fig. 5.8) and the
-top-k ablation test of the model's own explanations, of random ones and of other runs' (Fig. 5.9). The explanations go to ``<split>_lime.pt`` for other runs to be tested with.
+top-k ablation test of the model's own explanations, of random ones and of other runs' (Fig. 5.9). The
+explanations go to ``<split>_lime.pt`` for other runs to be tested with.
 """
 from __future__ import annotations
 
@@ -25,11 +26,11 @@ from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluate
                                           output_folder, shard_batches)
 from lit_robust.callbacks.metrics_file import write_json_atomic
 from lit_robust.ablations import keep_masks, region_masks
+from lit_robust.cache import save_atomic
 from lit_robust.lime import baseline_colours, lime_scores, pairwise_consistency, random_presence
 from lit_robust.missingness import (MODES, ORDERS, blackout_logits, dropped_token_logits, gradient_saliency,
                                     missingness_statistics, region_scores, removal_order, removal_predictions,
                                     removed_counts)
-from lit_robust.cache import save_atomic
 from lit_robust.pixel_space import PixelSpace
 from lit_robust.serialization import load_plain
 
