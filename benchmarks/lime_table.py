@@ -11,13 +11,14 @@ Two tables, both with 4×4 regions (64 per image):
   as the floor. The ViT with dropped tokens needs no colour, so its explanations agree by construction (1).
 - ``lime_topk_digits`` (Figs. 5.9–5.10): the top-k ablation test — the share of predictions unchanged after the
   top 10 / 25 / 50 % regions of an explanation are removed with the model's own missingness — for the model's own
-  explanation, the CNN's other seed, the other architecture and random scores. Lower is a better explanation; the chapter's point is whether they are told apart at all.
+  explanation, the CNN's other seed, the other architecture and random scores. Lower is a better explanation;
+  the chapter's point is whether they are told apart at all.
 
 The runs go into ``--out``: training runs first (each saves its explanations, ``<run>/missingness/test_lime.pt``),
 then the standard CNN is tested again (``evaluate.py``) with the ViT's and its other seed's explanations, which
-exist only after their runs. About 45 min on one core. Written to ``<out>/lime_consistency_digits.json`` and ``<out>/lime_topk_digits.json``
-(``benchmarks/records.py``); ``benchmarks/render_results.py`` puts them into ``docs/results.md``. Extra arguments
-are Hydra overrides for every run.
+exist only after their runs. About 28 min on one core. Written to ``<out>/lime_consistency_digits.json`` and
+``<out>/lime_topk_digits.json`` (``benchmarks/records.py``); ``benchmarks/render_results.py`` puts them into
+``docs/results.md``. Extra arguments are Hydra overrides for every run.
 
     python benchmarks/lime_table.py --out outputs/lime_table
 """
