@@ -1,0 +1,60 @@
+"""Adversarial training under DDP (issue #32): ``adv_train_digits`` (PGD-AT, ℓ∞ ε = 0.3; its first recipe, 8-16-32
+channels, 5 attack steps, 10 epochs, pinned below) trained in one process and in two gloo processes
+(``trainer=ddp_cpu``, each rank attacking its own batch) with the same seed, beside a second seed in one process as
+the measure of run-to-run noise; each model evaluated by ``AdversarialEvaluation`` on all 1,000 test images at
+ε = 0.3 (PGD-20, APGD-CE, APGD-T on APGD-CE's survivors).
+
+Under DDP the global batch is 2 × ``data.batch_size`` and an epoch has half the steps, as Lightning runs any
+multi-process fit; the check is that the 2-process model is as robust as the 1-process ones, within the spread of
+the two seeds. Written to ``<out>/adversarial_ddp.json`` (``benchmarks/records.py``); extra arguments are Hydra
+overrides for every run.
+
+    OMP_NUM_THREADS=1 python benchmarks/adversarial_ddp_check.py --out outputs/adversarial_ddp
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
+
+# the recipe of the tenth session's table, pinned (a cheap one; the check is about DDP, not the recipe)
+RECIPE = ["model.backbone_kwargs={widths:[8,16,32]}", "model.attack_steps=5", "model.eps_warmup_epochs=2",
+          "model.lr=2e-3", "trainer.max_epochs=10"]
+EVALUATION = ["experiment=adv_train_digits", *RECIPE, "callbacks.adversarial_evaluation.epsilons=[0.3]",
+              "callbacks.adversarial_evaluation.num_images=null", "callbacks.adversarial_evaluation.masking_eps=null"]
+RUNS = {"1 process, seed 0": [*EVALUATION, "seed=0"],
+        "2 processes, seed 0": [*EVALUATION, "seed=0", "trainer=ddp_cpu"],
+        "1 process, seed 1": [*EVALUATION, "seed=1"]}
+COLUMNS = [("run", "{name}"), ("test images", "{images}"), ("clean (%)", "{clean:.1f}"), ("PGD-20 (%)", "{pgd:.1f}"),
+           ("APGD-CE+T (%)", "{apgd_both:.1f}"), ("all three (%)", "{robust:.1f}"), ("minutes", "{minutes:.1f}")]
+
+
+def main() -> None:
+    args, extra, out = table_arguments(__doc__, "outputs/adversarial_ddp", RUNS)
+    record = TableRecord("adversarial_ddp", title="PGD-AT on digits in 1 and 2 DDP processes (ε = 0.3, test split)")
+    rows = []
+    for name in args.only:
+        run_dir = out / name.replace(" ", "_").replace(",", "")
+        metrics, provenance = train_run(run_dir, [*RUNS[name], *extra])
+        if not metrics:
+            print(f"{name} is not finished: no table written")
+            return
+        record.add_run(name, run_dir=str(run_dir), **provenance)
+        record.add_config(name, read_hydra_config(run_dir))
+        images = json.loads((run_dir / "adversarial" / "test_records.json").read_text())["images"]
+        share = lambda test: 100.0 * sum(map(test, images)) / len(images)  # noqa: E731
+        rows.append({"name": name, "images": len(images), "clean": share(lambda r: r["clean"]),
+                     "pgd": share(lambda r: r["eps0.3/pgd"]),
+                     "apgd_both": share(lambda r: r["eps0.3/apgd-ce"] and r["eps0.3/apgd-t"]),
+                     "robust": share(lambda r: r["eps0.3/robust"]), "minutes": provenance.get("seconds", 0) / 60})
+    path = record.write(out, COLUMNS, rows)
+    from render_results import render_table
+    print(render_table(json.loads(path.read_text())))
+    print(f"record: {path}")
+
+
+if __name__ == "__main__":
+    main()
