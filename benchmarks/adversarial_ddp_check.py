@@ -5,8 +5,9 @@ the measure of run-to-run noise; each model evaluated by ``AdversarialEvaluation
 ε = 0.3 (PGD-20, APGD-CE, APGD-T on APGD-CE's survivors).
 
 Under DDP the global batch is 2 × ``data.batch_size`` and an epoch has half the steps, as Lightning runs any
-multi-process fit; the check is that the 2-process model is as robust as the 1-process ones, within the spread of
-the two seeds. Written to ``<out>/adversarial_ddp.json`` (``benchmarks/records.py``); extra arguments are Hydra
+multi-process fit; the last run halves the per-rank batch (64) so that both the global batch (128) and the number
+of optimiser steps equal the 1-process run's. The check is that the 2-process model is as robust as the 1-process
+ones, within the spread of the two seeds. Written to ``<out>/adversarial_ddp.json`` (``benchmarks/records.py``); extra arguments are Hydra
 overrides for every run.
 
     OMP_NUM_THREADS=1 python benchmarks/adversarial_ddp_check.py --out outputs/adversarial_ddp
@@ -27,7 +28,8 @@ EVALUATION = ["experiment=adv_train_digits", *RECIPE, "callbacks.adversarial_eva
               "callbacks.adversarial_evaluation.num_images=null", "callbacks.adversarial_evaluation.masking_eps=null"]
 RUNS = {"1 process, seed 0": [*EVALUATION, "seed=0"],
         "2 processes, seed 0": [*EVALUATION, "seed=0", "trainer=ddp_cpu"],
-        "1 process, seed 1": [*EVALUATION, "seed=1"]}
+        "1 process, seed 1": [*EVALUATION, "seed=1"],
+        "2 processes, seed 0, 64 per rank": [*EVALUATION, "seed=0", "trainer=ddp_cpu", "data.batch_size=64"]}
 COLUMNS = [("run", "{name}"), ("test images", "{images}"), ("clean (%)", "{clean:.1f}"), ("PGD-20 (%)", "{pgd:.1f}"),
            ("APGD-CE+T (%)", "{apgd_both:.1f}"), ("all three (%)", "{robust:.1f}"), ("minutes", "{minutes:.1f}")]
 
