@@ -8,7 +8,6 @@ import lightning as L
 import pytest
 import torch
 from sklearn.linear_model import Ridge
-from torch.utils.data import DataLoader
 
 from lit_robust.ablations import keep_masks, region_masks
 from lit_robust.cache import save_atomic
