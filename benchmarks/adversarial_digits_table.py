@@ -28,7 +28,7 @@ from lit_robust.callbacks.metrics_file import update_metrics_file  # noqa: E402
 EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.6)
 # the standard model: digits_classifier's recipe on the adversarially trained models' net, evaluated the same way
 RUNS = {"standard": ["experiment=digits_classifier", "callbacks=adversarial",
-                     "model.backbone_kwargs={widths:[8,16,32]}",
+                     "model.backbone_kwargs={widths:[16,32,64]}",
                      "callbacks.adversarial_evaluation.epsilons=[0.1,0.2,0.3,0.4,0.6]",
                      "callbacks.adversarial_evaluation.masking_eps=0.6",
                      "callbacks.adversarial_evaluation.num_images=200",
