@@ -1,14 +1,14 @@
-"""Adversarial training under DDP (issue #32): ``adv_train_digits`` (PGD-AT, ℓ∞ ε = 0.3; its first recipe, 8-16-32
-channels, 5 attack steps, 10 epochs, pinned below) trained in one process and in two gloo processes
-(``trainer=ddp_cpu``, each rank attacking its own batch) with the same seed, beside a second seed in one process as
-the measure of run-to-run noise; each model evaluated by ``AdversarialEvaluation`` on all 1,000 test images at
-ε = 0.3 (PGD-20, APGD-CE, APGD-T on APGD-CE's survivors).
+"""Adversarial training under DDP (issue #32): ``adv_train_digits`` (PGD-AT, ℓ∞ ε = 0.3) in its first recipe
+(``records.first_adversarial_recipe``: 8-16-32 channels, 5 attack steps, 10 epochs, batches of 128) trained in one
+process and in two gloo processes (``trainer=ddp_cpu``, each rank attacking its own batch) with the same seed,
+beside a second seed in one process as the measure of run-to-run noise; each model evaluated by
+``AdversarialEvaluation`` on all 1,000 test images at ε = 0.3 (PGD-20, APGD-CE, APGD-T on APGD-CE's survivors).
 
 Under DDP the global batch is 2 × ``data.batch_size`` and an epoch has half the steps, as Lightning runs any
 multi-process fit; the last run halves the per-rank batch (64) so that both the global batch (128) and the number
 of optimiser steps equal the 1-process run's. The check is that the 2-process model is as robust as the 1-process
-ones, within the spread of the two seeds. Written to ``<out>/adversarial_ddp.json`` (``benchmarks/records.py``); extra arguments are Hydra
-overrides for every run.
+ones, within the spread of the two seeds. Written to ``<out>/adversarial_ddp.json`` (``benchmarks/records.py``);
+extra arguments are Hydra overrides for every run.
 
     OMP_NUM_THREADS=1 python benchmarks/adversarial_ddp_check.py --out outputs/adversarial_ddp
 """
@@ -19,17 +19,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
+from records import (TableRecord, first_adversarial_recipe, read_hydra_config, table_arguments,  # noqa: E402
+                     train_run)
 
-# the recipe of the tenth session's table, pinned (a cheap one; the check is about DDP, not the recipe)
-RECIPE = ["model.backbone_kwargs={widths:[8,16,32]}", "model.attack_steps=5", "model.eps_warmup_epochs=2",
-          "model.lr=2e-3", "trainer.max_epochs=10"]
-EVALUATION = ["experiment=adv_train_digits", *RECIPE, "callbacks.adversarial_evaluation.epsilons=[0.3]",
+EVALUATION = ["experiment=adv_train_digits", "callbacks.adversarial_evaluation.epsilons=[0.3]",
               "callbacks.adversarial_evaluation.num_images=null", "callbacks.adversarial_evaluation.masking_eps=null"]
-RUNS = {"1 process, seed 0": [*EVALUATION, "seed=0"],
-        "2 processes, seed 0": [*EVALUATION, "seed=0", "trainer=ddp_cpu"],
-        "1 process, seed 1": [*EVALUATION, "seed=1"],
-        "2 processes, seed 0, 64 per rank": [*EVALUATION, "seed=0", "trainer=ddp_cpu", "data.batch_size=64"]}
+# the first recipe, pinned (a cheap one; the check is about DDP, not the recipe)
+RUNS = {"1 process, seed 0": [*EVALUATION, *first_adversarial_recipe(), "seed=0"],
+        "2 processes, seed 0": [*EVALUATION, *first_adversarial_recipe(), "seed=0", "trainer=ddp_cpu"],
+        "1 process, seed 1": [*EVALUATION, *first_adversarial_recipe(), "seed=1"],
+        "2 processes, seed 0, 64 per rank": [*EVALUATION, *first_adversarial_recipe(64), "seed=0", "trainer=ddp_cpu"]}
 COLUMNS = [("run", "{name}"), ("test images", "{images}"), ("clean (%)", "{clean:.1f}"), ("PGD-20 (%)", "{pgd:.1f}"),
            ("APGD-CE+T (%)", "{apgd_both:.1f}"), ("all three (%)", "{robust:.1f}"), ("minutes", "{minutes:.1f}")]
 

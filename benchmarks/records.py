@@ -131,6 +131,15 @@ def running_elsewhere(run_dir: Path) -> bool:
     return True
 
 
+def first_adversarial_recipe(batch_size: int = 128) -> list[str]:
+    """Overrides that give ``adv_train_digits`` its first recipe (8-16-32 channels, 5 attack steps, ε warmed up over
+    2 of 10 epochs, the best clean-validation checkpoint), from before it was retuned for issue 32: the tables made
+    with it (robust transfer, the DDP check) stay reproducible."""
+    return ["model.backbone_kwargs={widths:[8,16,32]}", "model.attack_steps=5", "model.eps_warmup_epochs=2",
+            "model.lr=2e-3", f"data.batch_size={batch_size}", "trainer.max_epochs=10",
+            "callbacks.model_checkpoint.monitor=val/acc"]
+
+
 def train_run(run_dir: Path, overrides: list[str], done_key: str = "test/acc",
               script: str = "train.py") -> tuple[dict, dict]:
     """``train.py <overrides>`` (or ``evaluate.py``) into ``run_dir`` unless a finished run (``done_key`` in its

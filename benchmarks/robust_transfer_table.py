@@ -1,10 +1,10 @@
 """Robust-feature transfer on embedded data (thesis 001 ch. 2, Figs. 2.2–2.3; issue #32): does a source model
 trained adversarially transfer better than a standard one?
 
-Sources: the small CNN of ``adv_train_digits`` in its earlier recipe (8-16-32 channels, 5 training PGD steps, ε
-warmed up over 2 of 10 epochs, batches of 128, best clean-val checkpoint; passed explicitly as ``OLD_ADV_RECIPE``
-since that experiment was retuned for issue 32, so these runs and their record are unchanged) on the MNIST digits, trained standard
-(ε = 0: the same network and schedule without the attack) and with PGD-AT at ℓ∞ ε ∈ ``--eps``; the robust ones
+Sources: the small CNN of ``adv_train_digits`` in its first recipe (``records.first_adversarial_recipe``: 8-16-32
+channels, 5 training PGD steps, ε warmed up over 2 of 10 epochs, batches of 128, best clean-val checkpoint; pinned
+since that experiment was retuned for issue 32, so these runs and their record are unchanged) on the MNIST digits,
+trained standard (ε = 0: the same network and schedule without the attack) and with PGD-AT at ℓ∞ ε ∈ ``--eps``; the robust ones
 report PGD-20 accuracy at their own ε (200 test images). Target: ``robust_transfer_digits`` — scikit-learn's 8×8
 digits at 28×28, a linear head on the frozen features and the whole network fine-tuned. Every (ε, seed) trains its
 own source; rows give mean ± std over ``--seeds``. Runs land in ``<out>/source_eps<ε>_seed<s>/`` and
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import ROOT, TableRecord, read_hydra_config, train_run  # noqa: E402
+from records import ROOT, TableRecord, first_adversarial_recipe, read_hydra_config, train_run  # noqa: E402
 
 MODES = ("linear", "finetune")
 # ε = 0: adv_train_digits' network, optimiser and schedule without the attack
@@ -30,9 +30,6 @@ STANDARD = ["experiment=digits_classifier", "model.backbone_kwargs={widths:[8,16
             "trainer.max_epochs=10", "trainer.precision=32-true"]
 # adv_train_digits' recipe before issue 32's retuning (16-32-64, 10 steps, 15 epochs, batches of 32, last epoch), so
 # that these sources, and docs/records/robust_transfer_digits.json, stay as they were measured
-OLD_ADV_RECIPE = ["model.backbone_kwargs={widths:[8,16,32]}", "model.attack_steps=5", "model.eps_warmup_epochs=2",
-                  "model.lr=2e-3", "data.batch_size=128", "trainer.max_epochs=10",
-                  "callbacks.model_checkpoint.monitor=val/acc"]
 COLUMNS = [("source ε (ℓ∞)", "{eps:g}"), ("source clean (%)", "{source_acc_mean:.1f} ± {source_acc_std:.1f}"),
            ("source PGD-20 at ε (%)", "{source_pgd}"),
            ("fixed-feature transfer (%)", "{linear_mean:.1f} ± {linear_std:.1f}"),
@@ -42,7 +39,8 @@ COLUMNS = [("source ε (ℓ∞)", "{eps:g}"), ("source clean (%)", "{source_acc_
 def source_overrides(eps: float) -> list[str]:
     if eps == 0:
         return STANDARD
-    return ["experiment=adv_train_digits", *OLD_ADV_RECIPE, f"model.eps={eps}", f"callbacks.adversarial_evaluation.epsilons=[{eps}]",
+    return ["experiment=adv_train_digits", *first_adversarial_recipe(), f"model.eps={eps}",
+            f"callbacks.adversarial_evaluation.epsilons=[{eps}]",
             "callbacks.adversarial_evaluation.attacks=[pgd]", "callbacks.adversarial_evaluation.masking_eps=null"]
 
 
