@@ -98,3 +98,33 @@ def test_evaluation_takes_the_checkpoints_model_hyperparameters_unless_given(tmp
     cfg.ckpt_path = str(tmp_path / "missing.ckpt")
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         adopt_checkpoint_hparams(cfg, [])
+
+
+def test_last_checkpoint_holds_the_final_epoch_when_validation_stopped_improving(tmp_path):
+    """The default callbacks on a fit whose val/acc is best at epoch 0 and falls after: best.ckpt stays at epoch 0,
+    last.ckpt (what a resume reads) is the final epoch's. Lightning's own ``save_last`` left it at epoch 0."""
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/acc", 1.0 / (1 + self.current_epoch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cfg = compose_train(f"output_dir={tmp_path}")
+    callbacks = [c for c in instantiate_group(cfg.callbacks) if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)]
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 2)), batch_size=4)
+    L.Trainer(max_epochs=3, callbacks=callbacks, logger=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(Module(), data, data)
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert best["epoch"] == 0 and last["epoch"] == 2 and last["global_step"] == 6
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
