@@ -138,15 +138,16 @@ class MissingnessReport(SplitEvaluation):
             tables[name] = table
         return tables
 
-    def _lime(self, logits: dict, unit_model: Callable, x: torch.Tensor, regions: torch.Tensor,
-              counts: list[int], others: dict[str, torch.Tensor], rows: torch.Tensor,
+    def _lime(self, logits: dict, unit_model: Callable, x: torch.Tensor, predicted: torch.Tensor,
+              regions: torch.Tensor, counts: list[int], others: dict[str, torch.Tensor], rows: torch.Tensor,
               generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """LIME of one batch: the own explanation per mode (n, modes, R), black-out explanations under the eight
-        baseline colours (n, 8, R; with ``lime_consistency``) and the predictions of the top-k ablation test with
-        the own, a random (scores from ``generator``) and the other explanations (n, modes, sources, fractions)."""
+        """LIME of one batch, explaining each mode's whole-image prediction ``predicted`` (n, modes): the own
+        explanation per mode (n, modes, R), black-out explanations under the eight baseline colours (n, 8, R; with
+        ``lime_consistency``) and the predictions of the top-k ablation test with the own, a random (scores from
+        ``generator``) and the other explanations (n, modes, sources, fractions)."""
         presence = random_presence(self.lime_samples, len(regions),
                                    torch.Generator().manual_seed(self.seed)).to(x.device)  # shared by all images
-        target = {mode: logits[mode](x, torch.ones_like(x[:, 0])).argmax(-1) for mode in self.modes}
+        target = {mode: predicted[:, m] for m, mode in enumerate(self.modes)}
         out = {}
         if self.lime_consistency:  # the first baseline colour is black: the black-out mode's own explanation
             out["colour_lime"] = torch.stack([
@@ -156,15 +157,15 @@ class MissingnessReport(SplitEvaluation):
                            lime_scores(logits[mode], x, regions, presence, target[mode]) for mode in self.modes], 1)
         out["lime"] = own
         random = torch.rand(own[:, 0].shape, generator=generator).to(x.device)
+        given = [table[rows] for table in others.values()]
+        if any(bool(e.isnan().any()) for e in given):
+            raise ValueError("MissingnessReport lime_explanations miss some images of this split: make them on the "
+                             "same split")
         topk = []
         for m, mode in enumerate(self.modes):
-            explanations = [own[:, m], random, *(table[rows] for table in others.values())]
-            if any(bool(e.isnan().any()) for e in explanations):
-                raise ValueError("MissingnessReport lime_explanations miss some images of this split: make them "
-                                 "on the same split")
             topk.append(torch.stack([removal_predictions(
                 logits[mode], x, keep_masks(removal_order(e, "most_salient"), counts, regions))
-                for e in explanations], 1))
+                for e in [own[:, m], random, *given]], 1))
         out["topk"] = torch.stack(topk, 1)
         return out
 
@@ -190,8 +191,10 @@ class MissingnessReport(SplitEvaluation):
                         "predictions": torch.stack([torch.stack(row, 1) for row in table], 1)}
                 explained = rows.to(device) < (self.lime_images or len(dataset))
                 if self.lime_samples and explained.any():
+                    predicted = part["predictions"][explained][:, :, 0, 0]  # nothing removed: the whole image
                     part.update(lime_indices=rows.to(device)[explained], **self._lime(
-                        logits, unit_model, x[explained], regions, counts, others, rows.to(device)[explained],
+                        logits, unit_model, x[explained], predicted, regions, counts, others,
+                        rows.to(device)[explained],
                         torch.Generator().manual_seed(self.seed * 10**6 + 500_000 + int(rows[0]) // self.batch_size)))
             parts.append(part)
         empty = self._empty_outputs(len(regions), len(others), device)  # an empty shard still takes part in gathers
