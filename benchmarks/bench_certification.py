@@ -107,16 +107,13 @@ def floor_case(model, count: int, size: int, bf16: bool):
     """A timing case: only the ViT blocks and head on the exact kept-token sequences of ``count`` images (random
     tokens, passes of the model's pass size) — what any token-dropping certifier must compute, so ART's time over
     this one bounds how far ahead of ART an implementation can get."""
-    from lit_robust.ablations import group_by_token_count, tokens_touched
     from lit_robust.smoothed_vit import logits_of_kept_tokens
 
     vit, device = model.net, model.device
-    masks = model.certification_masks((size, size))
-    touched = tokens_touched(model._resize(masks[:, None])[:, 0], vit.patch_embed.proj.kernel_size[0])
     pass_size = stacked_pass_size(device, model.hparams.max_batch)
     passes = []
-    for group in group_by_token_count(touched):
-        rows = torch.nonzero(touched[group])[:, 1].view(len(group), -1).repeat(count, 1)
+    for _, kept in model.kept_token_groups(model.certification_masks((size, size))):
+        rows = kept.repeat(count, 1)
         for first in range(0, len(rows), pass_size):
             index = rows[first:first + pass_size]
             passes.append((torch.randn(*index.shape, vit.embed_dim, device=device), index))

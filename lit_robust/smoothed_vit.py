@@ -185,6 +185,16 @@ class SmoothedViT(ImageClassifier):
         inputs = torch.cat([self._normalise(inputs[:, :channels]), inputs[:, channels:]], dim=1)
         return self.net(self._resize(inputs))
 
+    def kept_token_groups(self, masks: torch.Tensor, token_dropping: bool = True
+                          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The ablations (A, H, W) grouped by how many ViT tokens they keep: (positions (g,), kept token indices
+        (g, k)) per group, so each group runs as one dense tensor; without token dropping, one group keeping all."""
+        touched = tokens_touched(self._resize(masks[:, None])[:, 0], self.net.patch_embed.proj.kernel_size[0])
+        if not token_dropping:
+            touched = torch.ones_like(touched)
+        return [(group, torch.nonzero(touched[group])[:, 1].view(len(group), -1))
+                for group in group_by_token_count(touched)]
+
     def ablated_logits(self, images: torch.Tensor, masks: torch.Tensor,
                        token_dropping: bool | None = None) -> torch.Tensor:
         """Base-classifier logits (N, A, K) for every image (N, C, H, W) in [0, 1] under every mask (A, H, W).
@@ -195,19 +205,14 @@ class SmoothedViT(ImageClassifier):
         masks = masks.to(images.device, images.dtype)
         n, a = images.shape[0], masks.shape[0]
         if self.is_vit:
-            patch = self.net.patch_embed.proj.kernel_size[0]
-            touched = tokens_touched(self._resize(masks[:, None])[:, 0], patch)
-            if not token_dropping:
-                touched = torch.ones_like(touched)
-            groups = group_by_token_count(touched)
+            groups = self.kept_token_groups(masks, token_dropping)
         else:
             if token_dropping:
                 raise ValueError("token dropping needs a ViT backbone: set token_dropping=false for a CNN")
-            groups = [torch.arange(a, device=masks.device)]
+            groups = [(torch.arange(a, device=masks.device), None)]
         max_batch = stacked_pass_size(images.device, self.hparams.max_batch)
         outputs = images.new_empty(n, a, self.hparams.num_classes)
-        for group in groups:
-            index = torch.nonzero(touched[group])[:, 1].view(len(group), -1) if self.is_vit else None
+        for group, index in groups:
             for first in range(0, len(group), max_batch):
                 positions = group[first:first + max_batch]
                 step = max(1, max_batch // len(positions))
