@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lit_robust.adversarial import AdversarialClassifier, trades_kl, trades_loss, warmed_up_eps
@@ -192,3 +193,51 @@ def test_two_gloo_ranks_give_the_single_process_numbers(tmp_path):
         assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) == single
     records = [json.loads((tmp_path / d / "test_records.json").read_text())["images"] for d in ("one", "ddp")]
     assert records[0] == records[1]
+
+
+class TrainValData(L.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        self.train_dataset = TensorImageDataset(*tiny_batch(64, seed=3))
+        self.val_dataset = TensorImageDataset(*tiny_batch(40, seed=4))
+
+    def train_dataloader(self):
+        return DataLoader(self.train_dataset, batch_size=16)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_dataset, batch_size=16)
+
+
+class RecordRobustVal(L.Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.values.append(trainer.callback_metrics["adv/val/eps0.1/pgd"].item())
+
+
+def test_robust_validation_chooses_the_checkpoint_during_fit(tmp_path):
+    """The CIFAR-10 configs' early stopping (Rice et al. 2020): ``AdversarialEvaluation(splits=[val])`` attacks the
+    validation split after every validation epoch of ``fit`` and logs ``adv/val/eps<ε>/pgd`` in time for
+    ``ModelCheckpoint`` to keep the epoch where it is highest; the last epoch's value equals PGD run directly on the
+    final weights (a callback attacking another split, other images or with other seeds differs)."""
+    torch.manual_seed(0)
+    model = AdversarialClassifier(method="pgd", eps=0.1, attack_steps=2, lr=5e-2, **TINY)
+    robust = AdversarialEvaluation(epsilons=[0.1], attacks=["pgd"], pgd_steps=3, batch_size=16, splits=["val"],
+                                   output_dir=str(tmp_path / "adversarial"))
+    recorder = RecordRobustVal()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="best-{epoch}", monitor="adv/val/eps0.1/pgd", mode="max")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[robust, recorder, checkpoint])
+    trainer.fit(model, datamodule=TrainValData())
+    assert len(recorder.values) == 4 and len(set(recorder.values)) > 1
+    best = max(range(4), key=recorder.values.__getitem__)
+    assert checkpoint.best_model_score.item() == pytest.approx(recorder.values[best])
+    assert checkpoint.best_model_path.endswith(f"best-epoch={best}.ckpt")
+    val = TrainValData().val_dataset
+    model.eval()
+    direct_pgd = torch.cat([robust_correct(model, val.images[s:s + 16], val.targets[s:s + 16], 0.1, attacks=("pgd",),
+                                           pgd_steps=3, generator=torch.Generator().manual_seed(b))["pgd"]
+                            for b, s in enumerate(range(0, 40, 16))])
+    assert recorder.values[-1] == pytest.approx(direct_pgd.float().mean().item())
