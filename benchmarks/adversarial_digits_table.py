@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
-from timing import interleaved, print_table  # noqa: E402
 
 from lit_robust.callbacks.metrics_file import update_metrics_file  # noqa: E402
 
@@ -81,23 +80,10 @@ def step_cost(config: dict, batch_size: int = 128, repeats: int = 5) -> dict:
     import hydra
     import torch
 
-    from lit_robust.classifier import ImageClassifier
+    from adversarial_cost import step_timings
 
     model = hydra.utils.instantiate(config["model"], _convert_="all").train()
-    optimizer = torch.optim.AdamW(model.parameters())
-    x, y = torch.rand(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
-
-    def step(loss_of) -> None:
-        loss, _ = loss_of(model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    timings = interleaved({"standard step": lambda: step(ImageClassifier.training_loss),
-                           "PGD-AT step": lambda: step(type(model).training_loss)}, repeats=repeats)
-    table = print_table(timings, reference="standard step", work=batch_size, unit="images")
-    ratio = timings["PGD-AT step"].best / timings["standard step"].best
-    return {"ratio": ratio, "attack_steps": config["model"]["attack_steps"], "timings": table}
+    return step_timings(model, torch.rand(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,)), repeats)
 
 
 def main() -> None:

@@ -8,7 +8,8 @@
     ``.venv-art``, see ``bench_certification.py``); (b) ``EBMPurification``'s work loop vs a bare Langevin loop on the
     shipped digits EBM; (c) PureEBM on 50,000 random CIFAR-sized images (3 × 32 × 32), 150 steps, an EBM with
     ``in_chans=3, img_size=32`` (random weights); (d) the purified set of 2 DDP processes vs 1, when 2 GPUs are
-    present. The report holds the machine, every number, and the issue's targets with pass/fail (null where a part did
+    present; (e) the cost of a PGD-AT and a TRADES training step against a standard step of ``adv_train_cifar10``'s
+    PreAct ResNet-18 on a CIFAR-10 batch of 128, in bf16 autocast and fp32 (``adversarial_cost.py``). The report holds the machine, every number, and the issue's targets with pass/fail (null where a part did
     not run, and always in ``--tiny`` mode, whose numbers measure nothing). Without a GPU (and without
     ``--device cpu``) it says so and exits 0.
 """
@@ -32,13 +33,15 @@ NO_GPU = ("gpu_check needs a CUDA GPU and found none; nothing measured (--device
 SIZES = {
     False: {"vit": "vit_small_patch16_224", "cert_images": 256, "repeats": 2, "purify_images": 2000,
             "purify_steps": 150, "purify_chunk": 500, "cifar_images": 50_000, "cifar_steps": 150,
-            "cifar_chunk": 2500, "ddp_images": 1000, "ddp_steps": 20},
+            "cifar_chunk": 2500, "ddp_images": 1000, "ddp_steps": 20, "adv_batch": 128, "adv_backbone":
+            "preact_resnet18_cifar"},
     True: {"vit": "vit_tiny_patch16_224", "cert_images": 1, "repeats": 1, "purify_images": 16,
            "purify_steps": 2, "purify_chunk": 8, "cifar_images": 16, "cifar_steps": 2, "cifar_chunk": 8,
-           "ddp_images": 16, "ddp_steps": 2},
+           "ddp_images": 16, "ddp_steps": 2, "adv_batch": 4, "adv_backbone": "small_cnn"},
 }
 # Issue #30's targets.
 CERT_SPEEDUP, CIFAR_SECONDS, CALLBACK_RATIO = 5.0, 40.0, 0.95
+ADV_STEP_SLACK = 1.3   # issue #32: an adversarial step costs <= (attack steps + 1.3) standard steps
 
 
 def machine(device: str) -> dict:
@@ -85,7 +88,7 @@ def purification(device: str, size: dict, work: Path) -> dict:
     ebm = EBM.pretrained("digits").to(device).eval()
     steps, chunk = size["purify_steps"], size["purify_chunk"]
     timings = interleaved({"bare": bare_case(ebm, images, steps, chunk, device),
-                           "callback": callback_case(images, steps, chunk, device, str(work))},
+                           "callback": callback_case(ebm, images, steps, chunk, device, str(work))},
                           repeats=size["repeats"], warmup=1)
     bare, ours = timings["bare"].best, timings["callback"].best
     return {"images": len(images), "steps": steps, "chunk": chunk, "bare_loop_images_per_s": len(images) / bare,
@@ -136,10 +139,31 @@ def ddp_equality(device: str, size: dict, work: Path) -> dict:
             "images_per_s_1_process": len(images) / seconds, "images_per_s_2_processes": rate}
 
 
+def adversarial_steps(device: str, size: dict, work: Path) -> dict:
+    """(e): PGD-AT and TRADES steps over a standard step, CIFAR-10's attack (ε 8/255, 10 steps of 2/255), bf16 on
+    CUDA and fp32."""
+    from adversarial_cost import step_timings
+    from lit_robust import AdversarialClassifier
+
+    torch.manual_seed(0)
+    x = torch.rand(size["adv_batch"], 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (size["adv_batch"],), device=device)
+    result = {"backbone": size["adv_backbone"], "batch": size["adv_batch"]}
+    for method in ("pgd", "trades"):
+        model = AdversarialClassifier(method=method, backbone=size["adv_backbone"], in_chans=3, eps=8 / 255,
+                                      attack_steps=10, attack_step_size=2 / 255).to(device).train()
+        for bf16 in ((True, False) if device == "cuda" else (False,)):
+            cost = step_timings(model, x, y, repeats=size["repeats"], bf16=bf16)
+            result[f"{method}_over_standard_{'bf16' if bf16 else 'fp32'}"] = cost["ratio"]
+            result[f"{method}_{'bf16' if bf16 else 'fp32'}_timings"] = cost["timings"]
+    return result
+
+
 def targets(report: dict, tiny: bool) -> list[dict]:
     """The issue's targets with pass/fail (None where unmeasured or at toy sizes)."""
-    cert, purify, cifar, ddp = (report[k] for k in ("certification", "purification", "cifar_purification", "ddp"))
-    art = cert["art_token_dropping_fp32_images_per_s"]
+    cert, purify, cifar, ddp, adv = (report[k] for k in ("certification", "purification", "cifar_purification", "ddp",
+                                                          "adversarial_steps"))
+    art = cert.get("art_token_dropping_fp32_images_per_s")
     rows = [("certification bf16 token dropping >= 5x ART's token-dropping throughput",
              cert["ours_token_dropping_bf16_images_per_s"] / art if art else None, lambda v: v >= CERT_SPEEDUP),
             ("50,000 CIFAR images x 150 steps <= 40 s on an H100-class GPU", cifar["seconds"],
@@ -147,6 +171,10 @@ def targets(report: dict, tiny: bool) -> list[dict]:
             ("EBMPurification work loop >= 0.95x the bare Langevin loop", purify["callback_over_bare"],
              lambda v: v >= CALLBACK_RATIO),
             ("2 DDP processes give the 1-process purified set", ddp.get("identical"), bool)]
+    for method in ("pgd", "trades"):
+        ratio = adv.get(f"{method}_over_standard_bf16", adv.get(f"{method}_over_standard_fp32"))
+        rows.append((f"{method} training step <= {10 + ADV_STEP_SLACK:g} standard steps (10 attack steps)", ratio,
+                     lambda v: v <= 10 + ADV_STEP_SLACK))
     return [{"target": name, "value": value, "pass": None if tiny or value is None else bool(check(value))}
             for name, value, check in rows]
 
@@ -168,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": machine(device), "tiny": args.tiny}
     with tempfile.TemporaryDirectory() as tmp:
         for name, part in (("certification", certification), ("purification", purification),
-                           ("cifar_purification", cifar_purification), ("ddp", ddp_equality)):
+                           ("cifar_purification", cifar_purification), ("ddp", ddp_equality),
+                           ("adversarial_steps", adversarial_steps)):
             print(f"gpu_check: {name} ...", flush=True)
             started = time.perf_counter()
             report[name] = {**part(device, size, Path(tmp)), "wall_seconds": time.perf_counter() - started}

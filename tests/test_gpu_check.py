@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 
-SECTIONS = {"machine", "tiny", "certification", "purification", "cifar_purification", "ddp", "targets"}
+SECTIONS = {"machine", "tiny", "certification", "purification", "cifar_purification", "ddp", "adversarial_steps", "targets"}
 
 
 def gpu_check(*args: str) -> subprocess.CompletedProcess:
@@ -36,4 +36,5 @@ def test_tiny_cpu_mode_runs_every_part_and_writes_every_section(tmp_path):
     assert report["certification"]["ours_token_dropping_fp32_images_per_s"] > 0
     assert report["purification"]["callback_over_bare"] > 0 and report["cifar_purification"]["seconds"] > 0
     assert report["ddp"]["status"] == "ran" and report["ddp"]["identical"]  # 2 gloo processes = 1 process
-    assert len(report["targets"]) == 4 and all(row["pass"] is None for row in report["targets"])  # toy sizes
+    assert report["adversarial_steps"]["pgd_over_standard_fp32"] > 1 < report["adversarial_steps"]["trades_over_standard_fp32"]
+    assert len(report["targets"]) == 6 and all(row["pass"] is None for row in report["targets"])  # toy sizes
