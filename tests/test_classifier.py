@@ -83,6 +83,14 @@ def test_unknown_backbone_is_named():
         create_backbone("not_a_net")
 
 
+def test_small_cnn_takes_a_smooth_activation_by_timm_name():
+    net = create_backbone("small_cnn", num_classes=10, in_chans=1, widths=(4, 8), act_layer="silu")
+    kinds = [type(m) for m in net.modules()]
+    assert kinds.count(torch.nn.SiLU) == 4 and torch.nn.ReLU not in kinds  # two per block, none left as ReLU
+    with pytest.raises(ValueError, match="act_layer 'softplus'.*silu"):
+        create_backbone("small_cnn", act_layer="softplus")
+
+
 def test_nan_loss_stops_with_a_clear_error():
     images = torch.full((8, 1, 8, 8), float("nan"))
     dm = ImageDataModule(batch_size=8)
