@@ -30,7 +30,7 @@ RUNS = {"standard": ["experiment=digits_classifier", "callbacks=adversarial",
                      "model.backbone_kwargs={widths:[16,32,64]}",
                      "callbacks.adversarial_evaluation.epsilons=[0.1,0.2,0.3,0.4,0.6]",
                      "callbacks.adversarial_evaluation.masking_eps=0.6",
-                     "callbacks.adversarial_evaluation.num_images=200",
+                     "callbacks.adversarial_evaluation.num_images=null",
                      "callbacks.adversarial_evaluation.apgd_steps=25",
                      "callbacks.adversarial_evaluation.num_targets=3"],
         "pgd_at": ["experiment=adv_train_digits"], "trades": ["experiment=trades_digits"]}

@@ -40,7 +40,7 @@ def source_overrides(eps: float) -> list[str]:
     if eps == 0:
         return STANDARD
     return ["experiment=adv_train_digits", *first_adversarial_recipe(), f"model.eps={eps}",
-            f"callbacks.adversarial_evaluation.epsilons=[{eps}]",
+            f"callbacks.adversarial_evaluation.epsilons=[{eps}]", "callbacks.adversarial_evaluation.num_images=200",
             "callbacks.adversarial_evaluation.attacks=[pgd]", "callbacks.adversarial_evaluation.masking_eps=null"]
 
 
