@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import timm
 import torch
-from timm.layers import get_act_layer
+from timm.layers import create_act_layer, get_act_layer
 from torch import nn
 
 from lit_robust.serialization import load_plain
@@ -35,8 +35,10 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         channels = in_chans
         for width in widths:
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), activation(),
-                       nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), activation(),
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       create_act_layer(activation, inplace=True),
+                       nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                       create_act_layer(activation, inplace=True),
                        nn.MaxPool2d(2, ceil_mode=True)]
             channels = width
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
