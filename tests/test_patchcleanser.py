@@ -37,6 +37,20 @@ def test_mask_geometry_follows_the_paper():
     assert mask_positions(32, 32, 6) == (32, [0])
     with pytest.raises(ValueError, match="1 ≤ m ≤ 32"):
         mask_positions(32, 33, 6)
+    assert mask_positions(10, 3, 1) == (10, [0])          # k = 1: one mask over the whole side
+    with pytest.raises(ValueError, match="k=0"):
+        mask_positions(10, 3, 0)
+
+
+def test_each_mask_hides_exactly_its_band_product():
+    """Mask (a, b) of the k×k grid hides rows [s_a, s_a + w) × columns [s_b, s_b + w) and keeps the rest (a mask one
+    pixel wider still covers every patch, so the covering test alone does not pin the width)."""
+    width, starts = mask_positions(16, 3, 3)
+    masks = mask_set((16, 16), 3, 3)
+    for index, (top, left) in enumerate((t, l) for t in starts for l in starts):
+        hidden = torch.zeros(16, 16)
+        hidden[top:top + width, left:left + width] = 1
+        assert torch.equal(masks[index], 1 - hidden), (top, left)
 
 
 def table_of(first: list[int], rows: dict[int, list[int]] | None = None) -> torch.Tensor:
@@ -87,6 +101,33 @@ def test_batched_table_equals_a_loop_over_mask_pairs():
             for j in range(len(masks)):
                 expected = model(images * (masks[i] * masks[j])).argmax(-1)
                 assert torch.equal(table[:, i, j], expected), (i, j)
+
+
+def test_the_table_is_built_in_chunks_of_at_most_max_images_masked_images():
+    """``max_images`` bounds each forward pass (masked images = images × maskings per call), at least one masking per
+    call when the batch alone exceeds it; the chunking does not change the table."""
+    images, masks = torch.rand(4, 1, 8, 8), mask_set((8, 8), 2, 2)
+    sizes = []
+
+    def masked_logits(x, part):
+        sizes.append(len(x) * len(part))
+        return (x[:, None] * part[None, :, None]).flatten(2)[..., :10]
+
+    whole = masked_prediction_table(masked_logits, images, masks, max_images=4096)
+    for max_images, per_call in ((8, 8), (4, 4), (3, 4)):
+        sizes.clear()
+        assert torch.equal(masked_prediction_table(masked_logits, images, masks, max_images), whole)
+        assert max(sizes) == per_call and sum(sizes) == 4 * 10, max_images   # 10 distinct maskings of 4 masks
+    sizes.clear()
+    masked_prediction_table(masked_logits, images[:1], masks, max_images=3)
+    assert max(sizes) == 3
+
+
+def test_cases_are_decided_per_image_in_a_batch():
+    """An agreed image beside a disagreeing one keeps case I while its neighbour gets case II."""
+    agreed, confirmed = torch.full((1, 5, 5), 7), table_of([7, 5, 7, 2, 7], {3: [2] * 5, 1: [5] * 5})
+    predictions, cases = double_masking(torch.cat([agreed, confirmed]), 10)
+    assert predictions.tolist() == [7, 5] and cases.tolist() == [0, 1]
 
 
 def attacked_contents(model, image, label, masks, where, steps: int = 2) -> list[torch.Tensor]:
