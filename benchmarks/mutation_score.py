@@ -34,6 +34,8 @@ MODULES = {
     "langevin": ["tests/test_langevin.py"],
     "ood_scores": ["tests/test_ood_scores.py"],
     "lime": ["tests/test_lime.py"],
+    "attacks": ["tests/test_attacks.py"],
+    "patchcleanser": ["tests/test_patchcleanser.py"],
     "cache": ["tests/test_cache.py",
               "tests/test_bad_inputs.py::test_cache_entry_with_code_payload_and_matching_sha256"],
 }

@@ -165,9 +165,9 @@ def apgd_halve(improved: torch.Tensor, interval: int, step_unchanged: torch.Tens
 def apgd(loss_fn: LossFn, x: torch.Tensor, eps: float, steps: int = 100, norm: str = "linf", alpha: float = 0.75,
          rho: float = 0.75, generator: torch.Generator | None = None) -> torch.Tensor:
     """Auto-PGD (Croce & Hein 2020, Alg. 1): per-sample step η starting at 2ε, momentum ``alpha``
-    x(k+1) = P_S(x(k) + α(z(k+1) − x(k)) + (1 − α)(x(k) − x(k−1))) with z(k+1) = P_S(x(k) + η·d(∇f)), the step halved
-    at the checkpoints where progress stalled (:func:`apgd_halve`) and the search restarted from the best point.
-    Returns each sample's best point found (x_max)."""
+    x(k+1) = P_S(x(k) + α(z(k+1) − x(k)) + (1 − α)(x(k) − x(k−1))) with z(k+1) = P_S(x(k) + η·d(∇f)); at each
+    checkpoint w_j where progress stalled (:func:`apgd_halve` on the increases f(x(i+1)) > f(x(i)) for
+    i = w_{j−1} … w_j − 1) η halves and x(k+1) ← x_max. Returns each sample's best point found (x_max)."""
     check_norm(norm)
     n = len(x)
     step = torch.full((n,), 2.0 * eps, device=x.device)
@@ -176,7 +176,7 @@ def apgd(loss_fn: LossFn, x: torch.Tensor, eps: float, steps: int = 100, norm: s
     best, best_loss = previous.clone(), loss.clone()
     current = project(previous + _per_sample(step, x) * steepest_ascent(grad, norm), x, eps, norm)
     loss, grad = _loss_and_gradient(loss_fn, current)
-    improved = (loss > best_loss).float()
+    increases = (loss > best_loss).float()   # i = 0
     best, best_loss = keep_better(best, best_loss, current, loss)
     checkpoints = apgd_checkpoints(steps)
     last_checkpoint, step_then, best_then = 0, step.clone(), best_loss.clone()
@@ -185,19 +185,17 @@ def apgd(loss_fn: LossFn, x: torch.Tensor, eps: float, steps: int = 100, norm: s
         following = project(current + alpha * (z - current) + (1 - alpha) * (current - previous), x, eps, norm)
         previous, current, last_loss = current, following, loss
         loss, grad = _loss_and_gradient(loss_fn, current)
-        improved += (loss > last_loss).float()
         best, best_loss = keep_better(best, best_loss, current, loss)
         if k in checkpoints:
-            halve = apgd_halve(improved, k - last_checkpoint, step == step_then, best_loss == best_then, rho)
+            halve = apgd_halve(increases, k - last_checkpoint, step == step_then, best_loss == best_then, rho)
             step_then, best_then = step.clone(), best_loss.clone()
             step = torch.where(halve, step / 2, step)
-            mask = _per_sample(halve, x).bool()
-            current = torch.where(mask, best, current)
-            if halve.any():  # restarting from x_max: its gradient, and no momentum across the jump
+            current = torch.where(_per_sample(halve, x).bool(), best, current)
+            if halve.any():  # x(k+1) ← x_max, with its gradient; the momentum goes on from x(k)
                 loss, grad = _loss_and_gradient(loss_fn, current)
-                previous = torch.where(mask, current, previous)
-            improved.zero_()
+            increases.zero_()
             last_checkpoint = k
+        increases += (loss > last_loss).float()   # i = k: counted in the interval that starts at this checkpoint
     return best.detach()
 
 
@@ -270,24 +268,37 @@ def square_fraction(iteration: int, steps: int, p_init: float = 0.05) -> float:
     return p_init / 2 ** halvings
 
 
+def square_side(iteration: int, steps: int, p_init: float, height: int, width: int) -> int:
+    """The side of the square window at ``iteration``: √(p·h·w) pixels for the share p of :func:`square_fraction`,
+    at least 1 and at most h − 1 (Andriushchenko et al. 2020, Alg. 1)."""
+    return max(1, min(height - 1, round(math.sqrt(square_fraction(iteration, steps, p_init) * height * width))))
+
+
+def random_squares(n: int, height: int, width: int, side: int, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` boolean masks (n, h, w), each a ``side`` × ``side`` square at a uniformly drawn position inside the
+    image."""
+    top = torch.randint(0, height - side + 1, (n,), generator=generator).to(device)
+    left = torch.randint(0, width - side + 1, (n,), generator=generator).to(device)
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side)
+    in_cols = (cols[None] >= left[:, None]) & (cols[None] < left[:, None] + side)
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
 def square_linf(logits_fn: LogitsFn, x: torch.Tensor, labels: torch.Tensor, eps: float, steps: int = 1000,
                 p_init: float = 0.05, generator: torch.Generator | None = None) -> torch.Tensor:
     """Square attack (Andriushchenko et al. 2020, Alg. 1, ℓ∞): random search without gradients — start from vertical
     stripes of ±ε, then at each step redraw one random square window of ±ε per channel (side from
-    :func:`square_fraction`) and keep it per sample where :func:`margin_loss` rises. A model that resists gradient
+    :func:`square_side`) and keep it per sample where :func:`margin_loss` rises. A model that resists gradient
     attacks but not this one masks its gradients."""
     n, c, h, w = x.shape
     draw = lambda *shape: torch.randint(0, 2, shape, generator=generator).to(x.device) * 2 - 1  # noqa: E731
     with torch.no_grad():
         adv = (x + eps * draw(n, c, 1, w)).clamp(0.0, 1.0)
         best = margin_loss(logits_fn(adv), labels)
-        rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
         for i in range(steps):
-            side = max(1, min(h - 1, round(math.sqrt(square_fraction(i, steps, p_init) * h * w))))
-            top = torch.randint(0, h - side + 1, (n,), generator=generator).to(x.device)
-            left = torch.randint(0, w - side + 1, (n,), generator=generator).to(x.device)
-            window = (((rows[None] >= top[:, None]) & (rows[None] < top[:, None] + side))[:, :, None]
-                      & ((cols[None] >= left[:, None]) & (cols[None] < left[:, None] + side))[:, None, :])
+            window = random_squares(n, h, w, square_side(i, steps, p_init, h, w), generator, x.device)
             candidate = torch.where(window[:, None], (x + eps * draw(n, c, 1, 1)).clamp(0.0, 1.0), adv)
             adv, best = keep_better(adv, best, candidate, margin_loss(logits_fn(candidate), labels))
     return adv
