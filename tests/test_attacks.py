@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import lit_robust.attacks as attacks
 from lit_robust.attacks import (apgd, apgd_ce, apgd_checkpoints, apgd_halve, apgd_targeted, dlr_loss, fgsm, margin_loss,
                                 pgd, pgd_linf, pgd_restarts, project, random_sign, random_squares, random_start,
-                                robust_correct, square_fraction, square_linf, square_side, targeted_dlr_loss)
+                                robust_correct, square_fraction, square_linf, square_side, steepest_ascent,
+                                targeted_dlr_loss)
 
 
 def linear_setup():
@@ -227,6 +228,16 @@ def test_pgd_takes_steps_of_2_5_eps_over_steps_from_x_or_from_a_given_start():
     far[..., 0, 0], far[..., 0, 1] = 0.3, 0.4        # ‖·‖₂ = 0.5: scaled by 0.2/0.5 (ℓ∞ would clip to 0.2, 0.2)
     start = pgd(quadratic(x), x.expand(1, 1, 2, 2), 0.2, steps=0, norm="l2", start=x + far)
     assert torch.allclose(start - x, 0.4 * far, atol=1e-12)
+    start = pgd(quadratic(x), x.expand(1, 1, 2, 2), 0.2, steps=0, start=x + far)           # ℓ∞: clipped per pixel
+    assert torch.allclose(start - x, far.clamp(max=0.2), atol=1e-12)
+
+
+def test_the_l2_direction_has_unit_length_whatever_the_gradients_scale():
+    grad = torch.randn(3, 1, 4, 4, generator=seeded(0))
+    for scale in (1e-3, 1.0, 1e3):
+        direction = steepest_ascent(scale * grad, "l2")
+        assert torch.allclose(direction.flatten(1).norm(dim=1), torch.ones(3)), scale
+    assert torch.equal(steepest_ascent(grad, "linf"), grad.sign())
 
 
 def test_pgd_linf_is_seeded_pgd_from_a_random_start():
