@@ -12,6 +12,10 @@ from lit_robust.attacks import (apgd, apgd_ce, apgd_checkpoints, apgd_halve, apg
                                 targeted_dlr_loss)
 
 
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 def linear_setup():
     torch.manual_seed(0)
     w = torch.randn(4, 1, 6, 6)
@@ -25,7 +29,7 @@ def test_gradient_attacks_reach_the_worst_case_and_random_noise_does_not():
     worst = loss(x) + eps * w.abs().flatten(1).sum(-1)
     assert torch.allclose(loss(fgsm(loss, x, eps)), worst, atol=1e-4)
     assert torch.allclose(loss(pgd_linf(loss, x, eps, steps=5)), worst, atol=1e-4)
-    noisy = random_sign(x, eps, generator=torch.Generator().manual_seed(1))
+    noisy = random_sign(x, eps, generator=seeded(1))
     assert torch.allclose((noisy - x).abs(), torch.full_like(x, eps), atol=1e-6)    # every pixel moved by ε
     assert {-1.0, 1.0} <= set(torch.sign(noisy - x).unique().tolist())
     assert (loss(noisy) < worst - 1.0).all()
@@ -39,8 +43,6 @@ def test_attacks_stay_in_the_ball_and_in_the_image_range():
 
 
 # ---- ℓ2 PGD, restarts, APGD (issue #32) -----------------------------------------------------------------------------
-
-
 def test_l2_pgd_reaches_the_l2_worst_case_of_a_linear_loss():
     """The ℓ2 worst case of w·x in the ball is x + ε·w/‖w‖₂ (reached exactly from x: every step is along w). A stub
     returning x, random noise, a step against the gradient or an ℓ∞ step (sign) ends elsewhere; ‖δ‖₂ ≤ ε."""
@@ -57,10 +59,10 @@ def test_restarts_keep_each_samples_best_start():
     highest score among the three a generator with the same seed draws; a stub keeping the first or last restart
     (or the mean) does not."""
     w, x, loss = linear_setup()
-    starts = [pgd(loss, x, 0.1, steps=0, generator=g) for g in [torch.Generator().manual_seed(5)] * 3]
+    starts = [pgd(loss, x, 0.1, steps=0, generator=g) for g in [seeded(5)] * 3]
     scores = torch.stack([loss(s) for s in starts])
     best = torch.stack(starts)[scores.argmax(0), torch.arange(len(x))]
-    chosen = pgd_restarts(loss, x, 0.1, restarts=3, generator=torch.Generator().manual_seed(5), steps=0)
+    chosen = pgd_restarts(loss, x, 0.1, restarts=3, generator=seeded(5), steps=0)
     assert torch.equal(chosen, best)
     assert not all(torch.equal(best, s) for s in starts)   # the samples did not all prefer the same restart
 
@@ -89,7 +91,7 @@ def test_apgd_checkpoints_and_step_halving_follow_section_3_2():
 def trained_mlp():
     """A small MLP trained in well under a second on 10 classes of noisy 8×8 prototypes in [0, 1] (no dataset import: fast);
     it classifies its 128 evaluation images almost perfectly."""
-    g = torch.Generator().manual_seed(0)
+    g = seeded(0)
     prototypes = 0.3 + 0.4 * torch.rand(10, 1, 8, 8, generator=g)
     y = torch.arange(256) % 10
     x = (prototypes[y] + 0.1 * torch.randn(256, 1, 8, 8, generator=g)).clamp(0, 1)
@@ -111,12 +113,11 @@ def test_attacks_on_a_trained_model_raise_the_loss_beyond_random_noise_stay_vali
     net, x, y = trained_mlp
     ce = lambda v: F.cross_entropy(net(v), y, reduction="none")  # noqa: E731
     eps = 0.1
-    noise = random_sign(x, eps, generator=torch.Generator().manual_seed(0))
-    seeded = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    attacks = {"pgd": lambda: pgd(ce, x, eps, steps=10, generator=seeded()),
-               "pgd_l2": lambda: pgd(ce, x, 1.0, steps=10, norm="l2", generator=seeded()),
-               "apgd_ce": lambda: apgd_ce(net, x, y, eps, steps=10, generator=seeded()),
-               "apgd_t": lambda: apgd_targeted(net, x, y, eps, steps=10, num_targets=2, generator=seeded())}
+    noise = random_sign(x, eps, generator=seeded(0))
+    attacks = {"pgd": lambda: pgd(ce, x, eps, steps=10, generator=seeded(3)),
+               "pgd_l2": lambda: pgd(ce, x, 1.0, steps=10, norm="l2", generator=seeded(3)),
+               "apgd_ce": lambda: apgd_ce(net, x, y, eps, steps=10, generator=seeded(3)),
+               "apgd_t": lambda: apgd_targeted(net, x, y, eps, steps=10, num_targets=2, generator=seeded(3))}
     with torch.no_grad():
         wrong_noise = (net(noise).argmax(1) != y).float().mean()
     for name, attack in attacks.items():
@@ -140,9 +141,9 @@ def test_apgd_is_at_least_as_strong_as_pgd_at_equal_iterations(trained_mlp):
     eps = 0.06
     with torch.no_grad():
         wrong = lambda v: (net(v).argmax(1) != y).float().mean().item()  # noqa: E731
-    by_pgd = pgd(ce, x, eps, steps=10, generator=torch.Generator().manual_seed(1))
-    by_apgd = apgd(ce, x, eps, steps=10, generator=torch.Generator().manual_seed(1))
-    by_apgd_t = apgd_targeted(net, x, y, eps, steps=10, num_targets=2, generator=torch.Generator().manual_seed(1))
+    by_pgd = pgd(ce, x, eps, steps=10, generator=seeded(1))
+    by_apgd = apgd(ce, x, eps, steps=10, generator=seeded(1))
+    by_apgd_t = apgd_targeted(net, x, y, eps, steps=10, num_targets=2, generator=seeded(1))
     with torch.no_grad():
         assert ce(by_apgd).mean() >= ce(by_pgd).mean()
     assert wrong(by_apgd) >= wrong(by_pgd) > wrong(x)
@@ -154,7 +155,7 @@ def test_robust_correct_is_clean_correct_and_unbroken_by_each_attack(trained_mlp
     would keep every clean-correct image)."""
     net, x, y = trained_mlp
     correct = robust_correct(net, x, y, 0.1, pgd_steps=5, apgd_steps=5, num_targets=1,
-                             generator=torch.Generator().manual_seed(0))
+                             generator=seeded(0))
     assert set(correct) == {"clean", "pgd", "apgd-ce", "apgd-t"}
     for attack in ("pgd", "apgd-ce", "apgd-t"):
         assert not (correct[attack] & ~correct["clean"]).any()
@@ -167,19 +168,15 @@ def test_square_attack_beats_random_noise_without_gradients_and_stays_valid(trai
     first; a window outside the ball fails the second. The schedule halves p at iterations 1, 5, 20, … of 1000."""
     net, x, y = trained_mlp
     assert [square_fraction(i, 1000) for i in (0, 1, 5, 20)] == [0.05, 0.05, 0.025, 0.0125]
-    adv = square_linf(net, x, y, 0.1, steps=200, p_init=0.3, generator=torch.Generator().manual_seed(0))
-    noise = random_sign(x, 0.1, generator=torch.Generator().manual_seed(0))
+    adv = square_linf(net, x, y, 0.1, steps=200, p_init=0.3, generator=seeded(0))
+    noise = random_sign(x, 0.1, generator=seeded(0))
     with torch.no_grad():
         wrong = lambda v: (net(v).argmax(1) != y).float().mean().item()  # noqa: E731
         assert wrong(adv) > wrong(noise) + 0.3
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
 
 
-# ---- what the first pass of mutation testing found untested (benchmarks/mutation_score.py --modules attacks) -------
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+# ---- random starts, projection, PGD's step and start, APGD against Alg. 1, robust_correct, Square's geometry -------
 
 
 def test_random_starts_are_uniform_in_the_ball_and_seeded():
