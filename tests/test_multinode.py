@@ -19,8 +19,8 @@ LAUNCHER_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_W
 CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "callbacks.rich_progress_bar=null"]
 # The shipped 28×28 EBM on the 8×8 digits upsampled to 28×28 (1,257 train images: 6 chunks of 250), 2 Langevin steps.
 PURIFICATION = ["experiment=pureebm_badnets_digits", "data.base.source=sklearn8x8", "data.base.img_size=28",
-                "callbacks.purification.steps=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
-                "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+                "callbacks.purification.steps=2", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
 # The smoothed CNN on 16×16 digits, 3 epochs (test accuracy ≈ 0.16: predictions and margins vary across images).
 CERTIFICATION = ["experiment=smoothed_cnn_digits", "data.img_size=16", "trainer.max_epochs=3",
                  "trainer.check_val_every_n_epoch=3"]
