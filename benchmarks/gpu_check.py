@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from records import TableRecord
+
 # The benchmarks it runs are imported inside each part, after the GPU check: without a GPU it answers at once.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -179,12 +181,19 @@ def targets(report: dict, tiny: bool) -> list[dict]:
             for name, value, check in rows]
 
 
+PARTS = {"certification": certification, "purification": purification, "cifar_purification": cifar_purification,
+         "ddp": ddp_equality, "adversarial_steps": adversarial_steps}
+RECORD_COLUMNS = [("target", "{target}"), ("measured", "{value:.3g}"), ("met", "{pass}")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/gpu_check.json"))
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
                         help="cuda (default when a GPU is present); cpu only with --tiny")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: exercises every part, measures nothing")
+    parser.add_argument("--record", type=Path, default=None,
+                        help="also write the targets as the table record <RECORD>/gpu_check.json (docs/records)")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else None)
     if device is None or (device == "cuda" and not torch.cuda.is_available()):
@@ -193,11 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" and not args.tiny:
         parser.error("--device cpu runs only with --tiny (the full sizes take hours on a CPU)")
     size = SIZES[args.tiny]
+    record = TableRecord("gpu_check", title="GPU targets on one GPU") if args.record else None
     report = {"machine": machine(device), "tiny": args.tiny}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, part in (("certification", certification), ("purification", purification),
-                           ("cifar_purification", cifar_purification), ("ddp", ddp_equality),
-                           ("adversarial_steps", adversarial_steps)):
+        for name, part in PARTS.items():
             print(f"gpu_check: {name} ...", flush=True)
             started = time.perf_counter()
             report[name] = {**part(device, size, Path(tmp)), "wall_seconds": time.perf_counter() - started}
@@ -205,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     report["targets"] = targets(report, args.tiny)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
+    if record:
+        record.add_config("sizes", size)
+        for name in PARTS:
+            record.add_run(name, **report[name])
+        record.write(args.record, columns=RECORD_COLUMNS, rows=report["targets"])
     for row in report["targets"]:
         print(f"  {row['target']:<76s} {row['value']!s:>24s}  pass={row['pass']}")
     print(f"report: {args.out}")

@@ -42,12 +42,25 @@ def git_state(root: Path = ROOT) -> dict:
         return {"commit": None, "dirty": None}
 
 
+def cpu_model() -> str | None:
+    """The processor's name as the kernel reports it (``model name`` in /proc/cpuinfo), else platform's guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def machine() -> dict:
-    """What the timings and any thread-dependent numbers depend on."""
+    """What the timings and any thread-dependent numbers depend on: the CPU model and, when CUDA is present, the GPU
+    model beside the core count, load and versions."""
     import torch
 
     from lit_robust.machine import native_bf16_on_cpu
-    return {"cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+    return {"cpu_model": cpu_model(), "gpu_model": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cores": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(), "cuda": torch.cuda.is_available(),
             # the classifiers train in bf16 where the CPU computes it natively (lit_robust.machine.fast_precision)

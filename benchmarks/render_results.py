@@ -51,7 +51,9 @@ def provenance(record: dict) -> str:
     reused = [name for name, run in record.get("runs", {}).items() if run.get("reused")]
     runs = f" {len(reused)} of {len(record['runs'])} runs reused from an earlier invocation ({', '.join(reused)})." \
         if reused else ""
-    return (f"Record `{record['table']}.json`: `{record['command']}` at commit {commit}; {m.get('cores')} cores, load "
+    chips = ", ".join(name for name in (m.get("cpu_model"), m.get("gpu_model")) if name)
+    chips = f" ({chips})" if chips else ""
+    return (f"Record `{record['table']}.json`: `{record['command']}` at commit {commit}; {m.get('cores')} cores{chips}, load "
             f"average {' / '.join(f'{x:g}' for x in load)} at start, Python {m.get('python')}, torch {m.get('torch')}, "
             f"{threads}; {record['started']} – {record['finished']}; configs sha256 {record['config_hash'][:12]}."
             + runs + runs_at)

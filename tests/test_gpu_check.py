@@ -28,7 +28,7 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
 
 @pytest.mark.slow  # ≈ 50 s (its DDP part starts 2 processes); the no-GPU path above is the CI check
 def test_tiny_cpu_mode_runs_every_part_and_writes_every_section(tmp_path):
-    result = gpu_check("--device", "cpu", "--tiny", "--out", str(tmp_path / "report.json"))
+    result = gpu_check("--device", "cpu", "--tiny", "--out", str(tmp_path / "report.json"), "--record", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report) == SECTIONS and report["machine"]["device"] == "cpu"
@@ -38,3 +38,5 @@ def test_tiny_cpu_mode_runs_every_part_and_writes_every_section(tmp_path):
     assert report["ddp"]["status"] == "ran" and report["ddp"]["identical"]  # 2 gloo processes = 1 process
     assert report["adversarial_steps"]["pgd_over_standard_fp32"] > 1 < report["adversarial_steps"]["trades_over_standard_fp32"]
     assert len(report["targets"]) == 6 and all(row["pass"] is None for row in report["targets"])  # toy sizes
+    record = json.loads((tmp_path / "gpu_check.json").read_text())  # the table docs/results.md renders
+    assert record["rows"] == report["targets"] and record["machine"]["cpu_model"]
