@@ -3,6 +3,8 @@
 Every block between ``<!-- table:<name> begin -->`` and ``<!-- table:<name> end -->`` is replaced by the markdown
 table of ``<records>/<name>.json`` and a provenance line under it (command, commit, machine, time, config hash), so
 the numbers in the text are the numbers in the record. A cell whose format names a value the row lacks shows "–".
+A number inside a sentence (here or in README.md) is rendered the same way from one row of a record:
+``<!-- value:flagship_seeds/PureEBM/asr_x1_mean|.1f -->0.1<!-- /value -->``.
 
 A block whose record is missing is left as it is and reported as stale on stderr (exit status 1 with ``--strict``):
 the tables measured before the records existed keep their numbers, with a line inside their block naming the command
@@ -20,6 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) begin -->\n)(?P<body>.*?)(<!-- table:(?P=name) end -->)", re.S)
+# One number in a sentence: <!-- value:RECORD/ROW/KEY|FORMAT -->12.3<!-- /value --> (ROW: the row's "name", or its index)
+VALUE = re.compile(r"(<!-- value:(?P<name>[\w.-]+)/(?P<row>[^/]+)/(?P<key>\w+)\|(?P<fmt>[^>]*?) -->)(?P<body>.*?)"
+                   r"(?P<close><!-- /value -->)", re.S)
 
 
 def cell(fmt: str, row: dict) -> str:
@@ -78,19 +83,32 @@ def render_results(text: str, records: Path) -> tuple[str, list[str]]:
             return match.group(0)
         return match.group(1) + render_table(json.loads(path.read_text())) + match.group(4)
 
-    return BLOCK.sub(replace, text), stale
+    def replace_value(match: re.Match) -> str:
+        path = records / f"{match['name']}.json"
+        rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+        row = next((r for i, r in enumerate(rows) if r.get("name") == match["row"] or str(i) == match["row"]), None)
+        if row is None or match["key"] not in row:
+            stale.append(f"{match['name']}/{match['row']}/{match['key']}")
+            return match.group(0)
+        return match.group(1) + format(row[match["key"]], match["fmt"]) + match["close"]
+
+    return VALUE.sub(replace_value, BLOCK.sub(replace, text)), stale
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=Path, default=ROOT / "docs" / "records", help="folder of <table>.json")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a block has no record")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="also rendered: its value spans")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a block or value has no record")
     args = parser.parse_args()
-    text, stale = render_results(args.results.read_text(), args.records)
-    args.results.write_text(text)
+    stale = []
+    for document in (args.results, args.readme):
+        text, missing = render_results(document.read_text(), args.records)
+        document.write_text(text)
+        stale += missing
     for name in stale:
-        print(f"table:{name} is stale: no {args.records / (name + '.json')}; its block was left as it is",
+        print(f"{name} is stale: {args.records} has no record (or row, or key) for it; left as it is",
               file=sys.stderr)
     sys.exit(1 if stale and args.strict else 0)
 

@@ -71,3 +71,22 @@ def test_mean_std_max():
     assert summary["mean"] == pytest.approx(0.3) and summary["std"] == pytest.approx(0.1414213562)
     assert (summary["max"], summary["n"]) == (0.4, 2)
     assert records.mean_std_max([0.5])["std"] == 0.0
+
+
+def test_a_value_in_a_sentence_is_rendered_from_its_row(tmp_path):
+    write_toy(tmp_path, c_acc=91.25)
+    sentence = ("accuracy <!-- value:toy/1/c_acc|.1f -->old<!-- /value --> vs "
+                "<!-- value:toy/0/c_acc|.2f -->old<!-- /value -->; <!-- value:toy/1/asr_mean|.1f -->?<!-- /value -->")
+    text, stale = render.render_results(sentence, tmp_path)
+    assert text == ("accuracy <!-- value:toy/1/c_acc|.1f -->97.0<!-- /value --> vs "
+                    "<!-- value:toy/0/c_acc|.2f -->91.25<!-- /value -->; "
+                    "<!-- value:toy/1/asr_mean|.1f -->?<!-- /value -->")
+    assert stale == ["toy/1/asr_mean"]  # the row has no such number: left as it is, reported
+    assert render.render_results(text, tmp_path)[0] == text
+
+
+def test_the_docs_and_readme_render_without_a_stale_block():
+    """Every table block and value span of docs/results.md and README.md has its record (what --strict checks)."""
+    root = BENCHMARKS.parent
+    for document in (root / "docs" / "results.md", root / "README.md"):
+        assert render.render_results(document.read_text(), root / "docs" / "records")[1] == [], document
