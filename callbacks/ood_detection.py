@@ -153,7 +153,8 @@ class OODDetection(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return f"OODDetection[keep={self.keep_inliers}]"
+        scores = f", scores={','.join(self.scores)}" if self.scores else ""  # beside a detector's OODDetection
+        return f"OODDetection[keep={self.keep_inliers}{scores}]"
 
     def state_dict(self) -> dict:
         return {"thresholds": dict(self.thresholds)}

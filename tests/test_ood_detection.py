@@ -153,6 +153,12 @@ def test_a_model_without_scores_is_refused_at_test_start_naming_both_options(tra
     assert not batches  # refused before the test loop, not after it
 
 
+def test_a_classifier_scores_callback_sits_beside_a_detector_callback():
+    """Two OODDetection in one trainer (README: a fitted VAE's scores and the classifier's own) need their own state
+    keys: Lightning refuses two stateful callbacks with one key."""
+    L.Trainer(callbacks=[OODDetection(), OODDetection(scores=["msp"])], logger=False)
+
+
 def test_bad_classifier_score_arguments_are_refused_before_testing():
     with pytest.raises(ValueError, match=r"scores=\['mahalanobis', 'odin2'\]"):
         OODDetection(scores=["mahalanobis", "odin2"])
