@@ -130,7 +130,7 @@ class OODDetection(L.Callback):
         if not 0.0 < keep_inliers < 1.0:
             raise ValueError(f"keep_inliers={keep_inliers}: use a quantile in (0, 1), e.g. 0.95")
         if scores is not None:
-            check_classifier_scores(scores)
+            check_classifier_scores(scores, score_options)
         if fit_split not in ("train", "val"):
             raise ValueError(f"fit_split={fit_split!r}: use 'train' (the papers' choice) or 'val'")
         self.scores, self.feature_layer, self.fit_split = scores, feature_layer, fit_split

@@ -262,7 +262,8 @@ class ClassifierOODScores(nn.Module):
                  energy_temperature: float = 1.0, odin_temperature: float = 1000.0, odin_epsilon: float = 0.0014,
                  knn_k: int = 50, vim_dim: int | None = None):
         super().__init__()
-        check_classifier_scores(scores)
+        check_classifier_scores(scores, {"energy_temperature": energy_temperature, "odin_temperature": odin_temperature,
+                                         "knn_k": knn_k})
         self.classifier, self.scores, self.to_input = classifier, tuple(scores), to_input
         self.energy_temperature, self.odin_temperature, self.odin_epsilon = (energy_temperature, odin_temperature,
                                                                              odin_epsilon)
@@ -344,8 +345,17 @@ class ClassifierOODScores(nn.Module):
         return {name: compute[name]() for name in self.scores}
 
 
-def check_classifier_scores(scores: Sequence[str]) -> None:
-    """Refuses an empty or unknown list of classifier scores, naming the choices."""
+SCORE_OPTIONS = ("energy_temperature", "odin_temperature", "odin_epsilon", "knn_k", "vim_dim")
+
+
+def check_classifier_scores(scores: Sequence[str], options: dict | None = None) -> None:
+    """Refuses an empty or unknown list of classifier scores and unknown or impossible options, naming the choices."""
     unknown = sorted(set(scores) - set(CLASSIFIER_SCORES))
     if isinstance(scores, str) or not scores or unknown:
         raise ValueError(f"scores={scores!r}: give a list of {list(CLASSIFIER_SCORES)}")
+    options = options or {}
+    if set(options) - set(SCORE_OPTIONS):
+        raise ValueError(f"score options {sorted(set(options) - set(SCORE_OPTIONS))}: use {list(SCORE_OPTIONS)}")
+    for name in ("energy_temperature", "odin_temperature", "knn_k"):
+        if name in options and not options[name] > 0:
+            raise ValueError(f"{name}={options[name]}: use a positive value")

@@ -164,6 +164,10 @@ def test_bad_classifier_score_arguments_are_refused_before_testing():
         OODDetection(scores=["mahalanobis", "odin2"])
     with pytest.raises(ValueError, match="fit_split='test'"):
         OODDetection(scores=["knn"], fit_split="test")
+    with pytest.raises(ValueError, match=r"score options \['knn'\]: use \[.*'knn_k'"):
+        OODDetection(scores=["knn"], score_options={"knn": 5})
+    with pytest.raises(ValueError, match="odin_temperature=0: use a positive value"):
+        OODDetection(scores=["odin"], score_options={"odin_temperature": 0})
 
 
 def test_two_gloo_processes_give_the_single_process_classifier_scores(tmp_path, trained_classifier):

@@ -260,3 +260,13 @@ def test_classifier_scores_read_a_named_feature_layer_and_refuse_bad_arguments()
         S.check_classifier_scores("msp")
     with pytest.raises(ValueError, match=r"scores=\['mls'\]"):
         S.check_classifier_scores(["mls"])
+
+
+def test_knn_k_is_cut_to_a_small_bank():
+    """k = 50 (OpenOOD's default) with 4 in-distribution features: the 4th neighbour, i.e. the farthest one."""
+    inliers, labels, outliers = separable_features()
+    scorer = S.ClassifierOODScores(TinyClassifier(), ["knn"])
+    scorer.fit(inliers[:4], inliers[:4], labels[:4])
+    bank = torch.nn.functional.normalize(inliers[:4], dim=-1)
+    farthest = torch.cdist(torch.nn.functional.normalize(outliers, dim=-1), bank).amax(-1)
+    assert torch.allclose(scorer.outlier_scores(outliers)["knn"], farthest, atol=1e-6)
