@@ -42,7 +42,7 @@ from torch.utils.data import Dataset, Subset
 from typing_extensions import override
 
 from lit_robust.callbacks.contract import (ItemFormat, SplitRef, check_image_shape, evaluated_split, gather_in_order,
-                                           output_folder, rank_batches, rank_share, shard_batches)
+                                           output_folder, rank_batches, rank_share)
 from lit_robust.ood_adversarial import classifier_attack, encoder_attack
 from lit_robust.ood_scores import FITTED_SCORES, ClassifierOODScores, check_classifier_scores, detection_metrics
 from lit_robust.pixel_space import PixelSpace
@@ -185,26 +185,29 @@ class OODDetection(L.Callback):
         """``compute([0, 1] images, targets)`` over a dataset (loader space) or over [0, 1] images (targets None),
         shared out over ranks and gathered in order (the same result on every rank, on the root device)."""
         device = trainer.strategy.root_device
-        if isinstance(data, torch.Tensor):
-            batches = ((rows, data[rows], None) for rows in rank_batches(len(data), self.batch_size, trainer))
-        else:
-            batches = ((i, self.pixel_space.to_unit(x), y)
-                       for i, x, y in shard_batches(data, trainer, self.batch_size, self.item_format))
+
+        def compute_rows(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            images, targets = self.unit_batch(data, rows)
+            return compute(images.to(device), None if targets is None else targets.to(device))
+
         parts: dict[str, list[torch.Tensor]] = {}
         indices = []
         with torch.no_grad():
-            for rows, images, targets in batches:
+            for rows in rank_batches(len(data), self.batch_size, trainer):
                 indices.append(rows)
-                for name, value in compute(images.to(device), None if targets is None else targets.to(device)).items():
+                for name, value in compute_rows(rows).items():
                     parts.setdefault(name, []).append(value)
             if not parts:  # an empty share: learn the names and shapes from one item so every rank gathers the same
-                images, targets = ((data[:1], None) if isinstance(data, torch.Tensor) else
-                                   self.item_format.collate([data[0]]))
-                images = images if isinstance(data, torch.Tensor) else self.pixel_space.to_unit(images)
-                parts = {name: [value[:0]] for name, value in
-                         compute(images.to(device), None if targets is None else targets.to(device)).items()}
+                parts = {name: [value[:0]] for name, value in compute_rows(torch.arange(1)).items()}
         index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
         return {name: gather_in_order(torch.cat(values), index, trainer) for name, values in parts.items()}
+
+    def unit_batch(self, data: Dataset | torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows of a dataset (loader space; images mapped to [0, 1], with targets) or of [0, 1] images (no targets)."""
+        if isinstance(data, torch.Tensor):
+            return data[rows], None
+        images, targets = self.item_format.collate([data[i] for i in rows.tolist()])
+        return self.pixel_space.to_unit(images), targets
 
     def score(self, trainer: L.Trainer, detector: nn.Module, data: Dataset | torch.Tensor) -> dict:
         """All scores of a dataset (loader space) or of [0, 1] images, gathered in order on every rank (CPU)."""
