@@ -1,9 +1,17 @@
-"""``OODDetection``: threshold-free OOD metrics and fitted thresholds for any LightningModule that scores inputs.
+"""``OODDetection``: threshold-free OOD metrics and fitted thresholds for any classifier or any LightningModule that
+scores inputs.
 
-Protocol: the module has ``outlier_scores(images) -> {name: (B,) tensor}`` (higher = more likely OOD), and optionally
+Two ways to score. ``scores=["msp", "energy", "mahalanobis", "knn"]`` computes OpenOOD's post-hoc scores from the
+classifier under test (or ``detector=``): MSP, max logit, energy, ODIN, Mahalanobis, KNN, ViM
+(:class:`~lit_robust.ood_scores.ClassifierOODScores`); the classifier takes the loader's images (the declared
+``normalization`` redone), its features are the input of its last ``nn.Linear`` or ``feature_layer=``'s output, and
+Mahalanobis / KNN / ViM are fitted on the features of the in-distribution ``fit_split`` ("train" by default, as the
+papers; "val" for the split the thresholds use), extracted shard by shard as every other pass. Otherwise the module
+has ``outlier_scores(images) -> {name: (B,) tensor}`` (higher = more likely OOD), and optionally
 ``fit_outlier_scores(inlier_scores)`` (called with the scores of the validation inliers, e.g. to set a reference
 entropy) and ``encode(images) -> (mean, log_var)`` (enables the encoder attack). ``lit_robust.BayesianVAE`` has all
-three.
+three. A module with neither is refused at ``on_test_start``, naming both options. Every score is oriented
+**higher = more likely OOD**.
 
 At the end of ``trainer.test`` the callback
 1. scores the validation inliers and fits one threshold per score (the ``keep_inliers`` quantile: inputs above it
@@ -24,17 +32,19 @@ front of any classifier.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
+from typing_extensions import override
 
 from lit_robust.callbacks.contract import (ItemFormat, SplitRef, check_image_shape, evaluated_split, gather_in_order,
-                                           output_folder, rank_batches, rank_share, shard_batches)
+                                           output_folder, rank_batches, rank_share)
 from lit_robust.ood_adversarial import classifier_attack, encoder_attack
-from lit_robust.ood_scores import detection_metrics
+from lit_robust.ood_scores import FITTED_SCORES, ClassifierOODScores, check_classifier_scores, detection_metrics
 from lit_robust.pixel_space import PixelSpace
 
 
@@ -95,8 +105,15 @@ class OODDetection(L.Callback):
             mean and as the AUROC separating each adversarial set from each OOD set (0 steps: skipped).
         filter_score: the score ``accept``/``FilteredClassifier`` use by default.
         detector: the scoring module (default: the module under test).
+        scores: post-hoc scores of the classifier (the module under test, or ``detector``) from
+            :data:`~lit_robust.ood_scores.CLASSIFIER_SCORES`, instead of its own ``outlier_scores``.
+        feature_layer: the module (name in ``named_modules()``) whose output is the feature for Mahalanobis, KNN and
+            ViM (default: the input of the last ``nn.Linear``).
+        fit_split: ``"train"`` or ``"val"``: the inliers whose features fit Mahalanobis, KNN and ViM.
+        score_options: keyword arguments of :class:`~lit_robust.ood_scores.ClassifierOODScores`
+            (``energy_temperature``, ``odin_temperature``, ``odin_epsilon``, ``knn_k``, ``vim_dim``).
         val_split, test_split, train_split: DataModule attributes (or callables) of the inlier splits (default: the
-            loaders' datasets; the train split only feeds the victim).
+            loaders' datasets; the train split feeds the victim and, with ``fit_split="train"``, the fitted scores).
         item_keys, normalization: the loader's item format and normalisation (contract).
     """
 
@@ -106,10 +123,19 @@ class OODDetection(L.Callback):
                  attack_count: int = 500, attack_steps: int = 20, victim: str | None = "train",
                  victim_epochs: int = 5, restoration_steps: int = 20, restoration_step_size: float = 0.3,
                  filter_score: str = "std_ll", histograms: bool = True, seed: int = 0,
-                 detector: nn.Module | None = None, val_split=None, test_split=None, train_split=None,
-                 item_keys: tuple | None = None, normalization=None):
+                 detector: nn.Module | None = None, scores: Sequence[str] | None = None,
+                 feature_layer: str | None = None, fit_split: str = "train", score_options: dict | None = None,
+                 val_split=None, test_split=None, train_split=None, item_keys: tuple | None = None,
+                 normalization=None):
         if not 0.0 < keep_inliers < 1.0:
             raise ValueError(f"keep_inliers={keep_inliers}: use a quantile in (0, 1), e.g. 0.95")
+        if scores is not None:
+            check_classifier_scores(scores, score_options)
+        if fit_split not in ("train", "val"):
+            raise ValueError(f"fit_split={fit_split!r}: use 'train' (the papers' choice) or 'val'")
+        self.scores, self.feature_layer, self.fit_split = scores, feature_layer, fit_split
+        self.score_options = dict(score_options or {})
+        self.scorer: nn.Module | None = None
         self.output_dir = output_dir
         self.ood_datasets = ood_datasets
         self.keep_inliers, self.batch_size = keep_inliers, batch_size
@@ -127,7 +153,8 @@ class OODDetection(L.Callback):
 
     @property
     def state_key(self) -> str:
-        return f"OODDetection[keep={self.keep_inliers}]"
+        scores = f", scores={','.join(self.scores)}" if self.scores else ""  # beside a detector's OODDetection
+        return f"OODDetection[keep={self.keep_inliers}{scores}]"
 
     def state_dict(self) -> dict:
         return {"thresholds": dict(self.thresholds)}
@@ -136,28 +163,70 @@ class OODDetection(L.Callback):
         self.thresholds = dict(state_dict.get("thresholds", {}))
 
     # ---- scoring --------------------------------------------------------------------------------------------------
-    def score(self, trainer: L.Trainer, detector: nn.Module, data: Dataset | torch.Tensor) -> dict:
-        """All scores of a dataset (loader space) or of [0, 1] images, shared out over ranks and gathered in order
-        (the same result on every rank)."""
+    @override
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.scorer = self.resolve_scorer(pl_module)
+
+    def resolve_scorer(self, pl_module: nn.Module) -> nn.Module:
+        """The module whose ``outlier_scores`` are evaluated: the classifier's post-hoc scores when ``scores`` is set,
+        else ``detector`` or the module under test; refused (naming both options) when it cannot score inputs."""
+        model = self.detector or pl_module
+        if self.scores is not None:
+            return ClassifierOODScores(model, self.scores, self.feature_layer, self.pixel_space.from_unit,
+                                       **self.score_options)
+        if not hasattr(model, "outlier_scores"):
+            raise TypeError(f"OODDetection: {type(model).__name__} has no outlier_scores(images): pass "
+                            "scores=['msp', 'energy', 'mahalanobis', 'knn'] for the post-hoc scores of this classifier, "
+                            "or detector= a module that scores inputs (e.g. a fitted lit_robust.BayesianVAE)")
+        return model
+
+    def gather(self, trainer: L.Trainer, data: Dataset | torch.Tensor,
+               compute: Callable[[torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]]) -> dict:
+        """``compute([0, 1] images, targets)`` over a dataset (loader space) or over [0, 1] images (targets None),
+        shared out over ranks and gathered in order (the same result on every rank, on the root device)."""
         device = trainer.strategy.root_device
-        if isinstance(data, torch.Tensor):
-            batches = ((rows, data[rows], None) for rows in rank_batches(len(data), self.batch_size, trainer))
-        else:
-            batches = ((i, self.pixel_space.to_unit(x), y)
-                       for i, x, y in shard_batches(data, trainer, self.batch_size, self.item_format))
+
+        def compute_rows(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            images, targets = self.unit_batch(data, rows)
+            return compute(images.to(device), None if targets is None else targets.to(device))
+
         parts: dict[str, list[torch.Tensor]] = {}
         indices = []
         with torch.no_grad():
-            for rows, images, _ in batches:
+            for rows in rank_batches(len(data), self.batch_size, trainer):
                 indices.append(rows)
-                for name, value in detector.outlier_scores(images.to(device)).items():
-                    parts.setdefault(name, []).append(value.float())
-        if not parts:  # an empty share: learn the score names from one image so every rank gathers the same keys
-            with torch.no_grad():
-                parts = {name: [value.float()[:0]] for name, value in
-                         detector.outlier_scores(self.unit_images(data, 1).to(device)).items()}
+                for name, value in compute_rows(rows).items():
+                    parts.setdefault(name, []).append(value)
+            if not parts:  # an empty share: learn the names and shapes from one item so every rank gathers the same
+                parts = {name: [value[:0]] for name, value in compute_rows(torch.arange(1)).items()}
         index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
-        return {name: gather_in_order(torch.cat(values), index, trainer).cpu() for name, values in parts.items()}
+        return {name: gather_in_order(torch.cat(values), index, trainer) for name, values in parts.items()}
+
+    def unit_batch(self, data: Dataset | torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows of a dataset (loader space; images mapped to [0, 1], with targets) or of [0, 1] images (no targets)."""
+        if isinstance(data, torch.Tensor):
+            return data[rows], None
+        images, targets = self.item_format.collate([data[i] for i in rows.tolist()])
+        return self.pixel_space.to_unit(images), targets
+
+    def score(self, trainer: L.Trainer, detector: nn.Module, data: Dataset | torch.Tensor) -> dict:
+        """All scores of a dataset (loader space) or of [0, 1] images, gathered in order on every rank (CPU)."""
+        scores = self.gather(trainer, data, lambda images, _: {name: value.float() for name, value in
+                                                                detector.outlier_scores(images).items()})
+        return {name: value.cpu() for name, value in scores.items()}
+
+    def fit_classifier_scores(self, trainer: L.Trainer, scorer: ClassifierOODScores) -> None:
+        """Mahalanobis / KNN / ViM statistics from the features of the ``fit_split`` inliers (every rank extracts its
+        share; all ranks fit on the same gathered features)."""
+        split = {"train": self.train_split, "val": self.val_split}[self.fit_split]
+        dataset = SplitRef(trainer, self.fit_split, split, "OODDetection (inliers fitting Mahalanobis/KNN/ViM)").dataset
+
+        def features(images: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+            values, logits = scorer.features_and_logits(images)
+            return {"features": values.float(), "logits": logits.float(), "labels": targets.long()}
+
+        fit = self.gather(trainer, dataset, features)
+        scorer.fit(fit["features"], fit["logits"], fit["labels"])
 
     def unit_images(self, data: Dataset | torch.Tensor, count: int | None = None) -> torch.Tensor:
         """The first ``count`` images of a dataset or tensor, in [0, 1]."""
@@ -234,7 +303,7 @@ class OODDetection(L.Callback):
     # ---- the hook -------------------------------------------------------------------------------------------------
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
-        detector = (self.detector or pl_module).to(trainer.strategy.root_device).eval()
+        detector = (self.scorer or self.resolve_scorer(pl_module)).to(trainer.strategy.root_device).eval()
         test = evaluated_split(trainer, "test", self.test_split, "OODDetection (test inliers)")
         val = SplitRef(trainer, "val", self.val_split, "OODDetection (validation inliers for the thresholds)").dataset
         check_image_shape(self.unit_images(test, 1), detector, "OODDetection", "detector")
@@ -245,6 +314,8 @@ class OODDetection(L.Callback):
         if not outliers and not (self.encoder_eps or self.classifier_eps):
             raise ValueError("OODDetection has no outlier set: pass ood_datasets={name: dataset} or enable an attack")
         table = str(getattr(detector, "hparams", {}).get("posterior", "scores"))
+        if isinstance(detector, ClassifierOODScores) and set(detector.scores) & set(FITTED_SCORES):
+            self.fit_classifier_scores(trainer, detector)
         self.fit(trainer, detector, val)
         inlier = self.score(trainer, detector, test)
         self.results[f"ood/{table}/inliers/count"] = float(len(next(iter(inlier.values()))))

@@ -1,18 +1,23 @@
 """Out-of-distribution scores of an ensemble of likelihoods (thesis 004, ch. 3 Eqs. 3.3, 3.14–3.19; ch. 4/5 hole
-indicator Eq. 5.20) and the threshold-free detection metrics of §3.3 (AUROC, AUPRC, FPR80).
+indicator Eq. 5.20), the post-hoc scores of any classifier that OpenOOD compares (MSP, max logit, energy, ODIN,
+Mahalanobis, KNN, ViM; :class:`ClassifierOODScores`) and the threshold-free detection metrics of §3.3 (AUROC, AUPRC,
+FPR80) with OpenOOD's FPR95 and AUPR-In.
 
 Every score takes the log-likelihoods ``log_liks`` of shape (N, B): ``log p(x_b | θ_n)`` for N posterior draws θ_n
 (or, for a classical VAE, N independent importance-sampled estimates with one θ — ch. 5) and B inputs.
 Likelihoods stay in log space throughout: ``p(x|θ)`` of a 256-pixel image underflows float32.
 
-``outlier_scores`` orients every score so that **higher means more likely out-of-distribution**; the metrics take
-OOD as the positive class.
+``outlier_scores`` and every classifier score orient the score so that **higher means more likely
+out-of-distribution** (the papers' in-distribution scores negated); the metrics take OOD as the positive class.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_roc
 
 
@@ -138,3 +143,219 @@ def detection_metrics(inlier_scores: torch.Tensor, outlier_scores_: torch.Tensor
             "aupr_in": binary_average_precision(1 - unit, 1 - labels).item(),
             "fpr80": fpr_at_tpr(scores, labels).item(),
             "fpr95": fpr_at_tpr(scores, labels, 0.95).item()}
+
+
+# ---- post-hoc scores of any classifier (OpenOOD's baselines), oriented higher = more likely OOD --------------------
+def msp_score(logits: torch.Tensor) -> torch.Tensor:
+    """Hendrycks & Gimpel 2017, "A baseline for detecting misclassified and out-of-distribution examples in neural
+    networks": the maximum softmax probability, negated (float64, so that nearly flat softmaxes keep their order)."""
+    return -torch.softmax(logits.double(), -1).amax(-1)
+
+
+def max_logit_score(logits: torch.Tensor) -> torch.Tensor:
+    """Hendrycks et al. 2022, "Scaling out-of-distribution detection for real-world settings": the largest logit,
+    negated."""
+    return -logits.double().amax(-1)
+
+
+def energy_score(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Liu et al. 2020, "Energy-based out-of-distribution detection", Eq. 1: the free energy
+    ``E(x; f) = −T · logsumexp(f(x) / T)`` (their in-distribution score is −E)."""
+    return -temperature * torch.logsumexp(logits.double() / temperature, -1)
+
+
+def odin_inputs(classify: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, temperature: float,
+                epsilon: float) -> torch.Tensor:
+    """Liang et al. 2018, "Enhancing the reliability of out-of-distribution image detection in neural networks",
+    Eq. 2: ``x̃ = x − ε · sign(−∇ₓ log S_ŷ(x; T))``, the step that raises the temperature-scaled softmax score of the
+    predicted class ŷ. ``classify`` maps ``images`` to logits; the step is taken in the space of ``images``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = images.detach().clone().requires_grad_(True)
+        logits = classify(x) / temperature
+        negative_log_score = F.cross_entropy(logits, logits.argmax(-1), reduction="sum")  # −Σ_b log S_ŷ(x_b; T)
+        (gradient,) = torch.autograd.grad(negative_log_score, x)
+    return (x - epsilon * gradient.sign()).detach()
+
+
+def odin_score(classify: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, temperature: float = 1000.0,
+               epsilon: float = 0.0014) -> torch.Tensor:
+    """Liang et al. 2018, Eq. 1 on the perturbed input: the maximum of ``softmax(f(x̃) / T)``, negated (T = 1000 and
+    ε = 0.0014 as the paper's CIFAR setting; ε = 0 gives temperature scaling alone)."""
+    perturbed = odin_inputs(classify, images, temperature, epsilon) if epsilon else images
+    with torch.no_grad():
+        return msp_score(classify(perturbed) / temperature)
+
+
+def class_gaussians(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lee et al. 2018, "A simple unified framework for detecting out-of-distribution samples and adversarial
+    attacks", §2: the class means ``μ_c`` and the tied covariance ``Σ = (1/N) Σ_c Σ_{i: y_i = c} (f_i − μ_c)(f_i −
+    μ_c)ᵀ`` of in-distribution features. Returns the means of the classes present (C, D) and the precision ``Σ⁺``
+    (pseudo-inverse, as scikit-learn's ``EmpiricalCovariance``: few samples give a singular Σ)."""
+    if (labels < 0).any():
+        raise ValueError("the in-distribution fit split has unlabelled items (targets < 0): Mahalanobis needs class "
+                         "labels; fit on a labelled split (fit_split) or drop 'mahalanobis' from scores")
+    features = features.double()
+    classes = labels.unique()
+    means = torch.stack([features[labels == c].mean(0) for c in classes])
+    centred = features - means[torch.searchsorted(classes, labels)]
+    return means, torch.linalg.pinv(centred.T @ centred / len(features), hermitian=True)
+
+
+def mahalanobis_score(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Lee et al. 2018, Eq. 2 without input pre-processing: ``min_c (f − μ_c)ᵀ Σ⁻¹ (f − μ_c)``, the squared
+    Mahalanobis distance to the closest class mean (their confidence score negated)."""
+    f = features.double()
+    projected = f @ precision
+    distances = ((projected * f).sum(-1, keepdim=True) - 2 * projected @ means.T
+                 + ((means @ precision) * means).sum(-1))
+    return distances.amin(-1)
+
+
+def knn_score(features: torch.Tensor, bank: torch.Tensor, k: int = 50) -> torch.Tensor:
+    """Sun et al. 2022, "Out-of-distribution detection with deep nearest neighbors", §3: the distance from the
+    L2-normalised feature ``z = f / ‖f‖`` to its k-th nearest neighbour in ``bank`` (the normalised in-distribution
+    features); their score ``−r_k`` negated. k = 50 is OpenOOD's default."""
+    if not 1 <= k <= len(bank):
+        raise ValueError(f"knn k={k} with {len(bank)} in-distribution features: use 1 ≤ k ≤ {len(bank)}")
+    distances = torch.cdist(F.normalize(features.float(), dim=-1), bank.float())
+    return distances.topk(k, -1, largest=False).values[:, -1].double()
+
+
+def vim_fit(features: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Wang et al. 2022, "ViM: out-of-distribution with virtual-logit matching", §3: the origin ``o = −W⁺ b`` of
+    the last layer ``logits = W f + b`` (W of shape (C, D)), the basis R of the complement of the principal subspace (eigenvectors of the
+    covariance of ``f − o`` beyond the top ``dim``), and ``α = mean max logit / mean ‖(f − o) R‖`` on the fit set."""
+    centred_at = -torch.linalg.pinv(weight.double()) @ bias.double()
+    centred = features.double() - centred_at
+    eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(centred))
+    residual = eigenvectors[:, eigenvalues.argsort(descending=True)[dim:]]
+    alpha = logits.double().amax(-1).mean() / (centred @ residual).norm(dim=-1).mean()
+    return centred_at, residual, alpha
+
+
+def vim_score(features: torch.Tensor, logits: torch.Tensor, centred_at: torch.Tensor, residual: torch.Tensor,
+              alpha: torch.Tensor) -> torch.Tensor:
+    """Wang et al. 2022, §3, the ViM score in log-odds form: ``α ‖(f − o) R‖ − logsumexp(logits)``, the virtual logit
+    against the energy; the paper's softmax probability of the virtual class is the sigmoid of this."""
+    virtual_logit = alpha * ((features.double() - centred_at) @ residual).norm(dim=-1)
+    return virtual_logit - torch.logsumexp(logits.double(), -1)
+
+
+CLASSIFIER_SCORES = ("msp", "max_logit", "energy", "odin", "mahalanobis", "knn", "vim")
+FITTED_SCORES = ("mahalanobis", "knn", "vim")
+
+
+class ClassifierOODScores(nn.Module):
+    """The post-hoc OOD scores of any classifier in the ``outlier_scores(images) -> {score: (B,)}`` protocol of
+    :class:`~lit_robust.callbacks.OODDetection` (higher = more likely OOD).
+
+    ``images`` are in [0, 1]; ``to_input`` maps them to what the classifier takes (e.g. the loader's ``Normalize``),
+    so ODIN's ε is a step in [0, 1] pixels — what the paper's code does by dividing the step on normalised inputs by
+    the std. Features are the output of ``feature_layer`` (a name in ``classifier.named_modules()``), flattened, or
+    by default the input of the classifier's last ``nn.Linear`` (the penultimate features the Mahalanobis, KNN and
+    ViM papers use). Those three need :meth:`fit` on in-distribution features first.
+    """
+
+    def __init__(self, classifier: nn.Module, scores: Sequence[str] = ("msp", "energy", "mahalanobis", "knn"),
+                 feature_layer: str | None = None, to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 energy_temperature: float = 1.0, odin_temperature: float = 1000.0, odin_epsilon: float = 0.0014,
+                 knn_k: int = 50, vim_dim: int | None = None):
+        super().__init__()
+        check_classifier_scores(scores, {"energy_temperature": energy_temperature, "odin_temperature": odin_temperature,
+                                         "knn_k": knn_k})
+        self.classifier, self.scores, self.to_input = classifier, tuple(scores), to_input
+        self.energy_temperature, self.odin_temperature, self.odin_epsilon = (energy_temperature, odin_temperature,
+                                                                             odin_epsilon)
+        self.knn_k, self.vim_dim = knn_k, vim_dim
+        linears = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
+        self.last_linear = linears[-1] if linears else None
+        if feature_layer is None:
+            if self.last_linear is None:
+                raise ValueError(f"{type(classifier).__name__} has no nn.Linear whose input would be the penultimate "
+                                 "features: name the feature layer, feature_layer='<name in named_modules()>'")
+            self.feature_module = self.last_linear
+        else:
+            modules = dict(classifier.named_modules())
+            if feature_layer not in modules:
+                raise ValueError(f"feature_layer={feature_layer!r} is not a module of {type(classifier).__name__}: "
+                                 f"use one of {[name for name in modules if name][-8:]} (named_modules())")
+            self.feature_module = modules[feature_layer]
+        self.feature_is_input = feature_layer is None
+        self.fitted: dict[str, tuple] = {}
+
+    @property
+    def hparams(self):
+        """The classifier's hyperparameters (``in_chans``, ``img_size`` for the callbacks' shape check)."""
+        return getattr(self.classifier, "hparams", {})
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.to_input(images) if self.to_input else images)
+
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, D) features (through a forward hook, removed after the call) and the logits of [0, 1] images."""
+        captured = []
+        if self.feature_is_input:
+            handle = self.feature_module.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        else:
+            handle = self.feature_module.register_forward_hook(lambda _, args, out: captured.append(out))
+        try:
+            logits = self.logits(images)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError("the feature layer did not run in the classifier's forward: name one that does "
+                               "(feature_layer=)")
+        return captured[-1].flatten(1), logits
+
+    def fit(self, features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """The statistics of Mahalanobis (class means, tied precision), KNN (the normalised feature bank; k is cut
+        to the bank's size) and ViM from in-distribution features, logits and labels."""
+        if "mahalanobis" in self.scores:
+            self.fitted["mahalanobis"] = class_gaussians(features, labels)
+        if "knn" in self.scores:
+            self.fitted["knn"] = (F.normalize(features.float(), dim=-1), min(self.knn_k, len(features)))
+        if "vim" in self.scores:
+            dim = self.vim_dim if self.vim_dim is not None else features.shape[1] // 2
+            if self.last_linear is None or self.last_linear.in_features != features.shape[1] or \
+                    not 0 < dim < features.shape[1]:
+                raise ValueError(f"vim needs the input of the last nn.Linear as features (feature_layer=None) and "
+                                 f"0 < vim_dim < {features.shape[1]} (got {dim})")
+            bias = self.last_linear.bias if self.last_linear.bias is not None else \
+                torch.zeros(self.last_linear.out_features, device=features.device)
+            self.fitted["vim"] = vim_fit(features, logits, self.last_linear.weight.detach(), bias.detach(), dim)
+
+    def outlier_scores(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        missing = [name for name in FITTED_SCORES if name in self.scores and name not in self.fitted]
+        if missing:
+            raise RuntimeError(f"{missing} need fit(features, logits, labels) of in-distribution data first")
+        with torch.no_grad():
+            features, logits = self.features_and_logits(images)
+        fitted = {name: [v.to(features.device) if isinstance(v, torch.Tensor) else v for v in values]
+                  for name, values in self.fitted.items()}
+        compute = {
+            "msp": lambda: msp_score(logits),
+            "max_logit": lambda: max_logit_score(logits),
+            "energy": lambda: energy_score(logits, self.energy_temperature),
+            "odin": lambda: odin_score(self.logits, images, self.odin_temperature, self.odin_epsilon),
+            "mahalanobis": lambda: mahalanobis_score(features, *fitted["mahalanobis"]),
+            "knn": lambda: knn_score(features, *fitted["knn"]),
+            "vim": lambda: vim_score(features, logits, *fitted["vim"]),
+        }
+        return {name: compute[name]() for name in self.scores}
+
+
+SCORE_OPTIONS = ("energy_temperature", "odin_temperature", "odin_epsilon", "knn_k", "vim_dim")
+
+
+def check_classifier_scores(scores: Sequence[str], options: dict | None = None) -> None:
+    """Refuses an empty or unknown list of classifier scores and unknown or impossible options, naming the choices."""
+    unknown = sorted(set(scores) - set(CLASSIFIER_SCORES))
+    if isinstance(scores, str) or not scores or unknown:
+        raise ValueError(f"scores={scores!r}: give a list of {list(CLASSIFIER_SCORES)}")
+    options = options or {}
+    if set(options) - set(SCORE_OPTIONS):
+        raise ValueError(f"score options {sorted(set(options) - set(SCORE_OPTIONS))}: use {list(SCORE_OPTIONS)}")
+    for name in ("energy_temperature", "odin_temperature", "knn_k"):
+        if name in options and not options[name] > 0:
+            raise ValueError(f"{name}={options[name]}: use a positive value")
