@@ -1,8 +1,14 @@
 """CausalVAE / CCGM: the causal layer's equations and that interventions reach children only."""
+import json
+
 import pytest
 import torch
 
-from lit_robust.causal_vae import CausalVAE, acyclicity, edges_matrix, linear_scm, TRUE_EDGES
+from lit_robust.causal_vae import (CONCEPTS, FACTOR_HIGH, FACTOR_LOW, TRUE_EDGES, CausalVAE, acyclicity, edges_matrix,
+                                   linear_scm)
+from lit_robust.datamodules import pendulum
+
+DESCENDANTS = {0: {2, 3}, 1: {2, 3}, 2: set(), 3: set()}   # of each concept under TRUE_EDGES
 
 
 def test_acyclicity_is_zero_exactly_on_dags():
@@ -39,6 +45,40 @@ def test_interventions_propagate_to_children_only(ccgm):
         assert torch.allclose(cut_theta[:, 2:], cut_base[:, 2:])
 
 
+@pytest.mark.parametrize("ccgm", [False, True])
+def test_intervene_moves_the_concept_block_by_the_set_value_and_only_descendants_follow(ccgm):
+    """``intervene`` read at the decoder's input (the image is its sigmoid): between do(c = a quarter of c's range)
+    and do(c = three quarters), concept c's block moves by exactly +1 in the [−1, 1] scale, its descendants move,
+    and every other block equals the plain reconstruction's. Catches an intervention that is a reconstruction
+    (moves 0), a flipped sign (−1), a value left unscaled, the wrong concept, and one that does not propagate."""
+    torch.manual_seed(0)
+    model = CausalVAE(img_size=16, fixed_dag=True, ccgm=ccgm).eval()
+    x = torch.rand(3, 3, 16, 16)
+    seen = []
+    model.decoder.register_forward_hook(lambda module, inputs, logits: seen.append((inputs[0], logits)))
+
+    def decoder_input(call):
+        seen.clear()
+        with torch.no_grad():
+            image = call()
+        ((latent, logits),) = seen
+        assert torch.equal(image, torch.sigmoid(logits))
+        return latent
+
+    plain = decoder_input(lambda: model.reconstruct(x))
+    for i, name in enumerate(CONCEPTS):
+        low, high = FACTOR_LOW[i], FACTOR_HIGH[i]
+        first = decoder_input(lambda: model.intervene(x, name, low + 0.25 * (high - low)))
+        second = decoder_input(lambda: model.intervene(x, name, low + 0.75 * (high - low)))
+        assert torch.allclose(second[:, i] - first[:, i], torch.ones_like(first[:, i]), atol=1e-5), name
+        for j in set(range(len(CONCEPTS))) - {i}:
+            if j in DESCENDANTS[i]:
+                assert (second[:, j] - first[:, j]).abs().max() > 1e-3, (name, CONCEPTS[j])
+            else:
+                assert torch.allclose(first[:, j], plain[:, j], atol=1e-6), (name, CONCEPTS[j])
+                assert torch.allclose(second[:, j], plain[:, j], atol=1e-6), (name, CONCEPTS[j])
+
+
 def test_intervene_returns_images_and_training_lowers_the_loss():
     """Catches an encoder–decoder that ignores its input (a constant or mean image never beats the data mean) and a
     reconstruction paired with the wrong image."""
@@ -69,8 +109,6 @@ def test_intervene_returns_images_and_training_lowers_the_loss():
 
 
 def test_counterfactual_report_writes_measurements_and_grid(tmp_path):
-    import json
-
     import lightning as L
 
     from lit_robust.callbacks import CounterfactualReport
@@ -94,6 +132,75 @@ def test_counterfactual_report_writes_measurements_and_grid(tmp_path):
                 moved = metrics[f"cf/do_{name}/{other}_true_change"] > 0.05
                 assert moved == ((i, j) in TRUE_EDGES), (name, other)
     assert (tmp_path / "counterfactual_grid.png").stat().st_size > 1000
+
+
+def carrying(factors: torch.Tensor) -> torch.Tensor:
+    """Stand-in 16×16 RGB images whose first four pixels hold their factors, for ``FactorReader``."""
+    images = torch.zeros(len(factors), 3, 16, 16)
+    images[:, 0, 0, :4] = factors
+    return images
+
+
+class FactorReader(torch.nn.Module):
+    """A factor regressor without error on ``carrying`` images."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images[:, 0, 0, :4]
+
+
+class SCMCounterfactuals(torch.nn.Module):
+    """Counterfactuals that are exactly right (the Pendulum SCM applied to each test image's factors), or, with
+    ``ignore_interventions``, a model whose do() returns the reconstruction."""
+
+    def __init__(self, images: torch.Tensor, factors: torch.Tensor, ignore_interventions: bool = False):
+        super().__init__()
+        self.images, self.factors, self.ignore_interventions = images, factors, ignore_interventions
+        self.device = torch.device("cpu")
+
+    def factors_of(self, x: torch.Tensor) -> torch.Tensor:
+        return self.factors[torch.cdist(x.flatten(1), self.images.flatten(1)).argmin(1)]
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return carrying(self.factors_of(x))
+
+    def intervene(self, x: torch.Tensor, factor: str, value: float) -> torch.Tensor:
+        if self.ignore_interventions:
+            return self.reconstruct(x)
+        return carrying(pendulum.intervene(self.factors_of(x), **{factor: value}))
+
+
+def test_counterfactual_report_measures_the_models_interventions(tmp_path, monkeypatch):
+    """The report's numbers, with its regressor replaced by an exact reader: for exactly right counterfactuals every
+    ``<f>_tracking`` is 0 and every ``<g>_change`` equals the true SCM's change (so do(f) moves f's children and
+    nothing else); for a model whose do() is its reconstruction, every change is 0 and every tracking the mean
+    distance of the set values from the images' own. Catches a report that reads the reconstructions instead of the
+    counterfactuals, a tracking with the wrong sign, and constant or made-up numbers."""
+    from types import SimpleNamespace
+
+    from lit_robust.callbacks import CounterfactualReport, counterfactual_report
+    from lit_robust.datamodules import PendulumDataModule
+
+    monkeypatch.setattr(counterfactual_report, "fit_factor_regressor", lambda *args, **kwargs: FactorReader())
+    data = PendulumDataModule(img_size=16, sampling="uniform", n_samples=64, seed=0)
+    data.setup()
+    images, factors = data.test_dataset.images[:8], data.test_dataset.targets[:8]
+    span = data.train_dataset.targets.max(0).values - data.train_dataset.targets.min(0).values
+    trainer = SimpleNamespace(is_global_zero=True, datamodule=data)
+    for ignore in (False, True):
+        CounterfactualReport(str(tmp_path / str(ignore)), num_values=3, eval_size=8).on_test_end(
+            trainer, SCMCounterfactuals(images, factors, ignore_interventions=ignore))
+        metrics = json.loads((tmp_path / str(ignore) / "metrics.json").read_text())
+        for i, name in enumerate(CONCEPTS):
+            values = torch.linspace(data.train_dataset.targets[:, i].min() + 0.1 * span[i],
+                                    data.train_dataset.targets[:, i].max() - 0.1 * span[i], 3)
+            missed = ((factors[:, i, None] - values).abs().mean() / span[i]).item()
+            assert metrics[f"cf/do_{name}/{name}_tracking"] == pytest.approx(missed if ignore else 0.0, abs=1e-6)
+            for j, other in enumerate(CONCEPTS):
+                if j != i:
+                    true_change = metrics[f"cf/do_{name}/{other}_true_change"]
+                    assert (true_change > 0.05) == (j in DESCENDANTS[i])
+                    assert metrics[f"cf/do_{name}/{other}_change"] == pytest.approx(0.0 if ignore else true_change,
+                                                                                    rel=1e-5, abs=1e-7)
 
 
 def test_per_concept_decoders_add_one_picture_per_block():

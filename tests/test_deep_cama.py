@@ -187,9 +187,27 @@ def test_bad_images_name_the_fix():
         DeepCAMA(lam=1.5)
 
 
-def test_dense_baseline_shape():
+def test_dense_baseline_is_the_appendix_c_mlp():
+    """The discriminative DNN baseline (002 App. C): flatten, then Linear → ReLU → Dropout with widths 512-256-126-512
+    and rates 0.25/0.25/0.25/0.5, then a linear head. In eval mode its logits equal that MLP written out here from
+    the layers' own weights; in train mode dropout makes two passes differ. Catches a constant or random output, a
+    flipped sign, a missing ReLU, layers in another order, and dropout that never drops."""
+    torch.manual_seed(0)
     net = create_backbone("dense", num_classes=10, in_chans=1, img_size=8)
-    assert net(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(64, 512), (512, 256), (256, 126), (126, 512),
+                                                                   (512, 10)]
+    assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] == [0.25, 0.25, 0.25, 0.5]
+    x = torch.rand(3, 1, 8, 8)
+    hidden = x.reshape(3, 64)
+    for layer in linears[:-1]:
+        hidden = (hidden @ layer.weight.T + layer.bias).clamp_min(0)
+    by_hand = hidden @ linears[-1].weight.T + linears[-1].bias
+    with torch.no_grad():
+        logits = net.eval()(x)
+        first, second = net.train()(x), net(x)
+    assert logits.shape == (3, 10) and torch.allclose(logits, by_hand, atol=1e-5)
+    assert (first - second).abs().max() > 1e-3
 
 
 def test_training_raises_the_elbo_and_reports_run(tmp_path):

@@ -34,6 +34,54 @@ def test_manifest_budget_indices_labels_and_file(tmp_path):
     assert dm.train_dataset[0][0].shape == (1, 8, 8) and dm.train_dataset[0][1].ndim == 0
 
 
+def test_badnets_stamps_the_trigger_on_exactly_the_poisoned_indices(tmp_path):
+    """The served train split is the clean one with the 2×2 patch of value 0.5 at x = 1, y = 4 (rows 4–5, columns
+    1–2) stamped on, and the label set to 7, at exactly the indices the manifest and ``poison_mask`` record; every
+    other image and label is the clean one. Written from the parameters, not from the stored trigger. Catches a
+    relabel-only attack (images unchanged), a swapped (x, y), a stamp on the wrong images, and a mask that disagrees
+    with the manifest."""
+    dm = _dm(tmp_path, position=(1, 4), value=0.5)
+    dm.setup()
+    base_images, base_labels = stack_dataset(dm.base.train_dataset)
+    images, labels = stack_dataset(dm.train_dataset)
+    idx = torch.tensor(dm.manifest["poisoned_indices"])
+    assert torch.equal(dm.poison_mask.nonzero().flatten(), idx) and len(idx) == dm.manifest["num_poisons"] > 0
+    expected_images, expected_labels = base_images.clone(), base_labels.clone()
+    expected_images[idx, :, 4:6, 1:3] = 0.5
+    expected_labels[idx] = 7
+    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+    assert (images[idx] != base_images[idx]).flatten(1).any(1).all()   # every poison really carries a visible stamp
+
+
+def test_narcissus_adds_one_bounded_trigger_to_exactly_the_poisoned_indices(tmp_path):
+    """Narcissus (clean label): poisoned images are clip(clean + δ, 0, 1) with the one recorded δ, 0 < ‖δ‖∞ ≤ ε,
+    labels unchanged, every other image untouched; the triggered test images get the same δ. An untrained surrogate
+    and 3 steps at a large rate (δ reaches the ε-ball) keep it to seconds. Catches poisons left clean, a δ outside
+    the ε-ball, a flipped sign (clean − δ), δ added to the wrong images, and a test-time trigger other than the
+    training one."""
+    eps = 8 / 255
+    base = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
+    dm = PoisonedDataModule(base, attack="narcissus", seed=0, cache_dir=str(tmp_path), progress=False, device="cpu",
+                            params=dict(target_class=3, eps=eps, fraction=0.5, surrogate_epochs=0, warmup_epochs=0,
+                                        steps=3, batch_size=64, lr=50.0))
+    dm.setup()
+    base_images, base_labels = stack_dataset(dm.base.train_dataset)
+    images, labels = stack_dataset(dm.train_dataset)
+    idx = torch.tensor(dm.manifest["poisoned_indices"])
+    assert torch.equal(dm.poison_mask.nonzero().flatten(), idx)
+    assert len(idx) == round(0.5 * int((base_labels == 3).sum())) and (base_labels[idx] == 3).all()
+    delta = dm.poisons.trigger["delta"]
+    assert delta.shape == (1, 8, 8) and 0 < delta.abs().max() <= eps + 1e-7
+    assert dm.manifest["trigger"]["linf"] == pytest.approx(delta.abs().max().item())
+    expected = base_images.clone()
+    expected[idx] = (base_images[idx] + delta).clamp(0, 1)
+    assert torch.equal(images, expected) and torch.equal(labels, base_labels)
+    assert not torch.equal(images[idx], base_images[idx])
+    test_images, test_labels = dm._test
+    triggered = dm.triggered_test_dataset(1.0)
+    assert torch.equal(triggered.images, (test_images[test_labels != 3] + delta).clamp(0, 1))
+
+
 def test_cache_reload_bit_identical_and_corruption_rebuilt(tmp_path):
     first = _dm(tmp_path)
     first.setup()
