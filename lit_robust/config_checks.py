@@ -121,19 +121,20 @@ def data_image_side(data: dict) -> int | None:
 
 # ---- hyperparameters read from a checkpoint ------------------------------------------------------------------------
 PLAIN_SCALARS = (type(None), bool, int, float, str)
+# Keys hydra.utils.instantiate acts on: _target_ names the code it runs, the others how it calls it.
+INSTANTIATION_KEYS = ("_target_", "_args_", "_partial_", "_convert_", "_recursive_")
 
 
 def checked_hparams(saved: dict, model: DictConfig, checkpoint: str) -> dict:
     """The hyperparameters of ``saved`` (a checkpoint's ``hyper_parameters``) that the experiment's ``model`` config
-    has, after refusing, with the checkpoint and the key named: a ``_target_`` at any depth (it would be
-    instantiated with the model), an interpolation (``${...}``), a value that is not plain (scalars, lists, dicts
+    has, after refusing, with the checkpoint and the key named: a ``_target_`` (or another ``INSTANTIATION_KEYS``)
+    at any depth, the model's own included (it would be instantiated with the model), an interpolation (``${...}``), a value that is not plain (scalars, lists, dicts
     of them), or a type other than the config's (a dict where the config has a number). Keys the config lacks are
     dropped: the model would not take them."""
     if not isinstance(saved, dict):
         raise ValueError(f"checkpoint {checkpoint}: hyper_parameters is a {type(saved).__name__}, not a mapping of "
                          f"settings; pass a .ckpt written by train.py (<run>/checkpoints/)")
-    for key, value in saved.items():
-        _check_plain(value, f"hyper_parameters.{key}", checkpoint)
+    _check_plain(saved, "hyper_parameters", checkpoint)
     adopted = {}
     for key, value in saved.items():
         if key not in model:
@@ -153,10 +154,10 @@ def checked_hparams(saved: dict, model: DictConfig, checkpoint: str) -> dict:
 def _check_plain(value, key: str, checkpoint: str) -> None:
     if isinstance(value, dict):
         for child, item in value.items():
-            if child == "_target_":
-                raise ValueError(f"checkpoint {checkpoint}: {key}._target_={item!r} would be instantiated (run) "
-                                 f"with the model; refused — a checkpoint holds settings, never objects to build. "
-                                 f"Evaluate a checkpoint written by train.py")
+            if child in INSTANTIATION_KEYS:
+                raise ValueError(f"checkpoint {checkpoint}: {key}.{child}={item!r} would change what is instantiated "
+                                 f"(run) with the model; refused — a checkpoint holds settings, never objects to "
+                                 f"build. Evaluate a checkpoint written by train.py")
             if not isinstance(child, str):
                 raise ValueError(f"checkpoint {checkpoint}: {key} has the key {child!r}, not a string; refused")
             _check_plain(item, f"{key}.{child}", checkpoint)

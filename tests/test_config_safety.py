@@ -9,6 +9,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import sys
 from pathlib import Path
 
@@ -74,17 +75,21 @@ def unpickles_marker(marker: Path) -> dict:
             "f": {"_target_": "io.BytesIO", "initial_bytes": buffer.getvalue()}}
 
 
-@pytest.mark.parametrize("payload", [opens_marker, unpickles_marker])
-def test_checkpoint_hyperparameter_with_a_target_is_refused_and_never_built(tmp_path, payload):
+@pytest.mark.parametrize("hyperparameters,key", [
+    (lambda marker: {"backbone_kwargs": opens_marker(marker)}, "backbone_kwargs._target_='builtins.open'"),
+    (lambda marker: {"backbone_kwargs": unpickles_marker(marker)}, "backbone_kwargs._target_='torch.load'"),
+    (opens_marker, "_target_='builtins.open'"),  # the model's own _target_
+], ids=["open", "torch.load", "model target"])
+def test_checkpoint_hyperparameter_with_a_target_is_refused_and_never_built(tmp_path, hyperparameters, key):
     """Plain tensors and containers only, so ``load_plain`` passes it; the ``_target_`` would run when
-    ``cfg.model`` is instantiated with the adopted ``backbone_kwargs``."""
+    ``cfg.model`` is instantiated with the adopted hyperparameters."""
     marker, path = tmp_path / "MARKER", tmp_path / "evil.ckpt"
-    torch.save({"state_dict": ImageClassifier().state_dict(), "hyper_parameters": {"backbone_kwargs": payload(marker)},
+    torch.save({"state_dict": ImageClassifier().state_dict(), "hyper_parameters": hyperparameters(marker),
                 "lit_robust": {"model_target": "lit_robust.ImageClassifier"}}, path)
     overrides = ["experiment=digits_classifier", *TINY]
     cfg = compose_run("evaluate", *overrides, f"ckpt_path={path}", f"output_dir={tmp_path / 'out'}")
-    with pytest.raises(ValueError, match=rf"checkpoint {path}: hyper_parameters.backbone_kwargs._target_="
-                                         r"'(builtins.open|torch.load)' would be instantiated"):
+    with pytest.raises(ValueError, match=rf"checkpoint {path}: hyper_parameters.{re.escape(key)}.* would change "
+                                         r"what is instantiated \(run\) with the model; refused"):
         runner.evaluate(cfg, overrides)
     assert not marker.exists()
 
