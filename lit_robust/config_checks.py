@@ -44,7 +44,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"(.*_)?lr", LEARNING_RATE),
     (r"(.*_)?(eps|epsilons?)", NON_NEGATIVE),
     (r"(.*_)?fractions?|keep_inliers|rejuvenation|size_threshold|class_floor|budget|label_smoothing|(.*_)?momentum"
-     r"|eta|alpha|mean|dropout", UNIT_INTERVAL),
+     r"|eta|alpha|mean|dropout|value", UNIT_INTERVAL),  # value: a trigger's pixel value, images are in [0, 1]
     (r"pixel_floor", Domain(lambda v: 0 <= v < 0.5, "in [0, 0.5)")),
     (r"limit_train_batches", Domain(lambda v: v > 0, "> 0 (a fraction ≤ 1 or a number of batches)")),
     (r"num_classes", Domain(lambda v: v >= 2, "≥ 2")),
@@ -56,12 +56,12 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
      r"|angle_range|val_check_interval", POSITIVE),
     (r"(.*_)?(batch_size|batches|steps|epochs|size|sizes|samples|images|count|rank|every|stride|width|widths|dims?"
      r"|dim_.*|channels|hidden|k|restarts|rounds|runs|region|reps|multipliers|depth|heads|epoch|timesteps)"
-     r"|(.*_)?num_.*|n_samples|in_chans|max_batch|layers_per_block|num_nodes", AT_LEAST_1),
-)
+     r"|(.*_)?num_.*|n_samples|in_chans|max_batch|layers_per_block|num_nodes|severity", AT_LEAST_1),
+)  # devices (a count, -1, or a list of indices from 0) is left to Lightning's Trainer
 _COMPILED = tuple((re.compile(pattern), domain) for pattern, domain in DOMAINS)
 
 # Settings measured in image pixels: each must fit the data's images (``data_image_side``).
-PIXEL_SIZES = ("patch_sizes", "mask_patch_sizes", "region", "missingness_region", "ablation_width")
+PIXEL_SIZES = ("patch_sizes", "mask_patch_sizes", "region", "missingness_region", "ablation_width", "size")
 
 # The side of the images each named source gives without ``img_size`` (datamodules/digits.py, torchvision_sets.py,
 # ood.py: an embedded OOD inlier is 28 px).
