@@ -173,7 +173,7 @@ def test_learning_rate_0_warns(tmp_path, building):
 @pytest.mark.parametrize("experiment,setting,message", [
     ("narcissus_digits", "data.params.eps=-1", r"data.params.eps=-1 is outside its domain: set data.params.eps to a "
                                                r"value ≥ 0"),  # crafted a trigger of ℓ∞ 1 recorded as -1
-    ("badnets_digits", "data.params.size=40", r"data.params.size has 40, larger than the data's 28×28 images"),
+    ("badnets_digits", "+data.params.size=40", r"data.params.size has 40, larger than the data's 28×28 images"),
 ])
 def test_poison_setting_outside_its_domain_caches_nothing(tmp_path, building, experiment, setting, message):
     cache = tmp_path / "poisons"
