@@ -21,6 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from conftest import REPO, run_script
 from lit_robust import ImageClassifier, runner
 from lit_robust.callbacks.metrics_file import update_metrics_file
+from lit_robust.config_checks import domain_of
 from lit_robust.experiment_names import CONFIG_MODULE, shipped_experiments
 
 ONE_BATCH = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
@@ -187,6 +188,17 @@ def test_patchcleanser_patch_larger_than_the_images(tmp_path, building):
                                          r"images: use sizes ≤ 28"):
         runner.run_experiment("patchcleanser_digits", [*TINY, "data.img_size=28",
                                                        "callbacks.patchcleanser.patch_sizes=[2,40]"], tmp_path)
+
+
+@pytest.mark.parametrize("name,domain", [
+    ("max_epochs", "≥ 1, or -1 for no limit"), ("eps_warmup_epochs", "≥ 0"), ("surrogate_epochs", "≥ 1"),
+    ("kl_warmup_steps", "≥ 0"), ("refine_steps", "≥ 0"), ("pgd_steps", "≥ 1"), ("num_workers", "≥ 0"),
+    ("num_samples", "≥ 1"), ("save_top_k", "≥ 0, or -1 for all"), ("ft_lr", "> 0"), ("encoder_eps", "≥ 0"),
+    ("keep_fraction", "in [0, 1]"), ("val_size", "≥ 0"), ("eval_size", "≥ 1"), ("sghmc_burn_in_steps", "≥ 0"),
+    ("target_class", "≥ 0"), ("restoration_step_size", "> 0"), ("rho_init", None), ("dy", None),
+])
+def test_domain_of_a_setting_goes_by_its_name_exceptions_first(name, domain):
+    assert getattr(domain_of(name), "text", None) == domain
 
 
 def test_every_shipped_experiment_is_inside_the_domains(tmp_path):
