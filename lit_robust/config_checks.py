@@ -77,7 +77,7 @@ def domain_of(name: str) -> Domain | None:
 def check_domains(cfg: DictConfig) -> None:
     """Fail, naming the key, the value and the values it may take, when a numeric setting of the composed ``cfg``
     is NaN, outside its domain (``DOMAINS``), or a pixel size (``PIXEL_SIZES``) larger than the data's images;
-    warn when a learning rate is 0. Pure: runs on the config before anything is built."""
+    warn when a learning rate is 0. Reads the config alone, so it runs before anything is built."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("hydra", None)
     side = data_image_side(resolved.get("data") or {})
