@@ -9,6 +9,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lit_robust.run_paths import refuse_symlink
+
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
     """``{name: float}`` from Lightning's ``callback_metrics`` (tensors, numbers)."""
@@ -31,7 +33,7 @@ def write_json_atomic(path: str | Path, payload: dict) -> None:
 
 def update_metrics_file(path: str | Path, metrics: dict[str, float]) -> dict[str, float]:
     """Merge ``metrics`` into the JSON file at ``path`` (NaN kept as NaN) and return the merged content."""
-    path = Path(path)
+    path = refuse_symlink(Path(path))
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update({k: (v if not (isinstance(v, float) and math.isnan(v)) else float("nan")) for k, v in metrics.items()})
     write_json_atomic(path, merged)

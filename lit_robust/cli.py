@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lit_robust.experiment_names import CONFIG_MODULE, check_experiment
+from lit_robust.experiment_names import CONFIG_MODULE, check_choices
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
@@ -26,7 +26,7 @@ CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 def train(cfg: DictConfig) -> None:
     """``train.py experiment=<name> [trainer=ddp_cpu] [key=value ...]``: fit (resuming from ``ckpt_path=...``), then
     test the best checkpoint; ``metrics.json``, ``config.yaml`` and ``checkpoints/`` land in the run's output dir."""
-    check_experiment(HydraConfig.get().runtime.choices.get("experiment"))  # before Lightning's import
+    check_choices(HydraConfig.get().runtime.choices)  # before Lightning's import
     from lit_robust.runner import fit_and_test
 
     fit_and_test(cfg)
@@ -38,7 +38,7 @@ def evaluate(cfg: DictConfig) -> None:
     test split with every configured (evaluation) callback, writing ``metrics.json`` — the numbers of the training
     run's test phase. The model takes the hyperparameters saved in the checkpoint, except ``model.*`` keys given on
     the command line (e.g. ``model.num_samples=20``)."""
-    check_experiment(HydraConfig.get().runtime.choices.get("experiment"))  # before Lightning's import
+    check_choices(HydraConfig.get().runtime.choices)  # before Lightning's import
     from lit_robust import runner
 
     runner.evaluate(cfg, list(HydraConfig.get().overrides.task))

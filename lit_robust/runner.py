@@ -1,9 +1,14 @@
 """What ``train.py`` and ``evaluate.py`` share: config → datamodule, model, callbacks, loggers, trainer.
 
-Safe by default: an experiment name is never a path (``../model/ebm``), numeric settings are checked against the
-constructors' annotations before anything is built, and checkpoints are read with ``weights_only=True`` only (see
-``lit_robust.serialization``). Checkpoints record the model's ``_target_`` and the training images' shape
-(``checkpoint["lit_robust"]``); evaluating one with another model class or image size fails at the start. A
+Safe by default: a config group choice (``experiment=``, ``data=``, ``model=``, ...) is never a path
+(``../model/ebm``); numeric settings are checked against the constructors' annotations and their domains
+(``lit_robust.config_checks``: ``trainer.max_epochs`` ≥ 1, ``lr`` > 0, patch sizes within the images) before anything
+is built; checkpoints are read with ``weights_only=True`` only (see ``lit_robust.serialization``) and are data, never
+code: their hyperparameters are adopted only as plain values of the model config's keys and types (a ``_target_`` is
+refused), and the model class they record is compared by name, never imported. Checkpoints record the model's
+``_target_`` and the training images' shape (``checkpoint["lit_robust"]``); evaluating one with another model class
+or image size fails at the start. A run dir holds one run, never written through links, with ``~`` and ``$VAR``
+expanded once for every path (``lit_robust.run_paths``; ``overwrite=true`` replaces an earlier run). A
 non-finite ``test/*`` metric (a diverged model, NaN weights) is logged as a warning and counted in ``metrics.json``
 as ``test/non_finite``; the run still succeeds, so its other numbers stay inspectable. ``smoke=true`` shrinks any
 run to seconds on a CPU (``shrink_for_smoke``, ``conf/smoke.yaml``); an experiment's documented
@@ -22,11 +27,14 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
-from lit_robust.experiment_names import CONFIG_MODULE, check_experiment
+from lit_robust.config_checks import check_domains, checked_hparams
+from lit_robust.experiment_names import CONFIG_MODULE, check_choices, check_experiment
 from lit_robust.machine import fast_precision, use_available_cores
+from lit_robust.run_paths import check_run_dir, expand_config_paths, refuse_symlink
 from lit_robust.serialization import load_plain
 
 log = logging.getLogger(__name__)
@@ -153,17 +161,10 @@ def read_checkpoint(cfg: DictConfig) -> dict:
         raise ValueError(f"ckpt_path={path} holds a {type(checkpoint).__name__}, not a Lightning checkpoint: pass a "
                          ".ckpt written by train.py (<run>/checkpoints/)")
     saved, wanted = (checkpoint.get("lit_robust") or {}).get("model_target"), cfg.model.get("_target_")
-    if saved and wanted and _resolve(saved) != _resolve(wanted):
+    if saved and wanted and saved != wanted:  # by name: nothing a file names is imported
         raise ValueError(f"ckpt_path={path} holds a {saved} but the config builds a {wanted}: pass the experiment= "
                          f"of the training run that wrote it (see its config.yaml)")
     return checkpoint
-
-
-def _resolve(target: str):
-    try:
-        return hydra.utils.get_class(target)
-    except Exception:  # a class that no longer exists: compare the names
-        return target
 
 
 def adopt_checkpoint_hparams(cfg: DictConfig, command_line: list[str], checkpoint: dict | None = None
@@ -171,12 +172,15 @@ def adopt_checkpoint_hparams(cfg: DictConfig, command_line: list[str], checkpoin
     """Give ``cfg.model`` the hyperparameters saved in ``cfg.ckpt_path`` (as ``load_from_checkpoint`` would), except
     the keys set on the ``command_line`` (Hydra overrides such as ``model.num_samples=20``). Without this, a
     checkpoint trained with e.g. ``model.pixel_floor=0.01`` would be evaluated under the config's default: same
-    weights, other model, no error. ``checkpoint``: the one ``read_checkpoint(cfg)`` returned (read if None).
+    weights, other model, no error. Only plain values of the keys and types ``cfg.model`` has are adopted, never a
+    ``_target_`` (``config_checks.checked_hparams``). ``checkpoint``: the one ``read_checkpoint(cfg)`` returned (read
+    if None).
     Returns ``{key: (config value, checkpoint value)}`` for what was changed."""
-    saved = (checkpoint if checkpoint is not None else read_checkpoint(cfg)).get("hyper_parameters", {})
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(cfg)
+    saved = checked_hparams(checkpoint.get("hyper_parameters", {}), cfg.model, cfg.ckpt_path)
     explicit = {item.split("=", 1)[0].lstrip("+~") for item in command_line}
     changed = {key: (cfg.model[key], value) for key, value in saved.items()
-               if key in cfg.model and f"model.{key}" not in explicit and cfg.model[key] != value}
+               if f"model.{key}" not in explicit and cfg.model[key] != value}
     with open_dict(cfg):
         for key, (config_value, value) in changed.items():
             cfg.model[key] = value
@@ -252,13 +256,15 @@ def check_headline_metrics(cfg: DictConfig, metrics: dict) -> list[str]:
 
 def build(cfg: DictConfig, checkpoint: dict | None = None
           ) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Check the config, seed, instantiate the run's objects, give each process its share of the cores
-    (``lit_robust.machine``), and save the resolved config in the output dir. ``checkpoint``: the one the run will
-    load (its record is checked against the data)."""
+    """Check the config (group choices, numbers and their domains), seed, instantiate the run's objects, give each
+    process its share of the cores (``lit_robust.machine``), and save the resolved config in the output dir.
+    ``checkpoint``: the one the run will load (its record is checked against the data)."""
     from hydra.core.hydra_config import HydraConfig
 
-    check_experiment(HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None)
+    if HydraConfig.initialized():
+        check_choices(HydraConfig.get().runtime.choices)
     check_numbers(cfg)
+    check_domains(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +278,7 @@ def build(cfg: DictConfig, checkpoint: dict | None = None
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     use_available_cores(trainer.num_devices)
     if trainer.is_global_zero:
-        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        refuse_symlink(output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return datamodule, model, trainer
 
 
@@ -291,12 +297,22 @@ def evaluate_test_split(trainer: L.Trainer, model: L.LightningModule, datamodule
             update_metrics_file(Path(output_dir) / "metrics.json", {"test/non_finite": float(len(bad))})
 
 
+def start_in_run_dir(cfg: DictConfig, resumes: bool) -> None:
+    """Expand ``~`` and ``$VAR`` in the config's paths; on global rank zero (the other processes join its run dir),
+    refuse a run dir holding an earlier run unless the run ``resumes`` from it or ``overwrite=true``
+    (``lit_robust.run_paths``)."""
+    expand_config_paths(cfg)
+    if rank_zero_only.rank == 0:
+        check_run_dir(cfg.output_dir, cfg.ckpt_path, bool(cfg.get("overwrite")), resumes)
+
+
 def fit_and_test(cfg: DictConfig) -> None:
     """What ``train.py`` does with a composed config: fit (resuming from ``cfg.ckpt_path`` if set), then test the
     best checkpoint unless ``cfg.test`` is false; ``cfg.smoke``: shrunk first (``shrink_for_smoke``). Ends by checking
     the experiment's ``headline_metrics``."""
     if cfg.get("smoke"):
         shrink_for_smoke(cfg)
+    start_in_run_dir(cfg, resumes=bool(cfg.ckpt_path))
     checkpoint = read_checkpoint(cfg) if cfg.ckpt_path else None
     datamodule, model, trainer = build(cfg, checkpoint)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
@@ -318,6 +334,7 @@ def evaluate(cfg: DictConfig, command_line: list[str]) -> None:
     hyperparameters still win over it). Ends by checking the experiment's ``headline_metrics``."""
     if cfg.get("smoke"):
         shrink_for_smoke(cfg)
+    start_in_run_dir(cfg, resumes=False)
     checkpoint = read_checkpoint(cfg)
     adopt_checkpoint_hparams(cfg, command_line, checkpoint)
     datamodule, model, trainer = build(cfg, checkpoint)
@@ -334,7 +351,12 @@ def compose_experiment(experiment: str, overrides: list[str], output_dir: Path) 
     check_experiment(experiment)
     GlobalHydra.instance().clear()
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        return compose("train", overrides=[f"experiment={experiment}", f"output_dir={output_dir}", *overrides])
+        cfg = compose("train", overrides=[f"experiment={experiment}", f"output_dir={output_dir}", *overrides],
+                      return_hydra_config=True)
+    check_choices(cfg.hydra.runtime.choices)  # data=../x, model=../x: before anything in the config is built
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def run_experiment(experiment: str, overrides: list[str], output_dir: Path) -> dict:
