@@ -139,7 +139,7 @@ def test_ddp_cpu_end_to_end(tmp_path):
                "data.params.fraction=0.2", f"data.cache_dir={tmp_path / 'poisons'}", "trainer.max_epochs=1",
                "callbacks.data_filter.runs=2", "callbacks.data_filter.rounds=4", "callbacks.data_filter.hidden=64",
                "callbacks.data_filter.learner_epochs=15", "callbacks.data_filter.self_train_epochs=10",
-               "callbacks.data_filter.batch_size=32"]
+               "callbacks.data_filter.batch_size=32", f"callbacks.data_filter.cache_dir={tmp_path / 'filters'}"]
     subprocess.run(command, cwd=root, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
     metrics = json.loads((out / "metrics.json").read_text())
     # learners' predictions gathered out of order would vote at random: no better than a random removal
