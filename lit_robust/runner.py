@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lit_robust.callbacks.exact_resume import CSVHistory, RNGState
 from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
 from lit_robust.experiment_names import CONFIG_MODULE, check_experiment
 from lit_robust.machine import fast_precision, use_available_cores
@@ -266,7 +267,8 @@ def build(cfg: DictConfig, checkpoint: dict | None = None
     model = hydra.utils.instantiate(cfg.model, _convert_="all")  # plain types in checkpoints
     check_compatible(datamodule, model)
     record = CheckpointRecord(cfg.model._target_, (checkpoint or {}).get("lit_robust"))
-    callbacks = instantiate_group(cfg.get("callbacks")) + [MetricsFile(str(output_dir)), record]
+    callbacks = instantiate_group(cfg.get("callbacks")) + [MetricsFile(str(output_dir)), record, RNGState(),
+                                                           CSVHistory(checkpoint)]
     loggers = instantiate_group(cfg.get("logger"))
     cpu_trainer_without_sync_batchnorm(cfg.trainer)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
