@@ -28,7 +28,7 @@ from lit_robust.callbacks.exact_resume import CSVHistory, RNGState
 from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
 from lit_robust.experiment_names import CONFIG_MODULE, check_experiment
 from lit_robust.machine import fast_precision, use_available_cores
-from lit_robust.serialization import load_plain
+from lit_robust.serialization import check_checkpoint, load_plain
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,8 @@ def build(cfg: DictConfig, checkpoint: dict | None = None
 
     check_experiment(HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None)
     check_numbers(cfg)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
