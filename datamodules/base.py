@@ -41,6 +41,16 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     return np.sort(train), np.sort(val), np.sort(test)
 
 
+def check_labels(labels, num_classes: int, dataset: str, fix: str) -> None:
+    """Refuse class labels outside 0 … ``num_classes`` − 1 at setup, naming the first one, ``dataset`` and ``fix``:
+    a loader would hand them on and training would fail at its first step with an unrelated IndexError."""
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise ValueError(f"{dataset} has label {labels[bad[0]]} at index {bad[0]} ({len(bad)} of {len(labels)} labels "
+                         f"outside 0..{num_classes - 1} for its {num_classes} classes): {fix}")
+
+
 def stack_dataset(dataset: Dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """All (images, targets) of a dataset as two tensors (for crafting poisons, purifying, filtering)."""
     if isinstance(dataset, TensorImageDataset):

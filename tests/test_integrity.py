@@ -14,9 +14,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO
+from dataset_trees import truncate, write_cifar10, write_mnist
 from lit_robust import ebm as ebm_module
 from lit_robust.cache import load_verified, save_atomic
 from lit_robust.callbacks.purification import EBMPurification
+from lit_robust.datamodules import TorchvisionDataModule
 from lit_robust.ebm import EBM, load_ebm
 from lit_robust.runner import evaluate, run_experiment
 from lit_robust.serialization import CorruptFileError, NonFiniteWeightsError
@@ -170,3 +172,29 @@ def test_purification_rebuilds_a_forged_nan_chunk(tmp_path):
     with pytest.warns(UserWarning, match=rf"cache entry {chunk} holds NaN/inf; rebuilding it"):
         again = purified(tmp_path / "cache")
     assert torch.equal(again, reference) and torch.isfinite(load_verified(chunk)).all()
+
+
+# ---- dataset files -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damaged", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
+def test_truncated_mnist_file_is_named_with_the_fix(tmp_path, damaged):
+    write_mnist(tmp_path)
+    truncate(tmp_path / "MNIST" / "raw" / damaged, drop=3)
+    with pytest.raises(CorruptFileError, match=rf"{tmp_path / 'MNIST' / 'raw' / damaged} is corrupt or truncated"
+                                               r".*delete it and pass data.download=true"):
+        TorchvisionDataModule(name="mnist", data_dir=str(tmp_path)).setup("fit")
+
+
+def test_cifar_batch_that_is_not_the_real_one_is_named(tmp_path):
+    write_cifar10(tmp_path)  # real format, but not the real files' bytes (md5)
+    with pytest.raises(CorruptFileError, match=rf"{tmp_path / 'cifar-10-batches-py' / 'data_batch_1'} is corrupt"):
+        TorchvisionDataModule(name="cifar10", data_dir=str(tmp_path)).setup("fit")
+
+
+def test_labels_outside_the_classes_are_refused_at_setup(tmp_path):
+    write_mnist(tmp_path, max_label=12)
+    with pytest.raises(ValueError, match=r"mnist train split in .* has label 12 at index 5 \(1 of 6 labels outside "
+                                         r"0..9.*data.download=true"):
+        TorchvisionDataModule(name="mnist", data_dir=str(tmp_path)).setup("fit")
+    intact = tmp_path / "intact"
+    write_mnist(intact)
+    TorchvisionDataModule(name="mnist", data_dir=str(intact), val_size=1).setup("fit")
