@@ -137,6 +137,10 @@ class TorchvisionDataModule(ImageDataModule):
         self.in_chans = TORCHVISION_SETS[name][1]
         self.num_classes = NUM_CLASSES.get(name, 10)
 
+    @property
+    def source_dataset(self) -> str:
+        return f"{type(self).__name__}:{self.name}"
+
     def prepare_data(self) -> None:
         if self.download:
             open_torchvision_split(self.name, self.data_dir, True, True)

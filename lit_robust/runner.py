@@ -2,8 +2,9 @@
 
 Safe by default: an experiment name is never a path (``../model/ebm``), numeric settings are checked against the
 constructors' annotations before anything is built, and checkpoints are read with ``weights_only=True`` only (see
-``lit_robust.serialization``). Checkpoints record the model's ``_target_`` and the training images' shape
-(``checkpoint["lit_robust"]``); evaluating one with another model class or image size fails at the start. A
+``lit_robust.serialization``). Checkpoints record the model's ``_target_``, the training images' shape, dataset and
+classes (``checkpoint["lit_robust"]``); evaluating one with another model class, image size or dataset fails at the
+start. A
 non-finite ``test/*`` metric (a diverged model, NaN weights) is logged as a warning and counted in ``metrics.json``
 as ``test/non_finite``; the run still succeeds, so its other numbers stay inspectable. ``smoke=true`` shrinks any
 run to seconds on a CPU (``shrink_for_smoke``, ``conf/smoke.yaml``); an experiment's documented
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_robust.callbacks.exact_resume import CSVHistory, RNGState
 from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
+from lit_robust.datamodules.base import check_trained_on
 from lit_robust.experiment_names import CONFIG_MODULE, check_experiment
 from lit_robust.machine import fast_precision, use_available_cores
 from lit_robust.serialization import check_checkpoint, load_plain
@@ -120,15 +122,16 @@ def check_image_size(image_shape: tuple[int, ...], model: L.LightningModule, rec
 
 
 class CheckpointRecord(L.Callback):
-    """Adds ``checkpoint["lit_robust"] = {"model_target", "input_shape"}`` (Lightning stores neither the class nor
-    the data), and at setup checks the data's image shape against the model and ``recorded`` (a loaded
-    checkpoint's record)."""
+    """Adds ``checkpoint["lit_robust"] = {"model_target", "input_shape", "source_dataset", "num_classes"}``
+    (Lightning stores neither the class nor the data), and at setup checks the data against the model and
+    ``recorded`` (a loaded checkpoint's record: image shape, ``check_trained_on``)."""
 
     def __init__(self, model_target: str, recorded: dict | None = None):
         self.model_target, self.recorded, self.input_shape = model_target, recorded or {}, None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
+        check_trained_on(self.recorded, datamodule)
         for split in ("train_dataset", "val_dataset", "test_dataset"):
             dataset = getattr(datamodule, split, None)
             item = dataset[0] if dataset is not None and len(dataset) else None
@@ -140,7 +143,9 @@ class CheckpointRecord(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["lit_robust"] = {"model_target": self.model_target,
-                                    "input_shape": list(self.input_shape) if self.input_shape else None}
+                                    "input_shape": list(self.input_shape) if self.input_shape else None,
+                                    "source_dataset": getattr(trainer.datamodule, "source_dataset", None),
+                                    "num_classes": getattr(trainer.datamodule, "num_classes", None)}
 
 
 def read_checkpoint(cfg: DictConfig) -> dict:

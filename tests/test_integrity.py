@@ -23,19 +23,20 @@ from lit_robust.ebm import EBM, load_ebm
 from lit_robust.runner import evaluate, run_experiment
 from lit_robust.serialization import CorruptFileError, NonFiniteWeightsError
 
-DIGITS = ["data=digits_8x8", "trainer.max_epochs=1", "~callbacks.rich_progress_bar"]
+TRAINED_ON = "data=digits_8x8"
+DIGITS = ["trainer.max_epochs=1", "~callbacks.rich_progress_bar"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """best.ckpt of a one-epoch digits classifier on the 8×8 digits."""
     run_dir = tmp_path_factory.mktemp("train")
-    run_experiment("digits_classifier", DIGITS, run_dir)
+    run_experiment("digits_classifier", [TRAINED_ON, *DIGITS], run_dir)
     return run_dir / "checkpoints" / "best.ckpt"
 
 
-def evaluate_checkpoint(path: Path, output_dir: Path) -> None:
-    overrides = ["experiment=digits_classifier", *DIGITS]
+def evaluate_checkpoint(path: Path, output_dir: Path, data: list[str] = (TRAINED_ON,)) -> None:
+    overrides = ["experiment=digits_classifier", *data, *DIGITS]
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[*overrides, f"ckpt_path={path}", f"output_dir={output_dir}"])
@@ -67,6 +68,22 @@ def test_checkpoint_with_a_nan_weight_is_refused_naming_file_and_tensor(checkpoi
 def test_checkpoint_without_the_lit_robust_record_is_refused_with_the_reason(checkpoint, tmp_path):
     path = edited_copy(checkpoint, tmp_path / "plain.ckpt", lambda state: state.pop("lit_robust"))
     with pytest.raises(ValueError, match=rf"{path} has no lit_robust record .* not written by train.py"):
+        evaluate_checkpoint(path, tmp_path / "out")
+
+
+def test_checkpoint_evaluated_on_other_data_of_the_same_shape_is_refused(checkpoint, tmp_path):
+    """Trained on scikit-learn's 8×8 digits; MNIST's digits shrunk to 8×8 pass the image-shape check."""
+    with pytest.raises(ValueError, match=r"trained on data with source_dataset=DigitsDataModule:sklearn8x8 but the "
+                                         r"data \(DigitsDataModule\) has source_dataset=DigitsDataModule:mnist5k"):
+        evaluate_checkpoint(checkpoint, tmp_path / "out", ["data=digits", "data.img_size=8"])
+    record = torch.load(checkpoint, map_location="cpu", weights_only=True)["lit_robust"]
+    assert record["num_classes"] == 10 and record["input_shape"] == [1, 8, 8]
+
+    def hundred_classes(state):
+        state["lit_robust"]["num_classes"] = 100
+
+    path = edited_copy(checkpoint, tmp_path / "cifar100.ckpt", hundred_classes)
+    with pytest.raises(ValueError, match=r"trained on data with num_classes=100 but the data .* has num_classes=10"):
         evaluate_checkpoint(path, tmp_path / "out")
 
 
