@@ -44,13 +44,13 @@ def uninterrupted(tmp_path_factory) -> Path:
     return run_dir
 
 
-def killed_run(run_dir: Path, step: int) -> None:
-    """``train.py`` with a callback that SIGKILLs it after ``step`` optimizer steps."""
+def killed_run(run_dir: Path, step: int, *overrides: str) -> None:
+    """``train.py`` with a callback that SIGKILLs it (every process of it) after ``step`` optimizer steps."""
     (run_dir / "killer").mkdir(parents=True)
     (run_dir / "killer" / "kill_at_step.py").write_text(KILLER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "1",
            "PYTHONPATH": str(run_dir / "killer")}
-    result = subprocess.run([sys.executable, "train.py", *RUN, f"hydra.run.dir={run_dir}",
+    result = subprocess.run([sys.executable, "train.py", *RUN, *overrides, f"hydra.run.dir={run_dir}",
                              "+callbacks.kill._target_=kill_at_step.KillAtStep", f"+callbacks.kill.step={step}"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == -9, result.stderr[-3000:]
@@ -73,10 +73,10 @@ def assert_same_tensors(resumed, reference, where: str = "") -> None:
             assert_same_tensors(a, b, f"{where}[{index}]")
 
 
-def random_step_in_epoch(epoch: int, seed: int) -> int:
+def random_step_in_epoch(epoch: int, seed: int, steps_per_epoch: int = STEPS_PER_EPOCH) -> int:
     """A step strictly inside ``epoch`` (after its first batch, before its checkpoint), drawn once: seeded, so CI
     repeats it."""
-    return random.Random(seed).randrange(epoch * STEPS_PER_EPOCH + 1, (epoch + 1) * STEPS_PER_EPOCH)
+    return random.Random(seed).randrange(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch)
 
 
 def test_killed_and_resumed_fit_equals_the_uninterrupted_fit(uninterrupted, tmp_path):
@@ -107,3 +107,20 @@ def test_resuming_in_place_keeps_the_interrupted_rows(uninterrupted, tmp_path):
     run_script("train.py", *RUN, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path}")
     assert ((tmp_path / "csv" / "metrics.csv").read_text().splitlines() ==
             (uninterrupted / "csv" / "metrics.csv").read_text().splitlines())
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_ddp_fit_equals_the_uninterrupted_fit(tmp_path):
+    """Two processes (``trainer=ddp_cpu``, half the steps per epoch each): the checkpoint holds both ranks' RNG
+    states and each resumed process takes its own."""
+    ddp = ["trainer=ddp_cpu", "~callbacks.rich_progress_bar"]
+    run_script("train.py", *RUN, *ddp, f"hydra.run.dir={tmp_path / 'uninterrupted'}")
+    killed_run(tmp_path / "killed", random_step_in_epoch(1, seed=47, steps_per_epoch=STEPS_PER_EPOCH // 2), *ddp)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert len(state_of(last)["callbacks"]["RNGState"]["ranks"]) == 2
+    run_script("train.py", *RUN, *ddp, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'resumed'}")
+    reference = state_of(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt")
+    assert_same_tensors(state_of(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["state_dict"],
+                        reference["state_dict"], "state_dict")
+    assert ((tmp_path / "resumed" / "csv" / "metrics.csv").read_text() ==
+            (tmp_path / "uninterrupted" / "csv" / "metrics.csv").read_text())
