@@ -5,6 +5,7 @@ from lit_robust.callbacks.baseline_filters import (ActivationClusteringFilter, S
 from lit_robust.callbacks.certification import Certification
 from lit_robust.callbacks.patchcleanser import PatchCleanserCertification
 from lit_robust.callbacks.counterfactual_report import CounterfactualReport
+from lit_robust.callbacks.exact_resume import CSVHistory, RNGState
 from lit_robust.callbacks.last_checkpoint import LastCheckpoint
 from lit_robust.callbacks.latent_grid import LatentAugmentationGrid
 from lit_robust.callbacks.metrics_file import MetricsFile
@@ -18,9 +19,10 @@ from lit_robust.callbacks.shift_sweep import ShiftSweep
 from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLearnerFilter
 
 __all__ = ["ActivationClusteringFilter", "AdversarialEvaluation", "AdversarialRobustnessReport", "Certification",
-           "CounterfactualReport", "LastCheckpoint",
+           "CounterfactualReport", "CSVHistory", "LastCheckpoint",
            "DDPMPurification", "EBMPurification", "LatentAugmentationGrid", "MetricsFile", "MissingnessReport",
            "OODDetection",
            "PatchCleanserCertification", "PoisonMetrics", "PureGenFilt", "PureGenNaive", "PureGenReps", "Purification",
+           "RNGState",
            "ShiftRobustnessReport", "ShiftSweep", "SpectralSignatureFilter", "TrainingSetFilter", "TrimmedLossFilter",
            "WeakLearnerFilter"]

@@ -160,9 +160,9 @@ class Purification(TrainSplitDefence):
         for rows in mine:
             chunk = int(rows[0]) // self.chunk_size
             path = folder / f"chunk_{chunk:05d}.pt"
-            cached = load_verified(path)
             originals = images[rows]
-            if cached is None or cached.shape != originals.shape:
+            cached = load_verified(path, shape=tuple(originals.shape), dtype=torch.float32, value_range=(0.0, 1.0))
+            if cached is None:
                 generator = torch.Generator(device=device).manual_seed(chunk_seed(self.seed, chunk))
                 chunk_images = originals.to(device).contiguous(memory_format=self.memory_format)
                 cached = self.purify_chunk(chunk_images, rows, generator).detach().float().cpu().contiguous()

@@ -41,6 +41,28 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
     return np.sort(train), np.sort(val), np.sort(test)
 
 
+def check_labels(labels, num_classes: int, dataset: str, fix: str) -> None:
+    """Refuse class labels outside 0 … ``num_classes`` − 1 at setup, naming the first one, ``dataset`` and ``fix``:
+    a loader would hand them on and training would fail at its first step with an unrelated IndexError."""
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise ValueError(f"{dataset} has label {labels[bad[0]]} at index {bad[0]} ({len(bad)} of {len(labels)} labels "
+                         f"outside 0..{num_classes - 1} for its {num_classes} classes): {fix}")
+
+
+def check_trained_on(record: dict, datamodule: L.LightningDataModule) -> None:
+    """Refuse ``datamodule`` when it is not the data a checkpoint was trained on (``record``: the checkpoint's
+    ``lit_robust`` record, with ``source_dataset`` and ``num_classes``): its test numbers would be those of another
+    task, e.g. ~10 % for a model of the 8×8 digits upsampled to 28×28 evaluated on MNIST's 28×28 digits."""
+    for key in ("source_dataset", "num_classes"):
+        trained, given = record.get(key), getattr(datamodule, key, None)
+        if trained is not None and given is not None and trained != given:
+            raise ValueError(f"the checkpoint was trained on data with {key}={trained} but the data "
+                             f"({type(datamodule).__name__}) has {key}={given}: pass the experiment= and data "
+                             f"settings of the training run (its config.yaml beside checkpoints/)")
+
+
 def stack_dataset(dataset: Dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """All (images, targets) of a dataset as two tensors (for crafting poisons, purifying, filtering)."""
     if isinstance(dataset, TensorImageDataset):
@@ -72,6 +94,13 @@ class ImageDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+
+    @property
+    def source_dataset(self) -> str:
+        """Which dataset the images come from, before resizing and under any wrapper (``DigitsDataModule:sklearn8x8``):
+        recorded in checkpoints, so that a model is not evaluated on other data that merely has the same image shape
+        (:func:`check_trained_on`). Subclasses that read several datasets append the one they were given."""
+        return type(self).__name__
 
     @property
     def img_size(self) -> int:

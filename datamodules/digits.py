@@ -68,6 +68,10 @@ class DigitsDataModule(ImageDataModule):
         self.source, self.size, self.num_images = source, img_size, num_images
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
 
+    @property
+    def source_dataset(self) -> str:
+        return f"{type(self).__name__}:{self.source}"
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is not None:
             return

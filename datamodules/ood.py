@@ -129,6 +129,10 @@ class OODPairDataModule(ImageDataModule):
         self.ood_test_dataset: Dataset | None = None
         self.ood_test_datasets: dict[str, Dataset] = {}
 
+    @property
+    def source_dataset(self) -> str:
+        return f"{type(self).__name__}:{self.inlier}"
+
     def prepare_data(self) -> None:
         if self.download:
             for name in {self.inlier, *self.outliers} & set(TORCHVISION_SETS):

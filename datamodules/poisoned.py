@@ -139,12 +139,12 @@ class PoisonedDataModule(WrappedDataModule):
         distributed = trainer is not None and trainer.world_size > 1
         if distributed and trainer.global_rank != 0:
             trainer.strategy.barrier()
-            payload = load_verified(path)
+            payload = load_verified(path, kind=dict)
             if payload is None:
                 raise RuntimeError(f"rank {trainer.global_rank} found no valid poison cache at {path}; is cache_dir "
                                    "on a filesystem every rank can read?")
             return Poisons.from_payload(payload), False
-        payload = load_verified(path)
+        payload = load_verified(path, kind=dict)
         crafted = payload is None
         if crafted:
             check_writable(self.cache_dir, "data.cache_dir")

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_integrity
 
 from lit_robust.cache import check_writable
-from lit_robust.datamodules.base import ImageDataModule
+from lit_robust.datamodules.base import ImageDataModule, check_labels
+from lit_robust.serialization import CorruptFileError
 
 TO_TENSOR = transforms.ToTensor()
 
@@ -68,8 +70,49 @@ def open_torchvision_split(name: str, data_dir: str, train: bool, download: bool
     try:
         return cls(str(root), download=download, transform=TO_TENSOR, **split)
     except RuntimeError as error:
+        damaged = damaged_file(name, root, train)
+        if damaged is not None:
+            raise CorruptFileError(f"{damaged} is corrupt or truncated ({error}): delete it and pass "
+                                   f"data.download=true to fetch it again (a download skips files that exist), or "
+                                   f"replace it") from error
         raise FileNotFoundError(f"data_dir {root} has no readable {name} files (expected {root / expected}): "
                                 f"pass data.download=true or set data.data_dir ({error})") from error
+
+
+IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}  # idx type code → bytes per value
+
+
+def damaged_file(name: str, root: Path, train: bool) -> Path | None:
+    """The first file of a split that is present but damaged, else None: an MNIST/Fashion-MNIST idx file whose
+    size disagrees with its header (truncated), or a CIFAR-10 batch / SVHN ``.mat`` whose md5 differs from the one
+    torchvision records for the real file (torchvision itself only says "not found or corrupted")."""
+    cls, _, expected, _ = TORCHVISION_SETS[name]
+    if name in ("mnist", "fashion_mnist"):
+        prefix = "train" if train else "t10k"
+        paths = [root / expected / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+        return next((path for path in paths if path.is_file() and not idx_complete(path)), None)
+    if name == "cifar10":
+        files = [*(cls.train_list if train else cls.test_list), [cls.meta["filename"], cls.meta["md5"]]]
+        checked = [(root / expected / file, md5) for file, md5 in files]
+    elif name == "svhn":
+        _, file, md5 = cls.split_list["train" if train else "test"]
+        checked = [(root / file, md5)]
+    else:
+        return None
+    return next((path for path, md5 in checked if path.is_file() and not check_integrity(str(path), md5)), None)
+
+
+def idx_complete(path: Path) -> bool:
+    """Whether an idx file (magic: 0, 0, type code, rank; then one big-endian uint32 per dimension; then the values)
+    holds exactly as many bytes as its header announces."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+        if len(magic) < 4 or magic[2] not in IDX_ITEM_BYTES:
+            return False
+        dims = np.frombuffer(handle.read(4 * magic[3]), dtype=">u4")
+    if len(dims) < magic[3]:
+        return False
+    return path.stat().st_size == 4 + 4 * magic[3] + int(np.prod(dims, dtype=np.int64)) * IDX_ITEM_BYTES[magic[2]]
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:
@@ -94,6 +137,10 @@ class TorchvisionDataModule(ImageDataModule):
         self.in_chans = TORCHVISION_SETS[name][1]
         self.num_classes = NUM_CLASSES.get(name, 10)
 
+    @property
+    def source_dataset(self) -> str:
+        return f"{type(self).__name__}:{self.name}"
+
     def prepare_data(self) -> None:
         if self.download:
             open_torchvision_split(self.name, self.data_dir, True, True)
@@ -104,6 +151,10 @@ class TorchvisionDataModule(ImageDataModule):
             return
         full_train = open_torchvision_split(self.name, self.data_dir, True, False)
         self.test_dataset = open_torchvision_split(self.name, self.data_dir, False, False)
+        for split, dataset in (("train", full_train), ("test", self.test_dataset)):
+            check_labels(dataset_labels(dataset), self.num_classes, f"{self.name} {split} split in {self.data_dir}",
+                         "its label file is damaged or belongs to another dataset; delete the files and pass "
+                         "data.download=true, or set data.name / data.data_dir to the right dataset")
         if self.name == "cinic10":
             self.train_dataset = full_train
             self.val_dataset = datasets.ImageFolder(str(Path(self.data_dir) / "cinic-10" / "valid"),

@@ -19,6 +19,10 @@ class WrappedDataModule(ImageDataModule):
         self.base = base
         self.num_classes, self.in_chans = getattr(base, "num_classes", None), base.in_chans
 
+    @property
+    def source_dataset(self) -> str:
+        return self.base.source_dataset
+
     def prepare_data(self) -> None:
         self.base.prepare_data()
 

@@ -2,7 +2,9 @@
 
 A cache entry is ``<name>.pt`` plus ``<name>.pt.sha256``; both are written to temporary files and renamed, the
 checksum last, so an interrupted write leaves no entry that passes verification. ``load_verified`` returns None for a
-missing, truncated or corrupted entry — callers rebuild it. Entries hold tensors and plain containers only
+missing, truncated or corrupted entry, and for one that is not what the caller declares (type, shape, dtype, value
+range) or holds NaN/inf, with a warning naming the file — callers rebuild it. Entries hold tensors and plain
+containers only
 (``lit_robust.serialization``): ``save_atomic`` refuses anything else, and ``load_verified`` refuses to unpickle
 anything else even when the checksum matches (whoever can write the entry can write its checksum).
 """
@@ -13,6 +15,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,12 +59,17 @@ def check_writable(folder: str | Path, key: str) -> Path:
 
 
 def _replace_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to a temporary file beside ``path`` and rename it there; a failed write (disk full, an
+    interrupt) leaves neither a partial ``path`` nor the temporary file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_atomic(path: str | Path, obj) -> str:
@@ -79,9 +87,13 @@ def save_atomic(path: str | Path, obj) -> str:
     return checksum
 
 
-def load_verified(path: str | Path):
-    """The object saved at ``path`` if its checksum matches, else None (missing, partial or corrupted); raises
-    ``NotPlainFileError`` for an entry that is not tensors and plain containers."""
+def load_verified(path: str | Path, kind: type | None = None, shape: tuple[int, ...] | None = None,
+                  dtype: torch.dtype | None = None, value_range: tuple[float, float] | None = None):
+    """The object saved at ``path`` if its checksum matches and it is what the caller declares, else None (missing,
+    partial, corrupted, or not as declared: a warning names the file); raises ``NotPlainFileError`` for an entry that
+    is not tensors and plain containers. ``kind``: its type (a tensor when ``shape``, ``dtype`` or ``value_range``
+    is given); ``shape``, ``dtype``: the tensor's; ``value_range``: (low, high) bounds of its values. Tensors in any
+    entry must be finite (a matching checksum only says the file is as written, not that what was written is sane)."""
     path = Path(path)
     sidecar = path.with_name(path.name + ".sha256")
     if not path.exists() or not sidecar.exists():
@@ -90,6 +102,44 @@ def load_verified(path: str | Path):
     if sha256_bytes(payload) != sidecar.read_text().strip():
         return None
     try:
-        return load_plain(payload, "cache entry", str(path))
+        entry = load_plain(payload, "cache entry", str(path))
     except CorruptFileError:
         return None
+    problem = entry_problem(entry, torch.Tensor if kind is None and (shape or dtype or value_range) else kind,
+                            shape, dtype, value_range)
+    if problem:
+        # warnings.warn, not rank_zero_warn: under DDP each rank loads its own entries (purified chunks)
+        warnings.warn(f"cache entry {path} {problem}; rebuilding it", stacklevel=2)
+        return None
+    return entry
+
+
+def entry_problem(entry, kind: type | None, shape: tuple[int, ...] | None, dtype: torch.dtype | None,
+                  value_range: tuple[float, float] | None) -> str | None:
+    """What makes ``entry`` not the declared one (see :func:`load_verified`), or None."""
+    if kind is not None and not isinstance(entry, kind):
+        return f"holds a {type(entry).__name__}, not a {kind.__name__}"
+    if shape is not None and tuple(entry.shape) != tuple(shape):
+        return f"holds shape {tuple(entry.shape)}, not {tuple(shape)}"
+    if dtype is not None and entry.dtype != dtype:
+        return f"holds {entry.dtype}, not {dtype}"
+    for name, tensor in _tensors(entry):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"holds NaN/inf{f' in {name}' if name else ''}"
+    if value_range is not None and entry.numel():
+        low, high = entry.min().item(), entry.max().item()
+        if low < value_range[0] or high > value_range[1]:
+            return f"holds values in [{low:g}, {high:g}], outside [{value_range[0]:g}, {value_range[1]:g}]"
+    return None
+
+
+def _tensors(entry, name: str = ""):
+    """(dotted name, tensor) of every tensor in nested plain containers."""
+    if isinstance(entry, torch.Tensor):
+        yield name, entry
+    elif isinstance(entry, dict):
+        for key, value in entry.items():
+            yield from _tensors(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(entry, (list, tuple)):
+        for index, value in enumerate(entry):
+            yield from _tensors(value, f"{name}[{index}]")

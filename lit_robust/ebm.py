@@ -16,7 +16,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from lit_robust.langevin import langevin_chain
-from lit_robust.serialization import load_plain
+from lit_robust.serialization import check_finite, check_sha256, load_plain
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
 PRETRAINED = {"digits": "ebm_digits.pt"}
@@ -214,7 +214,8 @@ class EBM(L.LightningModule):
     # ---- shipped weights -----------------------------------------------------------------------------------------
     def export(self, path: str | Path) -> None:
         """Save hyperparameters + network weights only (no bank, no optimizer): the compact form shipped as package
-        data and loaded by :meth:`load_exported`."""
+        data and loaded by :meth:`load_exported`; a shipped file's SHA-256 goes into ``weights/SHA256SUMS``
+        (checked by :meth:`pretrained`)."""
         hparams = dict(self.hparams)
         torch.save({"hparams": hparams, "net": {k: v.half() if v.is_floating_point() else v
                                                 for k, v in self.net.state_dict().items()}}, path)
@@ -222,6 +223,7 @@ class EBM(L.LightningModule):
     @classmethod
     def load_exported(cls, path: str | Path) -> "EBM":
         payload = load_plain(path, "exported EBM weights")
+        check_finite(payload["net"], str(path), "exported EBM weights")
         hparams = dict(payload["hparams"], bank_size=1)
         model = cls(**hparams)
         model.net.load_state_dict({k: v.float() for k, v in payload["net"].items()})
@@ -237,7 +239,21 @@ class EBM(L.LightningModule):
             raise FileNotFoundError(f"{path} is missing: reinstall lit-robust or train one with "
                                     "`python train.py experiment=ebm_digits` and EBM.export(...)")
         with resources.as_file(path) as local:
+            check_sha256(local, shipped_sha256(PRETRAINED[name]),
+                         "reinstall lit-robust (pip install --force-reinstall lit-robust), or rebuild the weights with "
+                         "`python train.py experiment=ebm_digits` and EBM.export(...)")
             return cls.load_exported(local)
+
+
+def shipped_sha256(filename: str) -> str:
+    """The SHA-256 that ``lit_robust/weights/SHA256SUMS`` (``sha256sum`` format, shipped beside the weights)
+    records for ``filename``."""
+    sums = resources.files("lit_robust").joinpath("weights", "SHA256SUMS").read_text().split("\n")
+    recorded = {name: digest for digest, name in (line.split(maxsplit=1) for line in sums if line.strip())}
+    if filename not in recorded:
+        raise KeyError(f"lit_robust/weights/SHA256SUMS records no checksum for {filename}: add one "
+                       f"(cd lit_robust/weights && sha256sum {filename} >> SHA256SUMS)")
+    return recorded[filename]
 
 
 def load_ebm(source: str) -> EBM:
@@ -248,6 +264,7 @@ def load_ebm(source: str) -> EBM:
         raise FileNotFoundError(f"EBM weights {source!r} not found: pass pretrained:digits, an exported .pt "
                                 "or a checkpoint of `train.py experiment=ebm_digits`")
     if source.endswith(".ckpt"):
-        load_plain(source, "EBM checkpoint", mmap=True)  # refuse code in the file with its name, before Lightning
+        # refuse code in the file, and NaN/inf weights, naming it before Lightning reads it
+        check_finite(load_plain(source, "EBM checkpoint", mmap=True)["state_dict"], source, "EBM checkpoint")
         return EBM.load_from_checkpoint(source, map_location="cpu", weights_only=True).eval()
     return EBM.load_exported(source)

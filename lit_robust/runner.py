@@ -3,12 +3,13 @@
 Safe by default: a config group choice (``experiment=``, ``data=``, ``model=``, ...) is never a path
 (``../model/ebm``); numeric settings are checked against the constructors' annotations and their domains
 (``lit_robust.config_checks``: ``trainer.max_epochs`` ≥ 1, ``lr`` > 0, patch sizes within the images) before anything
-is built; checkpoints are read with ``weights_only=True`` only (see ``lit_robust.serialization``) and are data, never
-code: their hyperparameters are adopted only as plain values of the model config's keys and types (a ``_target_`` is
-refused), and the model class they record is compared by name, never imported. Checkpoints record the model's
-``_target_`` and the training images' shape (``checkpoint["lit_robust"]``); evaluating one with another model class
-or image size fails at the start. A run dir holds one run, never written through links, with ``~`` and ``$VAR``
-expanded once for every path (``lit_robust.run_paths``; ``overwrite=true`` replaces an earlier run). A
+is built; checkpoints are read with ``weights_only=True`` only (see ``lit_robust.serialization``), refused when their
+weights are not finite, and are data, never code: their hyperparameters are adopted only as plain values of the model
+config's keys and types (a ``_target_`` is refused), and the model class they record is compared by name, never
+imported. Checkpoints record the model's ``_target_``, the training images' shape, dataset and classes
+(``checkpoint["lit_robust"]``); evaluating one with another model class, image size or dataset fails at the start.
+A run dir holds one run, never written through links, with ``~`` and ``$VAR`` expanded once for every path
+(``lit_robust.run_paths``; ``overwrite=true`` replaces an earlier run). A
 non-finite ``test/*`` metric (a diverged model, NaN weights) is logged as a warning and counted in ``metrics.json``
 as ``test/non_finite``; the run still succeeds, so its other numbers stay inspectable. ``smoke=true`` shrinks any
 run to seconds on a CPU (``shrink_for_smoke``, ``conf/smoke.yaml``); an experiment's documented
@@ -30,12 +31,14 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from lit_robust.callbacks.exact_resume import CSVHistory, RNGState
 from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
 from lit_robust.config_checks import check_domains, checked_hparams
+from lit_robust.datamodules.base import check_trained_on
 from lit_robust.experiment_names import CONFIG_MODULE, check_choices, check_experiment
 from lit_robust.machine import fast_precision, use_available_cores
 from lit_robust.run_paths import check_run_dir, expand_config_paths, refuse_symlink
-from lit_robust.serialization import load_plain
+from lit_robust.serialization import check_checkpoint, load_plain
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +130,16 @@ def check_image_size(image_shape: tuple[int, ...], model: L.LightningModule, rec
 
 
 class CheckpointRecord(L.Callback):
-    """Adds ``checkpoint["lit_robust"] = {"model_target", "input_shape"}`` (Lightning stores neither the class nor
-    the data), and at setup checks the data's image shape against the model and ``recorded`` (a loaded
-    checkpoint's record)."""
+    """Adds ``checkpoint["lit_robust"] = {"model_target", "input_shape", "source_dataset", "num_classes"}``
+    (Lightning stores neither the class nor the data), and at setup checks the data against the model and
+    ``recorded`` (a loaded checkpoint's record: image shape, ``check_trained_on``)."""
 
     def __init__(self, model_target: str, recorded: dict | None = None):
         self.model_target, self.recorded, self.input_shape = model_target, recorded or {}, None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
+        check_trained_on(self.recorded, datamodule)
         for split in ("train_dataset", "val_dataset", "test_dataset"):
             dataset = getattr(datamodule, split, None)
             item = dataset[0] if dataset is not None and len(dataset) else None
@@ -147,7 +151,9 @@ class CheckpointRecord(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint["lit_robust"] = {"model_target": self.model_target,
-                                    "input_shape": list(self.input_shape) if self.input_shape else None}
+                                    "input_shape": list(self.input_shape) if self.input_shape else None,
+                                    "source_dataset": getattr(trainer.datamodule, "source_dataset", None),
+                                    "num_classes": getattr(trainer.datamodule, "num_classes", None)}
 
 
 def read_checkpoint(cfg: DictConfig) -> dict:
@@ -265,6 +271,8 @@ def build(cfg: DictConfig, checkpoint: dict | None = None
         check_choices(HydraConfig.get().runtime.choices)
     check_numbers(cfg)
     check_domains(cfg)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +280,8 @@ def build(cfg: DictConfig, checkpoint: dict | None = None
     model = hydra.utils.instantiate(cfg.model, _convert_="all")  # plain types in checkpoints
     check_compatible(datamodule, model)
     record = CheckpointRecord(cfg.model._target_, (checkpoint or {}).get("lit_robust"))
-    callbacks = instantiate_group(cfg.get("callbacks")) + [MetricsFile(str(output_dir)), record]
+    callbacks = instantiate_group(cfg.get("callbacks")) + [MetricsFile(str(output_dir)), record, RNGState(),
+                                                           CSVHistory(checkpoint)]
     loggers = instantiate_group(cfg.get("logger"))
     cpu_trainer_without_sync_batchnorm(cfg.trainer)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -4,9 +4,13 @@ Every file lit-robust reads (checkpoints, caches, surrogates, shipped or user-su
 :func:`load_plain`: ``torch.load(weights_only=True)``, which unpickles tensors and plain containers (dict, list,
 tuple, str, numbers) only, so a crafted file cannot execute anything. Its failures become two errors that name the
 file: :class:`NotPlainFileError` (the file asks to unpickle some other object) and :class:`CorruptFileError`.
+Weights read from files are checked to be finite (:func:`check_finite`): a bit flip that turns a weight into NaN/inf
+would otherwise evaluate at chance with exit 0; checkpoints given to ``train.py``/``evaluate.py`` must also be ones
+that ``train.py`` wrote (:func:`check_checkpoint`).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import re
@@ -54,6 +58,44 @@ def load_plain(source: str | Path | bytes, what: str = "file", name: str | None 
             raise
         raise CorruptFileError(f"{what} {name} is corrupt or truncated ({_first_line(error)}); delete it and "
                                "create it again") from None
+
+
+class NonFiniteWeightsError(ValueError):
+    """A file's weights hold NaN or inf (a diverged run saved, or bits flipped on disk)."""
+
+
+def check_finite(tensors: dict, name: str, what: str = "checkpoint") -> None:
+    """Raise :class:`NonFiniteWeightsError` naming the file and the first floating tensor of ``tensors`` (a state
+    dict) that holds NaN or inf."""
+    for key, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteWeightsError(
+                f"{what} {name} has non-finite weights: {key} holds {bad} NaN/inf of {tensor.numel()} values (the "
+                f"run diverged before it was saved, or the file was damaged); refused. Use an earlier checkpoint or "
+                f"retrain")
+
+
+def check_sha256(path: str | Path, expected: str, fix: str) -> None:
+    """Raise :class:`CorruptFileError` naming ``path`` and ``fix`` unless the file's SHA-256 is ``expected``."""
+    found = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if found != expected:
+        raise CorruptFileError(f"{path} is damaged: its SHA-256 is {found}, the package records {expected}; {fix}")
+
+
+def check_checkpoint(checkpoint: dict, name: str) -> None:
+    """Refuse a checkpoint that ``train.py`` did not write (no ``state_dict`` or no ``lit_robust`` record of the
+    model class and image shape, so nothing can be checked against the config and data) or whose weights are not
+    finite."""
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise ValueError(f"checkpoint {name} has no state_dict: it is not a Lightning checkpoint; pass a .ckpt "
+                         "written by train.py (<run>/checkpoints/)")
+    if "lit_robust" not in checkpoint:
+        raise ValueError(f"checkpoint {name} has no lit_robust record (model class, training image shape): it was "
+                         "not written by train.py, so its model and data cannot be checked against this config; "
+                         "train it with train.py, or load its weights in your own Lightning code "
+                         "(Model.load_from_checkpoint)")
+    check_finite(checkpoint["state_dict"], name)
 
 
 def check_plain(payload: bytes, name: str) -> None:

@@ -44,9 +44,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     Path(path).write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def write_mnist(root: Path, folder_name: str = "MNIST", n: int = 6) -> dict:
+def write_mnist(root: Path, folder_name: str = "MNIST", n: int = 6, max_label: int = 9) -> dict:
     """``<folder_name>/raw`` idx files (MNIST, FashionMNIST) with ``n`` train and ``n`` test images; returns the
-    images by split (``train``, ``t10k``)."""
+    images by split (``train``, ``t10k``). ``max_label`` above 9: the last label is that (a damaged label file)."""
     raw = Path(root) / folder_name / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -54,7 +54,9 @@ def write_mnist(root: Path, folder_name: str = "MNIST", n: int = 6) -> dict:
     for split in ("train", "t10k"):
         imgs = rng.integers(0, 256, (n, 28, 28))
         write_idx(raw / f"{split}-images-idx3-ubyte", imgs)
-        write_idx(raw / f"{split}-labels-idx1-ubyte", rng.permutation(np.arange(n) % 10))
+        labels = rng.permutation(np.arange(n) % 10)
+        labels[-1] = max(labels[-1], max_label)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
         images[split] = imgs
     return images
 
@@ -104,3 +106,8 @@ def patch_fixed_md5_checks(monkeypatch) -> None:
 
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
     monkeypatch.setattr(svhn, "check_integrity", lambda *args, **kwargs: True)
+
+
+def truncate(path: Path, drop: int = 100) -> None:
+    """Cut the last ``drop`` bytes off a file (an interrupted download or copy)."""
+    Path(path).write_bytes(Path(path).read_bytes()[:-drop])

@@ -228,19 +228,22 @@ def test_checkpoint_of_another_model(tmp_path, checkpoint):
         evaluate_checkpoint(checkpoint, tmp_path / "out", "experiment=ebm_digits")
 
 
-def test_checkpoint_with_nan_weights(tmp_path, checkpoint, caplog):
+def test_checkpoint_whose_finite_weights_overflow(tmp_path, checkpoint, caplog):
+    """Weights of 3e38 are finite (NaN/inf weights are refused at load, tests/test_integrity.py) but overflow the
+    activations: the test metrics are NaN."""
     saved = torch.load(checkpoint, weights_only=True)
-    saved["state_dict"] = {k: v.float().fill_(float("nan")) if v.is_floating_point() else v
+    saved["state_dict"] = {k: v.float().fill_(3e38) if v.is_floating_point() else v
                            for k, v in saved["state_dict"].items()}
-    torch.save(saved, tmp_path / "nan.ckpt")
-    evaluate_checkpoint(tmp_path / "nan.ckpt", tmp_path / "out")
+    torch.save(saved, tmp_path / "overflow.ckpt")
+    evaluate_checkpoint(tmp_path / "overflow.ckpt", tmp_path / "out")
     assert "non-finite test metrics" in caplog.text and "test/loss" in caplog.text
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["test/non_finite"] >= 1
 
 
 def test_28x28_data_for_8x8_checkpoint(tmp_path, checkpoint):
+    # the training images upsampled (MNIST's own 28×28 digits are another dataset: tests/test_integrity.py)
     with pytest.raises(ValueError, match=r"trained on 1×8×8 images but the data gives 1×28×28: .*data.img_size=8"):
-        evaluate_checkpoint(checkpoint, tmp_path / "out", "data=digits")
+        evaluate_checkpoint(checkpoint, tmp_path / "out", "data.img_size=28")
 
 
 def test_ebm_img_size_28_on_8x8_data(tmp_path):

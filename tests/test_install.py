@@ -33,7 +33,7 @@ def test_the_wheel_carries_configs_weights_and_console_scripts(installed):
     names = set(zipfile.ZipFile(installed["wheel"]).namelist())
     expected = {f"lit_robust/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")}
     assert expected and expected <= names
-    assert "lit_robust/weights/ebm_digits.pt" in names
+    assert {"lit_robust/weights/ebm_digits.pt", "lit_robust/weights/SHA256SUMS"} <= names  # EBM.pretrained checks
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(installed["wheel"]).read(entry_points).decode()
     for script in ("lit-robust-train", "lit-robust-evaluate", "lit-robust-flagship"):
