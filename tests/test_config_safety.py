@@ -225,7 +225,8 @@ def test_run_dir_holding_an_earlier_run(tmp_path, building):
 
 def test_run_dir_of_the_checkpoint_a_run_resumes(tmp_path, building):
     (tmp_path / "checkpoints").mkdir()
-    torch.save({"state_dict": {}}, tmp_path / "checkpoints" / "last.ckpt")
+    torch.save({"state_dict": {}, "lit_robust": {"model_target": "lit_robust.ImageClassifier"}},
+               tmp_path / "checkpoints" / "last.ckpt")
     with pytest.raises(ReachedBuild):
         runner.run_experiment("digits_classifier", [*TINY, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"],
                               tmp_path)

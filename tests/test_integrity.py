@@ -84,7 +84,7 @@ def test_checkpoint_evaluated_on_other_data_of_the_same_shape_is_refused(checkpo
 
     path = edited_copy(checkpoint, tmp_path / "cifar100.ckpt", hundred_classes)
     with pytest.raises(ValueError, match=r"trained on data with num_classes=100 but the data .* has num_classes=10"):
-        evaluate_checkpoint(path, tmp_path / "out")
+        evaluate_checkpoint(path, tmp_path / "out_cifar100")
 
 
 def test_ebm_checkpoint_and_export_with_inf_weights_are_refused(tmp_path):
