@@ -128,12 +128,13 @@ def _steps(transform) -> list:
 
 
 def _cut(owner, steps: list, dataset: Dataset, image_of: Callable, user: str) -> SeparatedAugmentation:
-    transform = owner.transform
-    owner.transform = Chain([])
+    transform, received = owner.transform, []
+    owner.transform = lambda image: received.append(image) or transform(image)
     try:
-        sample = image_of(dataset[0])  # the raw image the transform receives
+        dataset[0]  # records the raw image the transform receives
     finally:
         owner.transform = transform
+    sample = received[0]
     first = next((k for k, step in enumerate(steps) if is_random(step, Chain(steps[:k])(sample))), None)
     if first is None:
         raise ValueError(f"{user}: the train split's items change between two reads but its transform "

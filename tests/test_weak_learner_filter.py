@@ -71,11 +71,11 @@ def test_removal_stats_score_against_ground_truth():
 def test_weak_learner_filter_removes_the_backdoor_before_fit():
     callback = WeakLearnerFilter(runs=2, rounds=4, learner_epochs=15, self_train_epochs=10, hidden=64, batch_size=32)
     datamodule, trainer = fit_with(callback)
-    assert len(datamodule.train_dataset) == int(callback.keep.sum()) < 1797
+    assert len(trainer.train_dataloader.dataset) == int(callback.keep.sum()) < 1797
     metrics = trainer.callback_metrics
     _, labels, is_poison = backdoored_digits()
     assert_beats_random_removal(metrics, ~callback.keep, is_poison, labels)
-    assert metrics["filter/removed"] == 1797 - len(datamodule.train_dataset)
+    assert metrics["filter/removed"] == 1797 - len(trainer.train_dataloader.dataset)
     # a resumed fit restores the mask instead of filtering again
     restored = WeakLearnerFilter(runs=2, rounds=4)
     restored.load_state_dict(callback.state_dict())
@@ -109,7 +109,7 @@ def test_baseline_filters_remove_planted_poisons_better_than_chance(callback, tr
     torch.manual_seed(0)
     datamodule, trainer = fit_with(callback, trigger)
     metrics = trainer.callback_metrics
-    assert 0 < metrics["filter/removed"] == 1797 - len(datamodule.train_dataset)
+    assert 0 < metrics["filter/removed"] == 1797 - len(trainer.train_dataloader.dataset)
     _, labels, is_poison = backdoored_digits(**trigger)
     assert_beats_random_removal(metrics, ~callback.keep, is_poison, labels)
 
