@@ -254,7 +254,7 @@ def test_an_exception_during_fit_gives_the_datamodule_its_split_back(tmp_path):
                         limit_val_batches=0, default_root_dir=tmp_path)
     with pytest.raises(ArithmeticError):
         trainer.fit(Failing(), datamodule=data)
-    assert len(callback.installed) < 200 and len(data.mnist_train) == 200 and data.mnist_train is not None
+    assert len(callback.installed) < 200 and len(data.mnist_train) == 200
 
 
 def test_dict_items_with_other_keys_name_item_keys(tmp_path):
