@@ -145,29 +145,26 @@ def _cut(owner, steps: list, dataset: Dataset, image_of: Callable, user: str) ->
     if to_tensor is not None:
         deterministic, augment = deterministic + [to_tensor], [step for step in augment if step is not to_tensor]
     separated = SeparatedAugmentation(owner, Chain(deterministic), Chain(augment))
-    _check_separated(separated, sample, dataset, image_of, user)
-    return separated
-
-
-def _check_separated(separated: SeparatedAugmentation, sample, dataset: Dataset, image_of: Callable,
-                     user: str) -> None:
-    """The deterministic part gives a tensor, the same on every read; the random part runs on it and gives the
-    shape the user's transform gives."""
-    base = separated.deterministic(sample)
-    problem = None
-    if not isinstance(base, torch.Tensor):
-        problem = f"the steps before the first random one ({separated.deterministic}) give a {type(base).__name__}"
-    else:
-        with separated.unaugmented():
-            if reads_differ(dataset, image_of):
-                problem = f"the items still change with only {separated.deterministic} applied"
-        if problem is None:
-            try:
-                served = separated.augment(base)
-            except Exception as error:  # noqa: BLE001 — any failure means the order cannot be changed
-                served, problem = None, f"{separated.augment} fails on tensors ({type(error).__name__}: {error})"
-            if served is not None and tuple(served.shape) != tuple(image_of(dataset[0]).shape):
-                problem = f"{separated.augment} on tensors gives another shape than the dataset's transform"
+    problem = _separation_problem(separated, sample, dataset, image_of)
     if problem is not None:
         raise ValueError(f"{user}: the train split is randomly augmented and its transform cannot be cut into a "
                          f"part before the defence and a random part after it ({problem}): {UNSEPARABLE_FIX}")
+    return separated
+
+
+def _separation_problem(separated: SeparatedAugmentation, sample, dataset: Dataset, image_of: Callable) -> str | None:
+    """Why the cut does not work, if it does not: the deterministic part must give a tensor, the same on every read,
+    and the random part must run on it and give the shape the user's transform gives."""
+    base = separated.deterministic(sample)
+    if not isinstance(base, torch.Tensor):
+        return f"the steps before the first random one ({separated.deterministic}) give a {type(base).__name__}"
+    with separated.unaugmented():
+        if reads_differ(dataset, image_of):
+            return f"the items still change with only {separated.deterministic} applied"
+    try:
+        served = separated.augment(base)
+    except Exception as error:  # noqa: BLE001 — any failure means the order cannot be changed
+        return f"{separated.augment} fails on tensors ({type(error).__name__}: {error})"
+    if tuple(served.shape) != tuple(image_of(dataset[0]).shape):
+        return f"{separated.augment} on tensors gives another shape than the dataset's transform"
+    return None

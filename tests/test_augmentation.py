@@ -78,6 +78,8 @@ class NoisyToTensor:
 @pytest.mark.parametrize("digits, fix", [
     (Digits(NoisyToTensor()), r"\(the steps before the first random one \(identity\) give a Image\)"),
     (Digits(transforms.ToTensor(), noise=0.1), "randomness is outside the transform"),
+    (Digits(transforms.Compose([transforms.RandomApply([transforms.Lambda(lambda image: image.rotate(30))]),
+                                transforms.ToTensor()])), "RandomApply fails on tensors"),  # a PIL-only step
 ])
 def test_augmentation_that_cannot_be_separated_is_refused_naming_the_compose_to_write(digits, fix):
     with pytest.raises(ValueError, match=fix) as refusal:
