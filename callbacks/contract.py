@@ -1,17 +1,26 @@
 """The one contract every defence callback follows, so that it works in a Lightning project written the usual way.
 
-- **Which split**: the dataset the trainer's loader really iterates. By default the callback calls the DataModule's
-  ``<stage>_dataloader()`` and takes its ``.dataset``; ``split=`` names the DataModule attribute instead (a string,
-  e.g. ``"mnist_train"``) or returns the dataset (a callable of the DataModule).
+- **Which split**: the dataset the trainer's loader really iterates, wherever the loader comes from: the DataModule's
+  ``<stage>_dataloader()``, the LightningModule's own ``<stage>_dataloader()``, or loaders passed to
+  ``trainer.fit(model, train_loader, val_loader)``. ``split=`` names the DataModule's (or module's) attribute instead
+  (a string, e.g. ``"mnist_train"``) or returns the dataset (a callable of the DataModule).
 - **Which item format**: ``(image, target, ...)`` tuples, or dicts whose image and target keys are found among common
   names (``image``/``img``/``x``…, ``label``/``target``/``y``…) or given as ``item_keys=("pixels", "digit")``.
 - **Which pixel space**: defences work on images in [0, 1]. A loader that normalises declares it with
   ``normalization=(mean, std)`` (the values of its ``Normalize``) or a pair of callables ``(to_unit, from_unit)``;
   the callback undoes it before its model and redoes it after. Without a declaration, images outside [0, 1] are
   refused before any work.
-- **Replacing a split**: every DataModule attribute holding the split the loader reads is set to the replacement, the
-  loader hook is called again to prove it now returns the replacement, and ``on_train_start`` checks that the
-  trainer's own train loader iterates it; otherwise the error names the attribute the loader reads.
+- **Random augmentation** (items that differ between two reads): the defences read the un-augmented images — the
+  deterministic part of the dataset's ``transform`` (:mod:`lit_robust.callbacks.augmentation`) — and a purified split
+  still runs the random transforms on every read; an augmentation that cannot be separated is refused before any
+  work, naming how to structure the transform.
+- **Replacing a split**: every attribute of the DataModule (or LightningModule) holding the split the loader reads is
+  set to the replacement and the loader hook is called again to prove it now returns it; where no attribute holds it
+  (loaders passed to ``fit``, ``LightningDataModule.from_datasets``, a hook that builds its dataset anew) the loader
+  is rebuilt around the replacement as the loop's data source, or — a loader that cannot be rebuilt — refused before
+  any work. ``on_train_start`` checks that the trainer's own train loader iterates the replacement.
+- **Leaving the user's objects as they were**: every attribute or data source a defence replaced is put back at the
+  end of fit, on an exception and at teardown, so a DataModule reused for another run yields its original data.
 - **Shapes**: images are checked against the model's ``in_chans`` / ``img_size`` before any work.
 - **DDP**: work is shared out by :func:`rank_batches` (rank r takes batches r, r + W, … of the single-process
   batching) and put back in order by :func:`gather_in_order` (uneven shares are fine), so every rank ends with the
@@ -25,14 +34,20 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from torchmetrics.utilities.distributed import gather_all_tensors
+from typing_extensions import override
 
+from lit_robust.callbacks.augmentation import SeparatedAugmentation, separate_augmentation
 from lit_robust.datamodules.base import TensorImageDataset
 from lit_robust.pixel_space import PixelSpace
 
@@ -64,6 +79,10 @@ class ItemFormat:
         raise TypeError(f"dataset items are {type(item).__name__}: the defences read (image, target, ...) tuples or "
                         "dicts; pass item_keys=(image_key, target_key)")
 
+    def image(self, item):
+        """The image field of ``item`` as the dataset gives it (a tensor, or a PIL image before ``ToTensor``)."""
+        return item[self.keys(item)[0]]
+
     def read(self, item) -> tuple[torch.Tensor, torch.Tensor]:
         image_key, target_key = self.keys(item)
         return torch.as_tensor(item[image_key]), torch.as_tensor(item[target_key])
@@ -92,19 +111,21 @@ class ItemFormat:
 
 
 class ReplacedImages(Dataset):
-    """The items of ``base`` with each image replaced by ``images[i]`` (in the loader's pixel space), every other
-    field of the item kept."""
+    """The items of ``base`` with each image replaced by ``images[i]`` (in the loader's pixel space) — or by
+    ``augment(images[i])``, a fresh random draw on every read, where ``images`` are un-augmented — every other field of
+    the item kept."""
 
-    def __init__(self, base: Dataset, images: torch.Tensor, item_format: ItemFormat):
+    def __init__(self, base: Dataset, images: torch.Tensor, item_format: ItemFormat, augment: Callable | None = None):
         if len(base) != len(images):
             raise ValueError(f"{len(images)} replacement images for a dataset of {len(base)}")
-        self.base, self.images, self.item_format = base, images, item_format
+        self.base, self.images, self.item_format, self.augment = base, images, item_format, augment
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int):
-        return self.item_format.with_image(self.base[index], self.images[index])
+        image = self.images[index]
+        return self.item_format.with_image(self.base[index], image if self.augment is None else self.augment(image))
 
 
 # ---- splits ---------------------------------------------------------------------------------------------------------
@@ -118,41 +139,91 @@ def _first_loader(loaders):
     return None
 
 
+def _loop_source(trainer: L.Trainer, stage: str):
+    """The loop's ``_DataLoaderSource`` (Lightning 2.x): a DataModule, the LightningModule or the loaders given."""
+    if stage == "train":
+        loop = trainer.fit_loop
+    elif stage == "val":
+        loop = trainer.fit_loop.epoch_loop.val_loop if trainer.state.fn == TrainerFn.FITTING else trainer.validate_loop
+    else:
+        loop = trainer.test_loop
+    return loop._data_source
+
+
+def rebuilt_loader(loader, dataset: Dataset, user: str) -> DataLoader:
+    """A plain ``DataLoader`` batching, shuffling and loading ``dataset`` as ``loader`` does; refuses (naming the fix)
+    a loader whose sampler or class carries more than that."""
+    sampler = getattr(loader, "sampler", None)
+    plain = (type(loader) is DataLoader and type(loader.batch_sampler) is BatchSampler
+             and (type(sampler) is SequentialSampler
+                  or (type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None)))
+    if not plain:
+        raise RuntimeError(f"{user} replaces the train split, but the train loader ({type(loader).__name__} with "
+                           f"{type(sampler).__name__}) cannot be rebuilt around the replacement: keep the split in an "
+                           "attribute of your LightningDataModule or LightningModule (e.g. self.train_set, set in "
+                           "setup()) that train_dataloader() reads, or pass a plain DataLoader(dataset, batch_size=…, "
+                           "shuffle=…)")
+    return DataLoader(dataset, batch_size=loader.batch_size, shuffle=type(sampler) is RandomSampler,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      drop_last=loader.drop_last, timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                      multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+                      prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+                      pin_memory_device=loader.pin_memory_device)
+
+
 class SplitRef:
-    """A split of the trainer's DataModule: the dataset, the attributes that hold it, and how to prove a replacement
-    reaches the loader."""
+    """A split of what the trainer's loop reads — the DataModule's or LightningModule's loader hook, or loaders given
+    to ``fit`` —: the dataset, where it is held, and how to replace it where the loop will read the replacement."""
 
     def __init__(self, trainer: L.Trainer, stage: str, split: str | Callable | None, user: str):
         if stage not in LOADER_HOOKS:
             raise ValueError(f"stage {stage!r}: use one of {sorted(LOADER_HOOKS)}")
         self.stage, self.user, self.hook = stage, user, LOADER_HOOKS[stage]
-        self.datamodule = trainer.datamodule
-        if self.datamodule is None:
-            raise RuntimeError(f"{user} reads the {stage} split from a LightningDataModule, and this trainer has none: "
-                               f"pass datamodule=your_datamodule to trainer.{SETUP_STAGES[stage][0]}(...) (loaders "
-                               "passed directly cannot be read or replaced)")
-        self.dataset = self._resolve(split)
-        self.attributes = [name for name, value in vars(self.datamodule).items() if value is self.dataset]
+        self.source = _loop_source(trainer, stage)
+        self.holder = trainer.datamodule
+        if self.holder is None and isinstance(self.source.instance, L.LightningModule) \
+                and is_overridden(self.hook, self.source.instance):
+            self.holder = self.source.instance
+        self.loader = None
+        if self.holder is None:
+            self.dataset = self._given_loaders_dataset(split)
+            self.attributes = []
+        else:
+            self.dataset = self._resolve(split)
+            self.attributes = [name for name, value in vars(self.holder).items() if value is self.dataset]
+
+    def _given_loaders_dataset(self, split) -> Dataset:
+        verb = SETUP_STAGES[self.stage][0]
+        if split is not None:
+            raise ValueError(f"{self.user}: split={split!r} names an attribute of a DataModule or LightningModule, "
+                             f"but the {self.stage} loader was passed to trainer.{verb}(...) directly: leave split "
+                             "unset (the callback reads that loader's dataset)")
+        self.loader = _first_loader(self.source.instance)
+        if self.loader is None:
+            raise RuntimeError(f"{self.user} needs the {self.stage} split, but the trainer has no {self.stage} loader "
+                               f"it can read: pass a DataLoader or datamodule= to trainer.{verb}(...), or define "
+                               f"{self.hook}() on the LightningModule")
+        return self.loader.dataset
 
     def loader_dataset(self):
-        """The dataset that the DataModule's loader hook returns now (None when it gives no loader yet)."""
+        """The dataset that the holder's loader hook returns now (None when it gives no loader yet)."""
         try:
-            loader = _first_loader(getattr(self.datamodule, self.hook)())
+            self.loader = _first_loader(getattr(self.holder, self.hook)())
         except Exception as error:  # noqa: BLE001 — typically setup() for this stage has not built the split yet
             self.hook_error = error
             return None
-        return None if loader is None else loader.dataset
+        return None if self.loader is None else self.loader.dataset
 
     def _resolve(self, split) -> Dataset:
-        name, stages = type(self.datamodule).__name__, SETUP_STAGES[self.stage]
+        name, stages = type(self.holder).__name__, SETUP_STAGES[self.stage]
         self.hook_error = None
         if callable(split):
-            dataset = split(self.datamodule)
+            dataset = split(self.holder)
         elif isinstance(split, str):
             for stage in stages:
-                if getattr(self.datamodule, split, None) is None:
-                    self.datamodule.setup(stage)
-            dataset = getattr(self.datamodule, split, None)
+                if getattr(self.holder, split, None) is None:
+                    self.holder.setup(stage)
+            dataset = getattr(self.holder, split, None)
             if dataset is None:
                 raise AttributeError(f"{self.user}: {name} has no {self.stage} split in attribute {split!r} after "
                                      f"setup({', '.join(map(repr, stages))}): name the attribute that holds it "
@@ -161,7 +232,7 @@ class SplitRef:
             dataset = self.loader_dataset()
             for stage in stages:  # a setup() split by stage may not have built this split in the current run
                 if dataset is None:
-                    self.datamodule.setup(stage)
+                    self.holder.setup(stage)
                     dataset = self.loader_dataset()
             if dataset is None:
                 raise RuntimeError(f"{self.user} needs the {self.stage} split, but {name}.{self.hook}() gives no "
@@ -174,27 +245,56 @@ class SplitRef:
         return dataset
 
     def _candidates(self) -> str:
-        names = [k for k, v in vars(self.datamodule).items() if isinstance(v, Dataset)]
+        names = [k for k, v in vars(self.holder).items() if isinstance(v, Dataset)]
         return "dataset attributes: " + (", ".join(names) if names else "none")
 
-    def replace(self, replacement: Dataset) -> None:
-        """Install ``replacement`` in every attribute holding the split and prove the loader hook now returns it."""
-        name = type(self.datamodule).__name__
-        if not self.attributes:
-            raise RuntimeError(f"{self.user} cannot replace the {self.stage} split: {name}.{self.hook}() builds its "
-                               "dataset anew on each call; build it once in setup() and keep it in an attribute "
-                               "that the loader reads")
-        for attribute in self.attributes:
-            setattr(self.datamodule, attribute, replacement)
-        if self.loader_dataset() is not replacement:
-            reads = self.reads_attribute()
-            raise RuntimeError(f"{self.user} replaced {name}.{', '.join(self.attributes)}, but {name}.{self.hook}() "
-                               f"still reads {reads or 'another dataset'}: pass split='{reads}' (the attribute the "
-                               "loader reads)" if reads else "or make the loader read the split's attribute")
+    def _loader_to_rebuild(self) -> DataLoader:
+        given = self.source.instance if self.holder is None else getattr(self.holder, self.hook)()
+        if not isinstance(given, DataLoader):
+            raise RuntimeError(f"{self.user} cannot replace the {self.stage} split: no attribute holds it and the "
+                               f"loop's {self.stage} loaders are a {type(given).__name__}, not one DataLoader: keep "
+                               "the split in an attribute of your LightningDataModule or LightningModule that "
+                               f"{self.hook}() reads (e.g. self.train_set, set in setup())")
+        return given
 
-    def reads_attribute(self) -> str | None:
-        dataset = self.loader_dataset()
-        return next((k for k, v in vars(self.datamodule).items() if v is dataset and dataset is not None), None)
+    def check_replaceable(self) -> None:
+        """Before any work: the loader hook reads the attributes that will be replaced, or — no attribute holds the
+        split — its loader can be rebuilt around the replacement."""
+        if not self.attributes:
+            rebuilt_loader(self._loader_to_rebuild(), self.dataset, self.user)
+        elif self.loader_dataset() is not self.dataset:
+            raise self._not_read(self.attributes)
+
+    def replace(self, replacement: Dataset) -> list[tuple[object, str, object]]:
+        """Install ``replacement`` where the loop reads the split; returns the (owner, attribute, original value)
+        entries that :func:`undo_replacements` puts back."""
+        if not self.attributes:
+            undo = [(self.source, "instance", self.source.instance)]
+            self.source.instance = rebuilt_loader(self._loader_to_rebuild(), replacement, self.user)
+            return undo
+        undo = [(self.holder, attribute, getattr(self.holder, attribute)) for attribute in self.attributes]
+        for attribute in self.attributes:
+            setattr(self.holder, attribute, replacement)
+        if self.loader_dataset() is not replacement:
+            undo_replacements(undo, replacement)
+            raise self._not_read(self.attributes)
+        return undo
+
+    def _not_read(self, attributes: list[str]) -> RuntimeError:
+        dataset, name = self.loader_dataset(), type(self.holder).__name__
+        reads = next((k for k, v in vars(self.holder).items() if v is dataset and dataset is not None), None)
+        fix = (f"pass split='{reads}' (the attribute the loader reads)" if reads else
+               "make the loader read the split's attribute")
+        return RuntimeError(f"{self.user} would replace {name}.{', '.join(attributes)}, but {name}.{self.hook}() "
+                            f"reads {reads or 'another dataset'}: {fix}")
+
+
+def undo_replacements(undo: list[tuple[object, str, object]], installed: Dataset) -> None:
+    """Put back each attribute a defence replaced while it still holds ``installed`` or a later defence's replacement
+    built on it (a loader over either), so that defences undone in any order leave the user's original objects."""
+    for owner, attribute, original in reversed(undo):
+        if _builds_on(getattr(owner, attribute), installed):
+            setattr(owner, attribute, original)
 
 
 def evaluated_split(trainer: L.Trainer, stage: str, split: str | Callable | None, user: str) -> Dataset:
@@ -208,12 +308,13 @@ def evaluated_split(trainer: L.Trainer, stage: str, split: str | Callable | None
 
 
 def _builds_on(dataset, installed: Dataset, depth: int = 8) -> bool:
-    """Whether ``dataset`` is ``installed`` or wraps it (``Subset.dataset``, ``ReplacedImages.base``), as when a
-    later defence replaces the split an earlier one installed."""
+    """Whether ``dataset`` is ``installed`` or wraps it (``Subset.dataset``, ``ReplacedImages.base``, a loader's
+    ``dataset``), as when a later defence replaces the split an earlier one installed."""
     for _ in range(depth):
         if dataset is installed:
             return True
-        dataset = getattr(dataset, "base", None) or getattr(dataset, "dataset", None)
+        wrapped = getattr(dataset, "base", None)
+        dataset = wrapped if wrapped is not None else getattr(dataset, "dataset", None)
     return False
 
 
@@ -293,8 +394,10 @@ def output_folder(trainer: L.Trainer, output_dir: str | Path | None) -> Path:
 # ---- the base of the callbacks that replace the train split ---------------------------------------------------------
 class TrainSplitDefence(L.Callback):
     """Base of purification and data filters: read the split the train loader iterates at ``on_fit_start`` (after a
-    resumed fit restored this callback's state, before any train loader exists), install the replacement, prove at
-    ``on_train_start`` that the trainer iterates it, and log the defence's numbers once per training epoch.
+    resumed fit restored this callback's state, before any train loader exists) — un-augmented where the split is
+    randomly augmented (:mod:`lit_robust.callbacks.augmentation`) —, install the replacement, prove at
+    ``on_train_start`` that the trainer iterates it, log the defence's numbers once per training epoch, and put the
+    user's objects back at the end of fit, on an exception and at teardown.
 
     Args:
         split: the DataModule attribute holding the train split (e.g. ``"mnist_train"``) or a callable returning it;
@@ -305,26 +408,55 @@ class TrainSplitDefence(L.Callback):
         output_dir: where plots and records go (see :func:`output_folder`).
     """
 
+    refuses_unseparable_augmentation = False  # a filter may decide on one augmented draw; a purification may not
+
     def __init__(self, split: str | Callable | None = None, item_keys: tuple | None = None, normalization=None,
                  output_dir: str | None = None):
         self.split, self.output_dir = split, output_dir
         self.item_format = ItemFormat(item_keys)
         self.pixel_space = PixelSpace(normalization, type(self).__name__)
         self.installed: Dataset | None = None
+        self.replaced: list[tuple[object, str, object]] = []
+        self.augmentation: SeparatedAugmentation | None = None
         self.stats: dict[str, float] = {}
 
     def train_split(self, trainer: L.Trainer) -> SplitRef:
-        """The train split the loader reads."""
-        return SplitRef(trainer, "train", self.split, type(self).__name__)
+        """The train split the loader reads, checked to be replaceable before any work."""
+        ref = SplitRef(trainer, "train", self.split, type(self).__name__)
+        ref.check_replaceable()
+        return ref
+
+    @property
+    def split_space(self) -> PixelSpace:
+        """The pixel space of the images read: [0, 1] where the loader's ``Normalize`` runs after the separated
+        augmentation, else the loader's."""
+        if self.augmentation is not None and self.augmentation.normalizes_after:
+            return PixelSpace(None, type(self).__name__)
+        return self.pixel_space
 
     def unit_images(self, ref: SplitRef) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images of the split in [0, 1] and its targets."""
-        images, targets = self.item_format.stack(ref.dataset)
-        return self.pixel_space.to_unit(images), targets
+        """All (un-augmented) images of the split in [0, 1] and its targets."""
+        user = type(self).__name__
+        try:
+            self.augmentation = separate_augmentation(ref.dataset, self.item_format.image, user)
+        except ValueError as refusal:
+            if self.refuses_unseparable_augmentation:
+                raise
+            self.augmentation = None
+            rank_zero_warn(f"{refusal} — {user} decides on one augmented draw of each image")
+        with self.augmentation.unaugmented() if self.augmentation is not None else nullcontext():
+            images, targets = self.item_format.stack(ref.dataset)
+        return self.split_space.to_unit(images), targets
 
     def install(self, ref: SplitRef, replacement: Dataset) -> None:
-        ref.replace(replacement)
+        self.replaced = ref.replace(replacement)
         self.installed = replacement
+
+    def restore(self) -> None:
+        """Put back what :meth:`install` replaced (a later defence's replacement built on it included)."""
+        if self.installed is not None:
+            undo_replacements(self.replaced, self.installed)
+        self.replaced = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.installed is not None:
@@ -333,6 +465,18 @@ class TrainSplitDefence(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stats:  # the same on every rank (computed from gathered results)
             pl_module.log_dict(self.stats, on_step=False, on_epoch=True, sync_dist=False)
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore()
+
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.restore()
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.restore()
 
 
 class SplitEvaluation(L.Callback):

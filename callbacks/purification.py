@@ -11,9 +11,11 @@ DataModule (the split, item format and pixel space follow :mod:`lit_robust.callb
 :class:`Purification` does everything but the purification itself: it cuts the train set into fixed-size chunks,
 shares the chunks out over DDP ranks, seeds each chunk's noise from (seed, chunk index) — never from the rank — so 2
 processes produce bit-for-bit the set 1 process does, checks every finished chunk (finite, not saturated) and caches
-it (atomic write + sha256, keyed by the generative models' weights, the data and the parameters) so an interrupted
+it (atomic write + sha256, keyed by the weights the purification uses, the data and the parameters) so an interrupted
 run keeps its finished chunks and a repeated run recomputes nothing, gathers the chunks in the original order and
-installs the purified split. Subclasses override :meth:`Purification.purify_chunk` only.
+installs the purified split. A randomly augmented split is purified before its random transforms, which still run
+on every read of the purified images (:mod:`lit_robust.callbacks.augmentation`). Subclasses override
+:meth:`Purification.purify_chunk` only.
 """
 from __future__ import annotations
 
@@ -51,6 +53,16 @@ def check_purified(before: torch.Tensor, after: torch.Tensor, max_saturated: flo
                              "step_size, raise temperature or use fewer steps; nothing was cached")
 
 
+def purification_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a model's purification depends on: its parameters and buffers, less an EBM's replay ``bank`` (the
+    persistent chains of its training, drawn at random when the EBM is built and never read by Langevin
+    purification)."""
+    from lit_robust.ebm import EBM
+
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if not (isinstance(model, EBM) and k == "bank")}
+
+
 class Purification(TrainSplitDefence):
     """Base class: shard, check, cache, gather and install the purified train split (see the module docstring).
 
@@ -74,6 +86,8 @@ class Purification(TrainSplitDefence):
     Logged once per training epoch: ``purify/seconds``, ``purify/chunks_computed_rank0``, ``purify/mean_l2_change``
     (in [0, 1] pixel space).
     """
+
+    refuses_unseparable_augmentation = True  # purifying one augmented draw would freeze the augmentation
 
     def __init__(self, cache_dir: str | None = None, chunk_size: int = 250, seed: int = 0,
                  max_saturated: float = 0.9, progress: bool = True, plots: bool = True, channels_last: bool = False,
@@ -117,11 +131,12 @@ class Purification(TrainSplitDefence):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ref = self.train_split(trainer)
-        images, _ = self.unit_images(ref)
+        images, _ = self.unit_images(ref)  # un-augmented: the random transforms run on each read of the result
         for name, model in self.models().items():
             check_image_shape(images, model, type(self).__name__, name)
         purified = self.purify_dataset(images, trainer, pl_module.device)
-        self.install(ref, ReplacedImages(ref.dataset, self.pixel_space.from_unit(purified), self.item_format))
+        augment = self.augmentation.augment if self.augmentation is not None else None
+        self.install(ref, ReplacedImages(ref.dataset, self.split_space.from_unit(purified), self.item_format, augment))
         if self.plots and trainer.is_global_zero:
             self.report(output_folder(trainer, self.output_dir), trainer.datamodule, images, purified,
                         pl_module.device)
@@ -137,7 +152,9 @@ class Purification(TrainSplitDefence):
 
     # ---- the work --------------------------------------------------------------------------------------------------
     def cache_key(self, images: torch.Tensor) -> str:
-        weights = {name: fingerprint({k: v for k, v in m.state_dict().items()}) for name, m in self.models().items()}
+        """Everything that determines the purified set: the models' purification weights, the settings, the chunking,
+        the seed and the (un-augmented) images."""
+        weights = {name: fingerprint(purification_weights(m)) for name, m in self.models().items()}
         return fingerprint(type(self).__name__, weights, self.settings(), self.chunk_size, self.seed,
                            {"channels_last": self.channels_last}, images.float())
 

@@ -15,10 +15,10 @@ with a poison manifest, ``filter/poisons``, ``filter/precision`` (removed sample
 """
 from __future__ import annotations
 
-
 import lightning as L
 import torch
 from torch.utils.data import Subset
+from typing_extensions import override
 
 from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.contract import TrainSplitDefence
@@ -72,6 +72,11 @@ class TrainingSetFilter(TrainSplitDefence):
     def select(self, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, trainer: L.Trainer) -> torch.Tensor:
         raise NotImplementedError
 
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a new fit filters the data it is given; a resumed one gets its mask from the checkpoint
+            self.keep = None
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         ref = self.train_split(trainer)
         if self.keep is None:  # a resumed fit restored its mask: no need to read the images again
@@ -89,8 +94,8 @@ class TrainingSetFilter(TrainSplitDefence):
         path = None
         if self.cache_dir is not None:
             params = {k: v for k, v in vars(self).items()
-                      if k not in ("keep", "stats", "cache_dir", "installed", "split", "item_format", "pixel_space",
-                                   "output_dir") and not callable(v)}
+                      if k not in ("keep", "stats", "cache_dir", "installed", "replaced", "augmentation", "split",
+                                   "item_format", "pixel_space", "output_dir") and not callable(v)}
             key = fingerprint(type(self).__name__, params, trainer.world_size, images, labels)
             path = check_writable(self.cache_dir, "cache_dir") / f"{type(self).__name__}-{key}.pt"
         cached = load_verified(path) if path is not None and trainer.is_global_zero else None

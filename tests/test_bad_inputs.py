@@ -401,8 +401,7 @@ def test_spectral_signature_filter_on_a_class_of_2(tmp_path):
     datamodule = ChangedDigits(keep=lambda labels: torch.cat([(labels != 9).nonzero().flatten(),
                                                               (labels == 9).nonzero().flatten()[:2]]))
     callback = SpectralSignatureFilter(removal_fraction=0.6, feature_epochs=1, hidden=16)  # ⌈0.6 · 2⌉ = 2
-    fit_one_step(datamodule, callback, root=tmp_path)
-    kept = datamodule.train_dataset
+    kept = fit_one_step(datamodule, callback, root=tmp_path).train_dataloader.dataset
     assert int((kept.dataset.targets[kept.indices] == 9).sum()) == 1
 
 

@@ -5,7 +5,8 @@ with an error naming the fix where they cannot act correctly.
 
 A stubbed defence fails here: an identity purification leaves ``loader_l2_change`` at 0, a filter that removes
 nothing (or at random) has no recall of the planted poisons, and a callback that replaces the wrong attribute is
-caught by the probe's loader length / change."""
+caught by the probe's loader length / change. So does a defence that freezes a random augmentation, leaves its split
+in a reused DataModule, or ignores loaders given to ``fit``."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
+from torchvision import transforms
 
 from conftest import REPO, run_checked
 
@@ -118,6 +120,46 @@ def test_two_ddp_processes_give_the_single_process_numbers(installed, normalised
         assert ddp["ood"][key] == pytest.approx(value, abs=1e-5), key
 
 
+@pytest.fixture(scope="module")
+def dropin(installed, tmp_path_factory) -> dict:
+    """One process: a randomly augmented split purified twice, a reused DataModule, loaders given to fit and loaders
+    defined on the module."""
+    return defend(installed, tmp_path_factory.mktemp("dropin"), "dropin", defences=["augment", "reuse", "loaders"])
+
+
+def test_an_augmented_split_is_purified_before_its_random_transforms(dropin):
+    """RandomAffine → ToTensor → Normalize: the loader serves new draws on every read and every epoch (a purified
+    fixed draw changes 0 of 8), the purified images are purify(ToTensor(digit)) exactly, and the second run finds all
+    its chunks in the cache (a key over augmented draws never hits)."""
+    augment = dropin["augment"]
+    assert augment["changed_between_reads"] == 8 and augment["changed_between_epochs"] == 8
+    assert augment["max_diff_to_purified_digits"] < 1e-5 and augment["mean_l2_change"] > 0.3
+    assert augment["chunks_computed"] == [2, 0] and augment["restored"]
+
+
+def test_a_reused_datamodule_gives_its_original_data_to_the_next_run(dropin):
+    """One DataModule fitted with a filter, a filter, nothing, a purification, nothing: the second filter reads the
+    600 original images (not the first filter's subset) and the undefended runs train on the originals."""
+    reuse = dropin["reuse"]
+    kept = reuse["sizes"][0]
+    assert 300 < kept < 600 and reuse["sizes"] == [kept, kept, 600, 600, 600] and reuse["last_fit_sees_original"]
+
+
+def test_loaders_given_to_fit_or_defined_on_the_module_are_defended(installed, dropin, tmp_path):
+    """trainer.fit(model, train_loader, val_loader) and a module with its own loaders: the loop iterates the purified
+    images (the change the callback reports) and the filtered subset, as with a DataModule, and 2 DDP processes give
+    the single-process numbers."""
+    loaders = dropin["loaders"]
+    for style in ("fit", "module"):
+        purify, spectral = loaders[f"{style}/purify"], loaders[f"{style}/spectral"]
+        assert purify["probe"]["loader_l2_change"] == pytest.approx(purify["decided"], rel=0.05)
+        assert purify["probe"]["loader_l2_change"] > 0.3 and purify["probe"]["loader_len"] == 200
+        assert 0 < len(spectral["decided"]) and spectral["probe"]["loader_len"] == 200 - len(spectral["decided"])
+    assert loaders["fit/spectral"] == loaders["module/spectral"] and loaders["fit/purify"] == loaders["module/purify"]
+    ddp = defend(installed, tmp_path, "ddp_loaders", "--devices", "2", defences=["loaders"])
+    assert ddp["loaders"] == loaders
+
+
 # ---- the cases that used to go wrong silently now stop before any work, naming the fix ----------------------------
 def fit(callback, datamodule, tmp_path, **kwargs):
     trainer = L.Trainer(accelerator="cpu", max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
@@ -149,27 +191,70 @@ def test_naming_an_attribute_the_loader_does_not_read_names_the_one_it_reads(tmp
             if stage == "fit":
                 self.train_dataset = Subset(self.mnist_train, range(100))  # a copy the loader never reads
 
-    with pytest.raises(RuntimeError, match="still reads mnist_train: pass split='mnist_train'"):
-        fit(purification(split="train_dataset", normalization=(MNIST_MEAN, MNIST_STD)), Renamed(train_size=200),
-            tmp_path)
+    with pytest.raises(RuntimeError, match="reads mnist_train: pass split='mnist_train'"):
+        fit(purification(split="train_dataset", normalization=(MNIST_MEAN, MNIST_STD), cache_dir=str(tmp_path)),
+            Renamed(train_size=200), tmp_path)
+    assert not list(tmp_path.rglob("chunk_*.pt"))  # refused before purifying
 
 
-def test_a_loader_that_builds_its_dataset_anew_is_refused(tmp_path):
+def test_loaders_no_attribute_holds_are_rebuilt_around_the_replacement(tmp_path):
+    """A hook that wraps its split anew on every call, and LightningDataModule.from_datasets (the split lives in a
+    closure): the loop iterates the defended split; the hook gives the user's data again after fit."""
     class Fresh(MNISTDataModule):
         def train_dataloader(self):
             return DataLoader(Subset(self.mnist_train, range(len(self.mnist_train))), batch_size=64)
 
-    with pytest.raises(RuntimeError, match="builds its dataset anew"):
-        fit(SpectralSignatureFilter(feature_epochs=1, normalization=(MNIST_MEAN, MNIST_STD)), Fresh(train_size=200),
-            tmp_path)
-
-
-def test_loaders_without_a_datamodule_are_refused(tmp_path):
+    data = Fresh(train_size=200)
+    kept = SpectralSignatureFilter(feature_epochs=1, normalization=(MNIST_MEAN, MNIST_STD))
+    trainer = fit(kept, data, tmp_path)
+    assert trainer.train_dataloader.dataset is kept.installed and len(kept.installed) == int(kept.keep.sum()) < 200
+    assert len(data.train_dataloader().dataset) == 200
     data = MNISTDataModule(train_size=200)
     data.setup("fit")
-    with pytest.raises(RuntimeError, match="datamodule=your_datamodule"):
-        fit(purification(normalization=(MNIST_MEAN, MNIST_STD)), None, tmp_path,
-            train_dataloaders=data.train_dataloader())
+    purified = purification(normalization=(MNIST_MEAN, MNIST_STD))
+    trainer = fit(purified, L.LightningDataModule.from_datasets(data.mnist_train, batch_size=64), tmp_path)
+    assert trainer.train_dataloader.dataset is purified.installed and purified.stats["purify/mean_l2_change"] > 0.05
+
+
+def test_a_loader_that_cannot_be_rebuilt_is_refused_before_any_work(tmp_path):
+    from torch.utils.data import WeightedRandomSampler
+
+    data = MNISTDataModule(train_size=200)
+    data.setup("fit")
+    weighted = DataLoader(data.mnist_train, batch_size=64, sampler=WeightedRandomSampler(torch.ones(200), 200))
+    with pytest.raises(RuntimeError, match="cannot be rebuilt .* keep the split in an attribute"):
+        fit(purification(normalization=(MNIST_MEAN, MNIST_STD), cache_dir=str(tmp_path)), None, tmp_path,
+            train_dataloaders=weighted)
+    assert not list(tmp_path.rglob("chunk_*.pt"))
+
+
+def test_a_random_transform_that_cannot_be_separated_is_refused_before_purification(tmp_path):
+    """A transform that adds noise after ToTensor inside one callable: the random part cannot run on its own, so
+    purifying would freeze one draw; refused before any chunk, naming the Compose to write."""
+    class NoisyToTensor:
+        def __call__(self, image):
+            return transforms.ToTensor()(image).add(0.05 * torch.rand(1)).clamp(0, 1)
+
+    data = MNISTDataModule(train_size=200, normalize=False)
+    data.train_transform = NoisyToTensor()
+    with pytest.raises(ValueError, match=r"cannot be cut .* transforms\.Compose"):
+        fit(purification(cache_dir=str(tmp_path)), data, tmp_path)
+    assert not list(tmp_path.rglob("chunk_*.pt"))
+
+
+def test_an_exception_during_fit_gives_the_datamodule_its_split_back(tmp_path):
+    class Failing(LitClassifier):
+        def training_step(self, batch, batch_idx):
+            raise ArithmeticError("the user's own bug")
+
+    data = MNISTDataModule(train_size=200)
+    callback = SpectralSignatureFilter(feature_epochs=1, normalization=(MNIST_MEAN, MNIST_STD))
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, callbacks=[callback], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(ArithmeticError):
+        trainer.fit(Failing(), datamodule=data)
+    assert len(callback.installed) < 200 and len(data.mnist_train) == 200
 
 
 def test_dict_items_with_other_keys_name_item_keys(tmp_path):
@@ -216,6 +301,7 @@ def test_a_filter_then_a_purification_both_reach_the_loader(tmp_path):
     loader_set = trainer.train_dataloader.dataset
     assert loader_set is purified.installed and loader_set.base is kept.installed
     assert len(loader_set) == int(kept.keep.sum()) < 200
+    assert len(data.mnist_train) == 200 and data.mnist_train is kept.installed.dataset  # both undone, in any order
 
 
 def test_a_loader_that_iterates_something_else_at_train_start_is_caught():

@@ -26,7 +26,7 @@ def fit_with(callback, root=None):
                         limit_val_batches=0, enable_model_summary=False, enable_progress_bar=False,
                         default_root_dir=str(root))
     trainer.fit(ImageClassifier(), datamodule=datamodule)
-    return datamodule
+    return trainer.train_dataloader.dataset  # what the fit trained on (the DataModule has its own split back)
 
 
 class CountingPurification(EBMPurification):
@@ -53,9 +53,8 @@ def test_callback_replaces_train_set_keeps_targets_and_moves_images(tmp_path):
     clean = DigitsDataModule(source="sklearn8x8", seed=0)
     clean.setup("fit")
     callback = EBMPurification(tiny_ebm(), steps=5, chunk_size=300, cache_dir=str(tmp_path), progress=False)
-    datamodule = fit_with(callback, tmp_path / "run")
+    purified = fit_with(callback, tmp_path / "run")
     assert (tmp_path / "run" / "plots" / "EBMPurification_before_after.png").stat().st_size > 1000
-    purified = datamodule.train_dataset
     assert isinstance(purified, ReplacedImages) and len(purified) == len(clean.train_dataset)
     assert torch.equal(purified[7][1], clean.train_dataset[7][1])
     change = (purified.images - clean.train_dataset.images).abs()
@@ -65,28 +64,28 @@ def test_callback_replaces_train_set_keeps_targets_and_moves_images(tmp_path):
 
 def test_repeated_run_reuses_cache_and_interrupted_run_keeps_finished_chunks(tmp_path):
     reference = fit_with(CountingPurification(tiny_ebm(), steps=3, chunk_size=200, cache_dir=str(tmp_path / "a"),
-                                              progress=False)).train_dataset.images
+                                              progress=False)).images
     interrupted = CountingPurification(tiny_ebm(), steps=3, chunk_size=200, cache_dir=str(tmp_path / "b"),
                                        progress=False, fail_after=2)
     with pytest.raises(KeyboardInterrupt):
         interrupted.purify_dataset(*_images_and_trainer())
     assert len(list((tmp_path / "b").rglob("chunk_*.pt"))) == 2
     resumed = CountingPurification(tiny_ebm(), steps=3, chunk_size=200, cache_dir=str(tmp_path / "b"), progress=False)
-    images = fit_with(resumed).train_dataset.images
+    images = fit_with(resumed).images
     assert resumed.calls == 7 - 2 and torch.equal(images, reference)
     again = CountingPurification(tiny_ebm(), steps=3, chunk_size=200, cache_dir=str(tmp_path / "b"), progress=False)
-    assert torch.equal(fit_with(again).train_dataset.images, reference) and again.calls == 0
+    assert torch.equal(fit_with(again).images, reference) and again.calls == 0
 
 
 def test_corrupted_chunk_is_rebuilt_and_other_parameters_get_other_keys(tmp_path):
     first = CountingPurification(tiny_ebm(), steps=3, chunk_size=400, cache_dir=str(tmp_path), progress=False)
-    reference = fit_with(first).train_dataset.images
+    reference = fit_with(first).images
     chunk = sorted(tmp_path.rglob("chunk_00001.pt"))[0]
     payload = bytearray(chunk.read_bytes())
     payload[len(payload) // 2] ^= 0xFF
     chunk.write_bytes(bytes(payload))
     rebuilt = CountingPurification(tiny_ebm(), steps=3, chunk_size=400, cache_dir=str(tmp_path), progress=False)
-    assert torch.equal(fit_with(rebuilt).train_dataset.images, reference) and rebuilt.calls == 1
+    assert torch.equal(fit_with(rebuilt).images, reference) and rebuilt.calls == 1
     other = CountingPurification(tiny_ebm(seed=1), steps=3, chunk_size=400, cache_dir=str(tmp_path), progress=False)
     fit_with(other)
     assert other.calls == 4 and other.key != first.key
@@ -135,7 +134,7 @@ DDP_SCRIPT = textwrap.dedent("""
                         enable_progress_bar=False)
     trainer.fit(ImageClassifier(), datamodule=datamodule)
     if trainer.is_global_zero:
-        torch.save(datamodule.train_dataset.images, out)
+        torch.save(trainer.train_dataloader.dataset.images, out)
 """)
 
 
@@ -148,7 +147,7 @@ def test_two_ddp_processes_give_the_single_process_purified_set(tmp_path):
         subprocess.run([sys.executable, str(script), str(devices), str(tmp_path / f"out{devices}.pt"),
                         str(tmp_path / f"cache{devices}")], check=True, env=env, cwd=tmp_path, timeout=240,
                        capture_output=True)
-    single, double = torch.load(tmp_path / "out1.pt"), torch.load(tmp_path / "out2.pt")
+    single, double = (torch.load(tmp_path / f"out{n}.pt", weights_only=True) for n in (1, 2))
     clean = _images_and_trainer()[0]
     assert single.shape == clean.shape and torch.equal(single, double)
     assert (single - clean).abs().mean() > 1e-3  # the identity is not the trivial "nothing was purified"
@@ -338,3 +337,16 @@ def test_channels_last_purifies_in_that_format_to_the_same_images_under_its_own_
     assert fast_key != plain_key and (fast - images).abs().mean() > 1e-3
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
     assert EBMPurification(tiny_ebm()).channels_last and not Purification().channels_last
+
+
+def test_the_cache_key_covers_the_weights_purification_uses_not_the_ebms_replay_bank():
+    """Two unseeded processes build EBMs with other random replay banks (training state Langevin purification never
+    reads): their keys agree, so a repeated run hits the cache; other energy weights, settings or images change it."""
+    images = torch.rand(4, 1, 8, 8)
+    first, second = tiny_ebm(), tiny_ebm()
+    second.bank.uniform_(-1, 1)
+    key = EBMPurification(first, steps=3).cache_key(images)
+    assert EBMPurification(second, steps=3).cache_key(images) == key
+    assert EBMPurification(tiny_ebm(seed=1), steps=3).cache_key(images) != key
+    assert EBMPurification(first, steps=4).cache_key(images) != key
+    assert EBMPurification(first, steps=3).cache_key(images.flip(0)) != key

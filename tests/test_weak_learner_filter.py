@@ -71,11 +71,11 @@ def test_removal_stats_score_against_ground_truth():
 def test_weak_learner_filter_removes_the_backdoor_before_fit():
     callback = WeakLearnerFilter(runs=2, rounds=4, learner_epochs=15, self_train_epochs=10, hidden=64, batch_size=32)
     datamodule, trainer = fit_with(callback)
-    assert len(datamodule.train_dataset) == int(callback.keep.sum()) < 1797
+    assert len(trainer.train_dataloader.dataset) == int(callback.keep.sum()) < 1797
     metrics = trainer.callback_metrics
     _, labels, is_poison = backdoored_digits()
     assert_beats_random_removal(metrics, ~callback.keep, is_poison, labels)
-    assert metrics["filter/removed"] == 1797 - len(datamodule.train_dataset)
+    assert metrics["filter/removed"] == 1797 - len(trainer.train_dataloader.dataset)
     # a resumed fit restores the mask instead of filtering again
     restored = WeakLearnerFilter(runs=2, rounds=4)
     restored.load_state_dict(callback.state_dict())
@@ -109,18 +109,23 @@ def test_baseline_filters_remove_planted_poisons_better_than_chance(callback, tr
     torch.manual_seed(0)
     datamodule, trainer = fit_with(callback, trigger)
     metrics = trainer.callback_metrics
-    assert 0 < metrics["filter/removed"] == 1797 - len(datamodule.train_dataset)
+    assert 0 < metrics["filter/removed"] == 1797 - len(trainer.train_dataloader.dataset)
     _, labels, is_poison = backdoored_digits(**trigger)
     assert_beats_random_removal(metrics, ~callback.keep, is_poison, labels)
 
 
-def test_filter_needs_a_datamodule():
+def test_filter_acts_on_a_loader_given_to_fit():
+    """No DataModule: the loop iterates the kept subset of the loader's dataset, and the trainer's data source is the
+    user's loader again after fit."""
     model = ImageClassifier(backbone="small_cnn", backbone_kwargs={"widths": (8,)})
-    loader = torch.utils.data.DataLoader(TensorImageDataset(torch.rand(8, 1, 8, 8), torch.zeros(8).long()))
-    trainer = L.Trainer(max_epochs=1, callbacks=[WeakLearnerFilter()], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False)
-    with pytest.raises(RuntimeError, match="datamodule"):
-        trainer.fit(model, train_dataloaders=loader)
+    loader = torch.utils.data.DataLoader(TensorImageDataset(torch.rand(8, 1, 8, 8), torch.arange(8) % 2))
+    callback = TrimmedLossFilter(keep_fraction=0.5, rounds=1, first_epochs=1, epochs=1, hidden=8)
+    trainer = L.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=loader)
+    assert trainer.train_dataloader.dataset is callback.installed
+    assert len(callback.installed) == int(callback.keep.sum()) < 8
+    assert callback.installed.dataset is loader.dataset and trainer.fit_loop._data_source.instance is loader
 
 
 @pytest.mark.slow

@@ -1,11 +1,14 @@
 """Drop lit_robust's defences into the project of ``project.py``, changing nothing but the callbacks' arguments.
 
-    python defend.py purify spectral ispl certify patchcleanser adversarial missingness ood --out results.json [--raw]
-        [--dict-items] [--alias] [--devices 2] [--workdir DIR]
+    python defend.py purify spectral ispl certify patchcleanser adversarial missingness ood augment reuse loaders
+        --out results.json [--raw] [--dict-items] [--alias] [--devices 2] [--workdir DIR]
 
 ``--raw`` gives the loader [0, 1] images (no ``Normalize``); otherwise the defences are told the loader's
 normalisation with ``normalization=(MNIST_MEAN, MNIST_STD)``. A probe callback records what the trainer's train loader
 really iterates at ``on_train_start``; rank zero writes the measurements of every defence named, as JSON, to ``--out``.
+``augment`` purifies a randomly augmented split twice (one cache); ``reuse`` fits one DataModule with a filter, a
+filter, nothing, a purification and nothing; ``loaders`` filters and purifies loaders given to ``trainer.fit`` and
+loaders defined on the LightningModule.
 """
 from __future__ import annotations
 
@@ -16,13 +19,16 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from project import MNIST_MEAN, MNIST_STD, DigitImages, LitClassifier, MNISTDataModule
+from project import MNIST_MEAN, MNIST_STD, DigitImages, LitClassifier, MNISTDataModule, SelfContainedClassifier
+from torchvision import transforms
 
 from lit_robust import EBM, BayesianVAE
+from lit_robust.callbacks.purification import chunk_seed
 from lit_robust.callbacks import (AdversarialEvaluation, Certification, EBMPurification, MissingnessReport,
                                   OODDetection, PatchCleanserCertification, SpectralSignatureFilter, WeakLearnerFilter)
 
-DEFENCES = ["purify", "spectral", "ispl", "certify", "patchcleanser", "adversarial", "missingness", "ood"]
+DEFENCES = ["purify", "spectral", "ispl", "certify", "patchcleanser", "adversarial", "missingness", "ood", "augment",
+            "reuse", "loaders"]
 EVALUATIONS = ("certify", "patchcleanser", "adversarial", "missingness")
 
 
@@ -34,11 +40,12 @@ class LoaderProbe(L.Callback):
     """What the train loader iterates: its length and, against the split as ``setup`` built it, the mean ℓ2 change
     of its first images in [0, 1] space."""
 
-    def __init__(self, normalized: bool, count: int = 100):
-        self.normalized, self.count, self.record = normalized, count, {}
+    def __init__(self, normalized: bool, count: int = 100, original=None):
+        self.normalized, self.count, self.record, self.original = normalized, count, {}, original
 
     def on_fit_start(self, trainer, pl_module):  # runs before the defences (earlier in the callback list)
-        self.original = trainer.datamodule.mnist_train
+        if self.original is None:
+            self.original = trainer.datamodule.mnist_train
 
     def on_train_start(self, trainer, pl_module):
         dataset = trainer.train_dataloader.dataset
@@ -104,6 +111,12 @@ def run_defence(name: str, args, normalized: bool) -> dict:
         planted = set(data.poisoned_indices.tolist())
         return {"removed": len(removed), "planted": len(planted), "probe": probe.record,
                 "recall": len(planted & removed) / max(1, len(planted))}
+    if name == "augment":
+        return augmented_purification(args, workdir, contract)
+    if name == "reuse":
+        return reused_datamodule(args, workdir, contract)
+    if name == "loaders":
+        return given_loaders(args, workdir, contract)
     if name in EVALUATIONS:
         model = trained_classifier(data)
         metrics = trainer_for(args, [test_time_defence(name, workdir, contract)]).test(model, datamodule=data,
@@ -120,6 +133,90 @@ def run_defence(name: str, args, normalized: bool) -> dict:
                            restoration_steps=0, histograms=False, output_dir=str(workdir), **contract)
     metrics = trainer_for(args, [defence]).test(LitClassifier(), datamodule=data, verbose=False)[0]
     return {k: float(v) for k, v in metrics.items() if k.endswith("/auroc") or k.endswith("/count")}
+
+
+class EpochProbe(L.Callback):
+    """The first ``count`` images the train loader serves, read twice at the start of every epoch."""
+
+    def __init__(self, count: int = 8):
+        self.count, self.reads = count, []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        dataset = trainer.train_dataloader.dataset
+        self.reads.append([torch.stack([dataset[i][0] for i in range(self.count)]) for _ in range(2)])
+
+    def changed(self, first, second) -> int:
+        return int(((first - second).flatten(1).abs().amax(1) > 1e-4).sum())
+
+
+def purification(workdir: Path, contract: dict) -> EBMPurification:
+    return EBMPurification(EBM.pretrained("digits"), steps=20, chunk_size=100, plots=False, progress=False,
+                           cache_dir=str(workdir / "purified"), **contract)
+
+
+def augmented_purification(args, workdir: Path, contract: dict) -> dict:
+    """Purify a split whose transform is RandomAffine → ToTensor → Normalize, twice with one cache: what each epoch
+    serves, how far the purified images are from purify(ToTensor(digit)) done by hand, and the chunks computed."""
+    runs = []
+    for _ in range(2):
+        data, probe = MNISTDataModule(normalize=bool(contract), train_size=200, augment=True), EpochProbe()
+        defence = purification(workdir, contract)
+        trainer_for(args, [probe, defence], steps=2, limit_train_batches=1).fit(LitClassifier(), datamodule=data)
+        runs.append((data, probe, defence))
+    data, probe, defence = runs[0]
+    digits = torch.stack([transforms.ToTensor()(data.mnist_train.pixels[i]) for i in range(100)])
+    generator = torch.Generator().manual_seed(chunk_seed(defence.seed, 0))
+    by_hand = defence.ebm.purify(digits, 20, generator=generator)[0]
+    (first_read, second_read), (next_epoch, _) = probe.reads
+    return {"changed_between_reads": probe.changed(first_read, second_read),
+            "changed_between_epochs": probe.changed(first_read, next_epoch),
+            "max_diff_to_purified_digits": (defence.installed.images[:100] - by_hand).abs().max().item(),
+            "mean_l2_change": defence.stats["purify/mean_l2_change"],
+            "chunks_computed": [run[2].stats["purify/chunks_computed_rank0"] for run in runs],
+            "restored": all(run[0].mnist_train is run[2].installed.base for run in runs)}
+
+
+def reused_datamodule(args, workdir: Path, contract: dict) -> dict:
+    """One DataModule (setup() builds its splits once) fitted with a filter, a filter, no defence, a purification and
+    no defence: the size of what each fit trained on, and whether the last fit saw the original digits."""
+    data, sizes = MNISTDataModule(normalize=bool(contract), poison=0.3), []
+    original = torch.stack([image for image, _ in _built(data).mnist_train])
+    for callbacks in ([SpectralSignatureFilter(removal_fraction=0.3, feature_epochs=4, **contract)],
+                      [SpectralSignatureFilter(removal_fraction=0.3, feature_epochs=4, **contract)], [],
+                      [purification(workdir, contract)], []):
+        trainer = trainer_for(args, callbacks)
+        trainer.fit(LitClassifier(), datamodule=data)
+        sizes.append(len(trainer.train_dataloader.dataset))
+    last = trainer.train_dataloader.dataset
+    return {"sizes": sizes, "last_fit_sees_original": bool(torch.equal(
+        torch.stack([last[i][0] for i in range(len(last))]), original))}
+
+
+def _built(data: MNISTDataModule) -> MNISTDataModule:
+    data.setup("fit")
+    return data
+
+
+def given_loaders(args, workdir: Path, contract: dict) -> dict:
+    """The filter and the purification on loaders given to trainer.fit(model, train, val) and on a LightningModule's
+    own loaders: what the loop iterates (probe) and what the defence decided."""
+    results = {}
+    for style in ("fit", "module"):
+        for name in ("purify", "spectral"):
+            data = _built(MNISTDataModule(normalize=bool(contract), train_size=200,
+                                          poison=0.3 if name == "spectral" else 0.0))
+            probe = LoaderProbe(bool(contract), original=data.mnist_train)
+            defence = (purification(workdir / style, contract) if name == "purify" else
+                       SpectralSignatureFilter(removal_fraction=0.3, feature_epochs=4, **contract))
+            trainer = trainer_for(args, [probe, defence])
+            if style == "fit":
+                trainer.fit(LitClassifier(), data.train_dataloader(), data.val_dataloader())
+            else:
+                trainer.fit(SelfContainedClassifier(data))
+            decided = (defence.stats["purify/mean_l2_change"] if name == "purify" else
+                       sorted((~defence.keep).nonzero().flatten().tolist()))
+            results[f"{style}/{name}"] = {"probe": probe.record, "decided": decided}
+    return results
 
 
 def main() -> None:
