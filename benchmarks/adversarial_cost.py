@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-
 from timing import interleaved, print_table
 
 
@@ -15,7 +14,7 @@ def step_timings(model, x: torch.Tensor, y: torch.Tensor, repeats: int = 5, bf16
     """Interleaved seconds of a standard and an adversarial optimiser step (``model`` an ``AdversarialClassifier``
     in train mode, ``x``/``y`` one batch on its device); returns the printed table plus ``ratio`` (adversarial /
     standard, minimum over repeats) and the model's attack steps."""
-    from lit_robust.classifier import ImageClassifier
+    from lit_robust.models.classifier import ImageClassifier
 
     optimizer = torch.optim.AdamW(model.parameters())
     autocast = (lambda: torch.autocast(x.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext

@@ -15,12 +15,8 @@ extra arguments are Hydra overrides for every run.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import (TableRecord, first_adversarial_recipe, read_hydra_config, table_arguments,  # noqa: E402
-                     train_run)
+from records import TableRecord, first_adversarial_recipe, read_hydra_config, table_arguments, train_run
 
 EVALUATION = ["experiment=adv_train_digits", "callbacks.adversarial_evaluation.epsilons=[0.3]",
               "callbacks.adversarial_evaluation.num_images=null", "callbacks.adversarial_evaluation.masking_eps=null"]

@@ -16,13 +16,11 @@ applied to every run.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
+from records import TableRecord, read_hydra_config, table_arguments, train_run
 
-from lit_robust.callbacks.metrics_file import update_metrics_file  # noqa: E402
+from lit_robust.storage.json_files import update_metrics_file
 
 EPSILONS = (0.1, 0.2, 0.3, 0.4, 0.6)
 # the standard model: digits_classifier's recipe on the adversarially trained models' net, evaluated the same way
@@ -62,8 +60,8 @@ def square_correct(config: dict, run_dir: Path, indices: list[int], eps: float =
     import hydra
     import torch
 
-    from lit_robust.attacks import square_linf
-    from lit_robust.nets import load_weights
+    from lit_robust.functional.attacks import square_linf
+    from lit_robust.models.nets import load_weights
 
     model = load_weights(hydra.utils.instantiate(config["model"], _convert_="all"),
                          str(run_dir / "checkpoints" / "best.ckpt")).eval()
@@ -79,7 +77,6 @@ def step_cost(config: dict, batch_size: int = 128, repeats: int = 5) -> dict:
     """Seconds of one optimiser step with the PGD-AT loss over one with the standard loss, same model and batch."""
     import hydra
     import torch
-
     from adversarial_cost import step_timings
 
     model = hydra.utils.instantiate(config["model"], _convert_="all").train()

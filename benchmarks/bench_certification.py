@@ -33,12 +33,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from records import TableRecord
+from timing import interleaved, machine, print_table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord  # noqa: E402
-from timing import interleaved, machine, print_table  # noqa: E402
-
-from lit_robust.machine import stacked_pass_size  # noqa: E402
+from lit_robust.machine import stacked_pass_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,7 +105,7 @@ def floor_case(model, count: int, size: int, bf16: bool):
     """A timing case: only the ViT blocks and head on the exact kept-token sequences of ``count`` images (random
     tokens, passes of the model's pass size) — what any token-dropping certifier must compute, so ART's time over
     this one bounds how far ahead of ART an implementation can get."""
-    from lit_robust.smoothed_vit import logits_of_kept_tokens
+    from lit_robust.functional.vit_tokens import logits_of_kept_tokens
 
     vit, device = model.net, model.device
     pass_size = stacked_pass_size(device, model.hparams.max_batch)

@@ -26,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, git_state, read_hydra_config, utc_now  # noqa: E402
+from records import TableRecord, git_state, read_hydra_config, utc_now
 
-from lit_robust.ood_scores import CLASSIFIER_SCORES  # noqa: E402
+from lit_robust.functional.ood_scores import CLASSIFIER_SCORES
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {"natural_vs_digits": "bvae_natural_vs_digits", "digits_vs_natural": "bvae_digits_vs_natural"}
@@ -104,7 +103,7 @@ def classifier_run(experiment: str, run_dir: Path, extra: list[str], epochs: int
 
     from lit_robust import ImageClassifier
     from lit_robust.callbacks import MetricsFile
-    from lit_robust.runner import CONFIG_MODULE
+    from lit_robust.run.runner import CONFIG_MODULE
 
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", f"output_dir={run_dir}", *extra])

@@ -23,11 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from records import TableRecord
-
-# The benchmarks it runs are imported inside each part, after the GPU check: without a GPU it answers at once.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import TableRecord  # the benchmarks it runs are imported inside each part, after the GPU check
 
 NO_GPU = ("gpu_check needs a CUDA GPU and found none; nothing measured (--device cpu --tiny runs every part at toy "
           "sizes)")
@@ -81,6 +77,7 @@ def purification(device: str, size: dict, work: Path) -> dict:
     interleaved repeats."""
     from bench_purification import bare_case, callback_case
     from timing import interleaved
+
     from lit_robust import EBM
     from lit_robust.datamodules import DigitsDataModule
 
@@ -100,6 +97,7 @@ def purification(device: str, size: dict, work: Path) -> dict:
 def cifar_purification(device: str, size: dict, work: Path) -> dict:
     """(c): the callback on random CIFAR-sized images with a random 3-channel 32×32 EBM, bf16 on CUDA."""
     from bench_purification import time_callback
+
     from lit_robust import EBM
     from lit_robust.callbacks import EBMPurification
 
@@ -121,6 +119,7 @@ def ddp_equality(device: str, size: dict, work: Path) -> dict:
     if device == "cuda" and torch.cuda.device_count() < 2:
         return {"status": f"skipped: {torch.cuda.device_count()} GPU(s), 2 needed"}
     from bench_purification import run_ddp, time_callback
+
     from lit_robust import EBM
     from lit_robust.callbacks import EBMPurification
     from lit_robust.datamodules import DigitsDataModule
@@ -145,6 +144,7 @@ def adversarial_steps(device: str, size: dict, work: Path) -> dict:
     """(e): PGD-AT and TRADES steps over a standard step, CIFAR-10's attack (ε 8/255, 10 steps of 2/255), bf16 on
     CUDA and fp32."""
     from adversarial_cost import step_timings
+
     from lit_robust import AdversarialClassifier
 
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ Each run lands in ``<out>/<name>/`` (a finished run is reused, and the record sa
 BackdoorBench's names: C-Acc = clean test accuracy (``test/acc``), ASR = triggered source-class test images
 classified as the target (``poison/asr_x1``, thesis Eq. D.5), RA = the same triggered images still given their true
 label (``poison/ra_x1``), DER = defense effectiveness rating against the no-defence run
-(``lit_robust.poison_metrics.defense_effectiveness_rating``), then each filter's removals and precision/recall on the
+(``lit_robust.functional.poison_success.defense_effectiveness_rating``), then each filter's removals and precision/recall on the
 planted poisons and share of clean samples kept. It is written to ``<out>/ispl_badnets.json`` (command, resolved
 configs and their hash, commit, machine: ``benchmarks/records.py``) and to ``<out>/metrics.json`` as flat
 ``table/<name>/<column>`` keys, and printed as markdown; ``benchmarks/render_results.py`` puts it into
@@ -18,14 +18,11 @@ once all are done, to write the table from the finished runs.
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
+from records import TableRecord, read_hydra_config, table_arguments, train_run
 
-from lit_robust.callbacks.metrics_file import update_metrics_file  # noqa: E402
-from lit_robust.poison_metrics import defense_effectiveness_rating  # noqa: E402
+from lit_robust.functional.poison_success import defense_effectiveness_rating
+from lit_robust.storage.json_files import update_metrics_file
 
 RUNS = {"clean": ["data_filter=none", "data.params.fraction=0"], "none": ["data_filter=none"],
         "spectral_signatures": ["data_filter=spectral_signatures"],
@@ -78,7 +75,6 @@ def main() -> None:
     rows = table_rows(results)
     update_metrics_file(out / "metrics.json", flat_keys(rows))
     path = record.write(out, COLUMNS, rows)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from render_results import render_table
     print(render_table(json.loads(path.read_text())))
     print(f"record: {path}")

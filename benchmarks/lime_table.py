@@ -25,11 +25,9 @@ exist only after their runs. About 28 min on one core. Written to ``<out>/lime_c
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
+from records import TableRecord, read_hydra_config, table_arguments, train_run
 
 LIME = ["callbacks.missingness.lime_samples=100", "callbacks.missingness.lime_images=100",
         "callbacks.missingness.orders=[random]"]

@@ -15,11 +15,8 @@ uniform). Written to ``<out>/missingness_digits.json`` (``benchmarks/records.py`
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, read_hydra_config, table_arguments, train_run  # noqa: E402
+from records import TableRecord, read_hydra_config, table_arguments, train_run
 
 RUNS = {"cnn": ["experiment=missingness_digits"],
         "cnn_augmented": ["experiment=missingness_digits", "model.missingness_fraction=0.5"],

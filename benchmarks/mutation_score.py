@@ -1,7 +1,7 @@
 """Mutation score of the core math modules (issue 29): how many small code changes the fast unit tests catch.
 
     .venv/bin/python benchmarks/mutation_score.py                       # all six modules, ~10 min on 2 cores
-    .venv/bin/python benchmarks/mutation_score.py --modules cache langevin --out /tmp/mutation
+    .venv/bin/python benchmarks/mutation_score.py --modules storage/cache functional/langevin --out /tmp/mutation
 
 For each module, mutmut 3 (``pip install -e ".[dev]"``) runs in a fresh copy of the package and that module's fast
 tests under a temporary folder, so the checkout is never written (the suite's ``conftest.py`` fails a run that writes
@@ -28,15 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # module → the fast tests that exercise it (pytest node ids or files); each selection runs in seconds.
 MODULES = {
-    "certification": ["tests/test_certification.py"],
-    "ablations": ["tests/test_ablations.py"],
-    "poison_metrics": ["tests/test_poison_metrics.py"],
-    "langevin": ["tests/test_langevin.py"],
-    "ood_scores": ["tests/test_ood_scores.py"],
-    "lime": ["tests/test_lime.py"],
-    "attacks": ["tests/test_attacks.py"],
-    "patchcleanser": ["tests/test_patchcleanser.py"],
-    "cache": ["tests/test_cache.py",
+    "functional/derandomized_smoothing": ["tests/test_certification.py"],
+    "functional/ablations": ["tests/test_ablations.py"],
+    "functional/poison_success": ["tests/test_poison_metrics.py"],
+    "functional/langevin": ["tests/test_langevin.py"],
+    "functional/ood_scores": ["tests/test_ood_scores.py"],
+    "functional/lime": ["tests/test_lime.py"],
+    "functional/attacks": ["tests/test_attacks.py"],
+    "functional/double_masking": ["tests/test_patchcleanser.py"],
+    "storage/cache": ["tests/test_cache.py",
               "tests/test_bad_inputs.py::test_cache_entry_with_code_payload_and_matching_sha256"],
 }
 THREADS = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
@@ -111,7 +111,8 @@ def score_module(module: str, tests: list[str], scratch: Path, max_children: int
 def machine() -> dict:
     """The record's commit and machine (``benchmarks/records.py``) and mutmut's version."""
     import mutmut
-    from records import git_state, machine as recorded_machine
+    from records import git_state
+    from records import machine as recorded_machine
 
     return {**git_state(), **recorded_machine(), "mutmut": getattr(mutmut, "__version__", "?")}
 

@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from records import TableRecord, read_hydra_config
+from timing import interleaved, print_table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord, read_hydra_config  # noqa: E402
-from timing import interleaved, print_table  # noqa: E402
-
-from lit_robust.certification import certified, patch_delta, smoothed_prediction  # noqa: E402
-from lit_robust.patchcleanser import mask_pairs, mask_set, patchcleanser_outcomes  # noqa: E402
-from lit_robust.serialization import load_plain  # noqa: E402
-from lit_robust.smoothed_classifier import SmoothedClassifier  # noqa: E402
+from lit_robust.functional.derandomized_smoothing import certified, patch_delta, smoothed_prediction
+from lit_robust.functional.double_masking import mask_pairs, mask_set, patchcleanser_outcomes
+from lit_robust.models.smoothed_classifier import SmoothedClassifier
+from lit_robust.storage.serialization import load_plain
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCHES = (2, 4)
@@ -55,7 +52,7 @@ def compose_experiment(experiment: str, part: str = "model"):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from lit_robust import runner
+    from lit_robust.run import runner
     GlobalHydra.instance().clear()
     with initialize_config_module(runner.CONFIG_MODULE, version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", "output_dir=unused"])

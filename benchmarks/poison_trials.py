@@ -20,10 +20,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lit_robust.callbacks.metrics_file import update_metrics_file, write_json_atomic
-from lit_robust.datamodules.base import stack_dataset
+from lit_robust.datasets import stack_dataset
 from lit_robust.poisons.surrogate import load_or_train_surrogate
 from lit_robust.poisons.victims import victim_predictions
+from lit_robust.storage.json_files import update_metrics_file, write_json_atomic
 
 
 def summary_of(records: list[dict], params: dict) -> dict[str, float]:

@@ -20,16 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from records import TableRecord
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import TableRecord  # noqa: E402
-
-from lit_robust.callbacks.metrics_file import update_metrics_file, write_json_atomic  # noqa: E402
-from lit_robust.runner import compose_experiment, fit_and_test  # noqa: E402
+from lit_robust.run.runner import compose_experiment, fit_and_test
+from lit_robust.storage.json_files import update_metrics_file, write_json_atomic
 
 SUCCESS_METRICS = ("poison/asr_x1", "poison/asr_x3", "poison/target_success")  # backdoors: ASR ×1/×3; GM/BP: Eq. D.4
 METRICS = (*SUCCESS_METRICS, "poison/natural_acc")

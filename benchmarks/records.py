@@ -158,7 +158,7 @@ def train_run(run_dir: Path, overrides: list[str], done_key: str = "test/acc",
     """``train.py <overrides>`` (or ``evaluate.py``) into ``run_dir`` unless a finished run (``done_key`` in its
     ``metrics.json``) is there; returns the run's metrics and its provenance (``<run>/provenance.json``, written when
     launched here; ``({}, {})`` when another live invocation is running it)."""
-    from lit_robust.callbacks.metrics_file import write_json_atomic
+    from lit_robust.storage.json_files import write_json_atomic
 
     metrics_path, provenance_path = run_dir / "metrics.json", run_dir / "provenance.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
@@ -190,7 +190,7 @@ def read_hydra_config(run_dir: Path) -> dict:
 
     from omegaconf import OmegaConf
 
-    import_module("lit_robust.runner")  # registers the configs' resolvers (fast_precision, ...)
+    import_module("lit_robust.run.runner")  # registers the configs' resolvers (fast_precision, ...)
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         return {}

@@ -18,11 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import ROOT, TableRecord, first_adversarial_recipe, read_hydra_config, train_run  # noqa: E402
+from records import ROOT, TableRecord, first_adversarial_recipe, read_hydra_config, train_run
 
 MODES = ("linear", "finetune")
 # ε = 0: adv_train_digits' network, optimiser and schedule without the attack

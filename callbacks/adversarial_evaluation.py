@@ -18,11 +18,11 @@ import lightning as L
 import torch
 from torch.utils.data import Subset
 
-from lit_robust.attacks import check_norm, robust_correct
-from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order,
-                                          output_folder, shard_batches)
-from lit_robust.callbacks.metrics_file import write_json_atomic
+from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order, output_folder,
+                                           shard_batches)
+from lit_robust.functional.attacks import check_norm, robust_correct
 from lit_robust.pixel_space import PixelSpace
+from lit_robust.storage.json_files import write_json_atomic
 
 
 def masking_warnings(robust: dict[float, float], masking_eps: float | None, floor: float = 0.05,

@@ -1,15 +1,16 @@
 """The baseline filters of seed 003's Table 1 as callbacks: each overrides only ``TrainingSetFilter.select``.
 
 All three read the same representation, a weak learner trained on the whole (poisoned) training set
-(``lit_robust.backdoor_filters``); defaults follow seed 003 App. B at ε = 10 % of the source class.
+(``lit_robust.functional.backdoor_filters``); defaults follow seed 003 App. B at ε = 10 % of the source class.
 """
 from __future__ import annotations
 
 import torch
 
-from lit_robust.backdoor_filters import (activation_clustering_keep, keep_below_top_fraction, poisoned_model_features,
-                                         spectral_signature_scores, trimmed_loss_keep)
 from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter
+from lit_robust.functional.backdoor_filters import (activation_clustering_keep, keep_below_top_fraction,
+                                                    poisoned_model_features, spectral_signature_scores,
+                                                    trimmed_loss_keep)
 
 
 class SpectralSignatureFilter(TrainingSetFilter):

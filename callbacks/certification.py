@@ -18,14 +18,14 @@ from typing import Callable, Sequence
 import lightning as L
 import torch
 
-from lit_robust.ablations import ablation_masks, ablation_positions
-from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order,
-                                          output_folder, shard_batches)
-from lit_robust.callbacks.metrics_file import write_json_atomic
-from lit_robust.certification import (CertifiedAccuracy, ablation_votes, certified_margin, check_rule, patch_delta,
-                                      smoothed_prediction)
+from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order, output_folder,
+                                           shard_batches)
+from lit_robust.functional.ablations import ablation_masks, ablation_positions
+from lit_robust.functional.derandomized_smoothing import (CertifiedAccuracy, ablation_votes, certified_margin,
+                                                          check_rule, patch_delta, smoothed_prediction)
+from lit_robust.models.smoothed_classifier import SmoothedClassifier
 from lit_robust.pixel_space import PixelSpace
-from lit_robust.smoothed_classifier import SmoothedClassifier
+from lit_robust.storage.json_files import write_json_atomic
 
 
 class Certification(SplitEvaluation):
@@ -35,7 +35,7 @@ class Certification(SplitEvaluation):
         output_dir: where the records and plots go (default: ``certification/`` in the trainer's output folder).
         patch_sizes: adversarial patch sides m to certify against.
         rule: ``strict`` (Eq. 1.2, margin > 2Δ) or ``tight`` (Levine & Feizi's exact rule: also margin = 2Δ when
-            the prediction wins the tie; :func:`lit_robust.certification.certified`).
+            the prediction wins the tie; :func:`lit_robust.functional.derandomized_smoothing.certified`).
         kind, width, stride: the ablation set; ``None`` reads ``ablation``, ``ablation_width``, ``ablation_stride``
             from the module's hparams.
         token_dropping: list of modes to certify in (e.g. ``[true, false]``: logs ``cert/<split>/drop/...`` and

@@ -48,7 +48,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from typing_extensions import override
 
 from lit_robust.callbacks.augmentation import SeparatedAugmentation, separate_augmentation
-from lit_robust.datamodules.base import TensorImageDataset
+from lit_robust.datasets import TensorImageDataset
 from lit_robust.pixel_space import PixelSpace
 
 IMAGE_KEYS = ("image", "img", "images", "x", "input", "inputs", "pixel_values")

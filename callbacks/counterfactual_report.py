@@ -17,10 +17,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lit_robust.cache import fingerprint, load_verified, save_atomic
-from lit_robust.callbacks.metrics_file import update_metrics_file
-from lit_robust.datamodules.base import stack_dataset
-from lit_robust.nets import create_backbone
+from lit_robust.datasets import stack_dataset
+from lit_robust.models.nets import create_backbone
+from lit_robust.storage.cache import fingerprint, load_verified, save_atomic
+from lit_robust.storage.json_files import update_metrics_file
 
 
 def fit_factor_regressor(images: torch.Tensor, targets: torch.Tensor, epochs: int = 10, batch_size: int = 128,

@@ -6,7 +6,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_robust.datamodules.base import stack_dataset
+from lit_robust.datasets import stack_dataset
 
 
 class LatentAugmentationGrid(L.Callback):

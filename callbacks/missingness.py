@@ -9,7 +9,7 @@ rank logs the numbers of the whole split. Rank zero writes ``<output_dir>/<split
 ``<split>_unchanged.png`` (Fig. 5.4) and ``<split>_entropy.png`` (Fig. 5.3, right).
 
 With ``lime_samples`` > 0 it also explains every image with LIME under each mode's missingness (§5.3,
-:mod:`lit_robust.lime`): the consistency of black-out explanations across eight baseline colours (Fig. 5.8) and the
+:mod:`lit_robust.functional.lime`): the consistency of black-out explanations across eight baseline colours (Fig. 5.8) and the
 top-k ablation test of the model's own explanations, of random ones and of other runs' (Fig. 5.9). The
 explanations go to ``<split>_lime.pt`` for other runs to be tested with.
 """
@@ -22,17 +22,17 @@ import lightning as L
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order,
-                                          output_folder, shard_batches)
-from lit_robust.callbacks.metrics_file import write_json_atomic
-from lit_robust.ablations import keep_masks, region_masks
-from lit_robust.cache import save_atomic
-from lit_robust.lime import baseline_colours, lime_scores, pairwise_consistency, random_presence
-from lit_robust.missingness import (MODES, ORDERS, blackout_logits, dropped_token_logits, gradient_saliency,
-                                    missingness_statistics, region_scores, removal_order, removal_predictions,
-                                    removed_counts)
+from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order, output_folder,
+                                           shard_batches)
+from lit_robust.functional.ablations import keep_masks, region_masks
+from lit_robust.functional.lime import baseline_colours, lime_scores, pairwise_consistency, random_presence
+from lit_robust.functional.missingness_bias import (MODES, ORDERS, blackout_logits, dropped_token_logits,
+                                                    gradient_saliency, missingness_statistics, region_scores,
+                                                    removal_order, removal_predictions, removed_counts)
 from lit_robust.pixel_space import PixelSpace
-from lit_robust.serialization import load_plain
+from lit_robust.storage.cache import save_atomic
+from lit_robust.storage.json_files import write_json_atomic
+from lit_robust.storage.serialization import load_plain
 
 
 def module_vit(module: torch.nn.Module) -> VisionTransformer:
@@ -118,7 +118,7 @@ class MissingnessReport(SplitEvaluation):
                                                     lambda unit: own(self.pixel_space.from_unit(unit)))
         if self.saliency_checkpoint is None:
             return logits, unit_model, unit_model
-        from lit_robust.classifier import ImageClassifier
+        from lit_robust.models.classifier import ImageClassifier
 
         ranker = ImageClassifier.load_from_checkpoint(self.saliency_checkpoint, map_location=pl_module.device,
                                                       weights_only=True).eval()

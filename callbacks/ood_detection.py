@@ -3,7 +3,7 @@ scores inputs.
 
 Two ways to score. ``scores=["msp", "energy", "mahalanobis", "knn"]`` computes OpenOOD's post-hoc scores from the
 classifier under test (or ``detector=``): MSP, max logit, energy, ODIN, Mahalanobis, KNN, ViM
-(:class:`~lit_robust.ood_scores.ClassifierOODScores`); the classifier takes the loader's images (the declared
+(:class:`~lit_robust.functional.ood_scores.ClassifierOODScores`); the classifier takes the loader's images (the declared
 ``normalization`` redone), its features are the input of its last ``nn.Linear`` or ``feature_layer=``'s output, and
 Mahalanobis / KNN / ViM are fitted on the features of the in-distribution ``fit_split`` ("train" by default, as the
 papers; "val" for the split the thresholds use), extracted shard by shard as every other pass. Otherwise the module
@@ -43,15 +43,16 @@ from typing_extensions import override
 
 from lit_robust.callbacks.contract import (ItemFormat, SplitRef, check_image_shape, evaluated_split, gather_in_order,
                                            output_folder, rank_batches, rank_share)
-from lit_robust.ood_adversarial import classifier_attack, encoder_attack
-from lit_robust.ood_scores import FITTED_SCORES, ClassifierOODScores, check_classifier_scores, detection_metrics
+from lit_robust.functional.ood_adversarial import classifier_attack, encoder_attack
+from lit_robust.functional.ood_scores import (FITTED_SCORES, ClassifierOODScores, check_classifier_scores,
+                                              detection_metrics)
 from lit_robust.pixel_space import PixelSpace
 
 
 def fit_victim(images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, seed: int) -> nn.Module:
     """A small CNN classifier (``ImageClassifier`` with ``small_cnn``) trained on [0, 1] ``images`` with Adam; the
     victim whose adversarial examples the detector must catch (the thesis uses Cleverhans' default classifier)."""
-    from lit_robust.classifier import ImageClassifier, train_on_tensors
+    from lit_robust.models.classifier import ImageClassifier, train_on_tensors
 
     in_chans = images.shape[1]
     if (labels < 0).any():
@@ -106,11 +107,11 @@ class OODDetection(L.Callback):
         filter_score: the score ``accept``/``FilteredClassifier`` use by default.
         detector: the scoring module (default: the module under test).
         scores: post-hoc scores of the classifier (the module under test, or ``detector``) from
-            :data:`~lit_robust.ood_scores.CLASSIFIER_SCORES`, instead of its own ``outlier_scores``.
+            :data:`~lit_robust.functional.ood_scores.CLASSIFIER_SCORES`, instead of its own ``outlier_scores``.
         feature_layer: the module (name in ``named_modules()``) whose output is the feature for Mahalanobis, KNN and
             ViM (default: the input of the last ``nn.Linear``).
         fit_split: ``"train"`` or ``"val"``: the inliers whose features fit Mahalanobis, KNN and ViM.
-        score_options: keyword arguments of :class:`~lit_robust.ood_scores.ClassifierOODScores`
+        score_options: keyword arguments of :class:`~lit_robust.functional.ood_scores.ClassifierOODScores`
             (``energy_temperature``, ``odin_temperature``, ``odin_epsilon``, ``knn_k``, ``vim_dim``).
         val_split, test_split, train_split: DataModule attributes (or callables) of the inlier splits (default: the
             loaders' datasets; the train split feeds the victim and, with ``fit_split="train"``, the fitted scores).
@@ -277,8 +278,8 @@ class OODDetection(L.Callback):
             images, labels = self.item_format.stack(dataset)
             return fit_victim(self.pixel_space.to_unit(images), labels, getattr(dm, "num_classes", None) or
                               int(labels.max()) + 1, self.victim_epochs, self.seed)
-        from lit_robust.classifier import ImageClassifier
-        from lit_robust.serialization import load_plain
+        from lit_robust.models.classifier import ImageClassifier
+        from lit_robust.storage.serialization import load_plain
 
         load_plain(self.victim, "victim checkpoint", mmap=True)  # refuses a file that would run code, naming it
         return ImageClassifier.load_from_checkpoint(self.victim, map_location="cpu", weights_only=True).eval()

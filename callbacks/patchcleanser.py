@@ -4,7 +4,7 @@ validation/test, for any classifier.
 A subclass of :class:`~lit_robust.callbacks.Certification` sharing its contract: the same split lookup, item format,
 pixel space, sharding (``shard_batches``), in-order gathering, output folder, ``log_dict`` and ``CertifiedAccuracy``
 sums; only what is certified differs — every image's one- and two-mask predictions over the mask set R of each patch
-size (``lit_robust.patchcleanser``) instead of ablation votes. The masked forward is the model's
+size (``lit_robust.functional.double_masking``) instead of ablation votes. The masked forward is the model's
 ``ablated_logits(images, masks)`` (``SmoothedViT``, token dropping available) or ``SmoothedClassifier``'s (masked
 pixels black, then the declared normalisation). Logs ``cert/<split>/clean_m<m>`` (Algorithm 1's accuracy with the
 mask set of m) and ``cert/<split>/acc_m<m>`` (Theorem 1), and rank zero writes ``<split>_records.json``.
@@ -20,9 +20,9 @@ import torch
 
 from lit_robust.callbacks.certification import Certification
 from lit_robust.callbacks.contract import evaluated_split, gather_in_order
-from lit_robust.callbacks.metrics_file import write_json_atomic
-from lit_robust.certification import CertifiedAccuracy
-from lit_robust.patchcleanser import CASES, mask_set, patchcleanser_outcomes
+from lit_robust.functional.derandomized_smoothing import CertifiedAccuracy
+from lit_robust.functional.double_masking import CASES, mask_set, patchcleanser_outcomes
+from lit_robust.storage.json_files import write_json_atomic
 
 
 class PatchCleanserCertification(Certification):

@@ -11,7 +11,7 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_robust.callbacks.metric_eval import run_metric
-from lit_robust.poison_metrics import AttackSuccessRate, TargetedPoisonSuccess
+from lit_robust.functional.poison_success import AttackSuccessRate, TargetedPoisonSuccess
 
 
 class PoisonMetrics(L.Callback):

@@ -26,11 +26,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.contract import (ReplacedImages, TrainSplitDefence, check_image_shape, gather_in_order,
                                            output_folder, rank_batches)
-from lit_robust.datamodules.base import stack_dataset
-from lit_robust.purification_plots import save_before_after_grid, save_trajectory_plot, trajectory_distances
+from lit_robust.datasets import stack_dataset
+from lit_robust.figures import save_before_after_grid, save_trajectory_plot, trajectory_distances
+from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -57,7 +57,7 @@ def purification_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a model's purification depends on: its parameters and buffers, less an EBM's replay ``bank`` (the
     persistent chains of its training, drawn at random when the EBM is built and never read by Langevin
     purification)."""
-    from lit_robust.ebm import EBM
+    from lit_robust.models.ebm import EBM
 
     state = model.state_dict()
     return {k: v for k, v in state.items() if not (isinstance(model, EBM) and k == "bank")}
@@ -209,13 +209,13 @@ class Purification(TrainSplitDefence):
 
 
 def _as_ebm(ebm):
-    from lit_robust.ebm import load_ebm
+    from lit_robust.models.ebm import load_ebm
 
     return load_ebm(ebm) if isinstance(ebm, str) else ebm
 
 
 def _as_ddpm(ddpm):
-    from lit_robust.ddpm import load_ddpm
+    from lit_robust.models.ddpm import load_ddpm
 
     return load_ddpm(ddpm) if isinstance(ddpm, str) else ddpm
 
@@ -223,7 +223,7 @@ def _as_ddpm(ddpm):
 class EBMPurification(Purification):
     """PureEBM (PureGen-EBM): ``steps`` mid-run Langevin steps (Eq. 6.7) from each training image (Algorithm 1).
 
-    ``ebm`` is an :class:`~lit_robust.EBM` or a source string for :func:`lit_robust.ebm.load_ebm`
+    ``ebm`` is an :class:`~lit_robust.EBM` or a source string for :func:`lit_robust.models.ebm.load_ebm`
     (``pretrained:digits``, an exported ``.pt``, a ``.ckpt``). ``step_size``/``temperature`` default to the EBM's.
     """
 

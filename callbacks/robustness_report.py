@@ -16,11 +16,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lit_robust.attacks import fgsm, pgd_linf, random_sign
-from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
-from lit_robust.callbacks.metrics_file import update_metrics_file
-from lit_robust.datamodules.base import stack_dataset
-from lit_robust.shifts import translate
+from lit_robust.datasets import stack_dataset
+from lit_robust.functional.attacks import fgsm, pgd_linf, random_sign
+from lit_robust.functional.shifts import translate
+from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic
+from lit_robust.storage.json_files import update_metrics_file
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]   # images → class log-probabilities or logits
 
@@ -49,7 +49,7 @@ def fit_baselines(datamodule: L.LightningDataModule, specs: dict[str, dict], max
                   cache_dir: str | None = None) -> dict[str, L.LightningModule]:
     """Train one ``ImageClassifier(**spec)`` per name on ``datamodule`` (CPU/GPU as available, one device), reusing
     weights from ``cache_dir`` when the same spec, epochs, seed and training images were trained before."""
-    from lit_robust.classifier import ImageClassifier
+    from lit_robust.models.classifier import ImageClassifier
 
     images, _ = stack_dataset(datamodule.train_dataset)
     models = {}

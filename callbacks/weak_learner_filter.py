@@ -4,7 +4,7 @@ reads.
 ``TrainingSetFilter`` is the thin shared part (read the train split through :mod:`lit_robust.callbacks.contract`,
 call ``select`` on its [0, 1] images, agree across ranks, install the kept subset, log counts and — where the
 DataModule carries a poison manifest — removal precision and recall). ``WeakLearnerFilter`` is seed 003's defence
-(ISPL + boosting of weak learners, ``lit_robust.ispl``); the baselines of its Table 1 override only ``select``
+(ISPL + boosting of weak learners, ``lit_robust.functional.ispl``); the baselines of its Table 1 override only ``select``
 (``lit_robust.callbacks.baseline_filters``). Usable in any Lightning ``Trainer`` and DataModule (split, item format
 and normalisation as in the contract).
 
@@ -20,11 +20,11 @@ import torch
 from torch.utils.data import Subset
 from typing_extensions import override
 
-from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.callbacks.contract import TrainSplitDefence
-from lit_robust.ispl import (ISPLSchedule, fit_component_learners, ispl_partition, modal_vote_agrees,
-                             self_training)
-from lit_robust.weak_learners import flatten_images
+from lit_robust.functional.ispl import (ISPLSchedule, fit_component_learners, ispl_partition, modal_vote_agrees,
+                                        self_training)
+from lit_robust.functional.weak_learners import flatten_images
+from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic
 
 
 def poison_mask_of(datamodule, size: int) -> torch.Tensor | None:
@@ -54,7 +54,7 @@ class TrainingSetFilter(TrainSplitDefence):
     Runs at ``on_fit_start`` (after a checkpoint's callback state is restored, before any train loader exists): a
     resumed fit reuses the stored mask instead of filtering again. ``select`` runs on every rank (a subclass may
     shard its work and gather); rank 0's mask is broadcast so all ranks train on the same subset. With
-    ``cache_dir`` the mask is cached (``lit_robust.cache``, keyed by the filter's parameters, the train split and the
+    ``cache_dir`` the mask is cached (``lit_robust.storage.cache``, keyed by the filter's parameters, the train split and the
     world size), so repeated runs on the same data skip the filtering. ``contract`` takes the shared keywords
     ``split``, ``item_keys``, ``normalization``, ``output_dir`` (:class:`TrainSplitDefence`).
     """
@@ -120,7 +120,7 @@ class TrainingSetFilter(TrainSplitDefence):
 class WeakLearnerFilter(TrainingSetFilter):
     """Seed 003's defence: ISPL partitions the training set into homogeneous components (``runs`` independent
     times), a weak learner per component votes on every sample, samples whose label loses the vote are removed, and a
-    final self-training pass re-admits clean samples (Algorithms 1–2, App. B; ``lit_robust.ispl``).
+    final self-training pass re-admits clean samples (Algorithms 1–2, App. B; ``lit_robust.functional.ispl``).
 
     Under DDP every rank runs the whole filter from the same seed (the runs' weak learners are trained together
     as one ensemble, so sharding runs over ranks would change the result): 2 processes keep exactly the samples
@@ -129,8 +129,8 @@ class WeakLearnerFilter(TrainingSetFilter):
     Cost: on the 3,500 training digits of ``ispl_badnets_digits`` (28×28, defaults below) the whole filter takes
     ≈ 2 min on two shared CPU cores (measured with a load average of 12–15).
 
-    Args mirror ``lit_robust.ispl.ISPLSchedule`` (App. B values except the weak learners' size and epochs; see
-    ``lit_robust.weak_learners`` for why), plus ``runs`` (3 in the paper: 3 × 8 = 24 weak learners).
+    Args mirror ``lit_robust.functional.ispl.ISPLSchedule`` (App. B values except the weak learners' size and epochs; see
+    ``lit_robust.functional.weak_learners`` for why), plus ``runs`` (3 in the paper: 3 × 8 = 24 weak learners).
     """
 
     def __init__(self, runs: int = 3, rounds: int = 8, alpha: float = 0.25, eta: float = 0.9, warmup_epochs: int = 8,

@@ -15,21 +15,6 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
 
-class TensorImageDataset(Dataset):
-    """Images (N, C, H, W) in [0, 1] with one target tensor per image (a class index, or factors)."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
-        if len(images) != len(targets):
-            raise ValueError(f"{len(images)} images but {len(targets)} targets")
-        self.images, self.targets = images, targets
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
-        return self.images[index], self.targets[index]
-
-
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
     """Indices (train, val, test) of a fixed split stratified by class; the same seed gives the same split."""
     indices = np.arange(len(labels))
@@ -61,17 +46,6 @@ def check_trained_on(record: dict, datamodule: L.LightningDataModule) -> None:
             raise ValueError(f"the checkpoint was trained on data with {key}={trained} but the data "
                              f"({type(datamodule).__name__}) has {key}={given}: pass the experiment= and data "
                              f"settings of the training run (its config.yaml beside checkpoints/)")
-
-
-def stack_dataset(dataset: Dataset, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (images, targets) of a dataset as two tensors (for crafting poisons, purifying, filtering)."""
-    if isinstance(dataset, TensorImageDataset):
-        return dataset.images, dataset.targets
-    images, targets = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        images.append(batch[0])
-        targets.append(torch.as_tensor(batch[1]))
-    return torch.cat(images), torch.cat(targets)
 
 
 class ImageDataModule(L.LightningDataModule):

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset, stratified_split
-from lit_robust.datamodules.digits import load_digits_source, resize_images
+from lit_robust.datamodules.base import ImageDataModule, stratified_split
 from lit_robust.datamodules.torchvision_sets import TORCHVISION_SETS, open_torchvision_split
+from lit_robust.datasets import TensorImageDataset, load_digits_source, resize_images
 
 EMBEDDED_SOURCES = ("digits", "sklearn_digits", "natural", "noise", "constant")
 OOD_SOURCES = EMBEDDED_SOURCES + ("mnist", "fashion_mnist", "cifar10", "svhn")

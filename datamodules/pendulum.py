@@ -18,7 +18,8 @@ import math
 import numpy as np
 import torch
 
-from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset
+from lit_robust.datamodules.base import ImageDataModule
+from lit_robust.datasets import TensorImageDataset
 
 FACTORS = ("theta", "sun", "shadow_length", "shadow_position")
 PIVOT = (10.0, 10.5)

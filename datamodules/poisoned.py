@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic
-from lit_robust.callbacks.metrics_file import write_json_atomic
-from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset, stack_dataset
+from lit_robust.datamodules.base import ImageDataModule
 from lit_robust.datamodules.wrapper import WrappedDataModule
+from lit_robust.datasets import TensorImageDataset, stack_dataset
 from lit_robust.poisons import ATTACKS, CraftingData, Poisons, apply_trigger, attack_defaults
+from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic
+from lit_robust.storage.json_files import write_json_atomic
 
 
 def _jsonable(value):

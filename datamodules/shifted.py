@@ -3,7 +3,7 @@ sweep of shifted test sets (deep CAMA 002 §4: train clean, test on shifted digi
 interventions do(θ = ·), do(sun = ·) with values inside or outside the training range).
 
 A shift is a mapping ``{"name": ..., **arguments}``: image shifts ``translate`` (dx, dy pixels), ``rotate``
-(degrees), ``gaussian_noise`` / ``gaussian_blur`` / ``contrast`` (severity 1–5) from ``lit_robust.shifts``, and
+(degrees), ``gaussian_noise`` / ``gaussian_blur`` / ``contrast`` (severity 1–5) from ``lit_robust.functional.shifts``, and
 ``intervene`` (Pendulum only: factor=value pairs, the scene re-rendered from the intervened factors, targets =
 the new factors). An optional ``label`` names it in logs (default: name + arguments, e.g. ``translate_dy2``).
 
@@ -16,9 +16,10 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from lit_robust.datamodules.base import ImageDataModule, TensorImageDataset, stack_dataset
+from lit_robust.datamodules.base import ImageDataModule
 from lit_robust.datamodules.wrapper import WrappedDataModule
-from lit_robust.shifts import IMAGE_SHIFTS
+from lit_robust.datasets import TensorImageDataset, stack_dataset
+from lit_robust.functional.shifts import IMAGE_SHIFTS
 
 STOCHASTIC_SHIFTS = ("gaussian_noise",)
 

@@ -17,9 +17,9 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 
-from lit_robust.cache import check_writable
 from lit_robust.datamodules.base import ImageDataModule, check_labels
-from lit_robust.serialization import CorruptFileError
+from lit_robust.storage.cache import check_writable
+from lit_robust.storage.serialization import CorruptFileError
 
 TO_TENSOR = transforms.ToTensor()
 

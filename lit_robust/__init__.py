@@ -1,24 +1,25 @@
 """lit-robust: a PyTorch Lightning trainer for robust machine learning.
 
-``lit_robust`` holds the LightningModules and shared nets; ``lit_robust.datamodules`` the clean, poisoned and shifted
-data; ``lit_robust.callbacks`` the defences (purification, certification, filtering, OOD detection) usable in any
-Lightning ``Trainer``.
+One folder per role, imports pointing down only: ``storage`` (files) and ``datasets`` (plain tensor data) →
+``functional`` (pure tensor math) → ``models`` (the LightningModules, re-exported here) → ``poisons`` →
+``datamodules`` (clean, poisoned and shifted data) and ``callbacks`` (the defences, usable in any Lightning
+``Trainer``) → ``run`` (configs to objects, the console scripts).
 
 The LightningModules are imported on first use (PEP 562), so that ``import lit_robust.<light module>`` — the entry
 points checking their arguments — does not pay the seconds Lightning takes to import.
 """
 from importlib import import_module
 
-_MODULES = {"BayesianVAE": "bayesian_vae", "CausalVAE": "causal_vae", "DDPM": "ddpm", "DeepCAMA": "deep_cama",
-            "EBM": "ebm", "ImageClassifier": "classifier", "LAVAE": "lavae",
+_MODULES = {"AdversarialClassifier": "adversarial", "BayesianVAE": "bayesian_vae", "CausalVAE": "causal_vae",
+            "DDPM": "ddpm", "DeepCAMA": "deep_cama", "EBM": "ebm", "ImageClassifier": "classifier", "LAVAE": "lavae",
             "SmoothedClassifier": "smoothed_classifier", "SmoothedViT": "smoothed_vit",
-            "TransferClassifier": "transfer_classifier", "AdversarialClassifier": "adversarial"}
+            "TransferClassifier": "transfer_classifier"}  # class → its module in lit_robust.models
 __all__ = sorted(_MODULES)
 
 
 def __getattr__(name: str):
     if name in _MODULES:
-        value = getattr(import_module(f"lit_robust.{_MODULES[name]}"), name)
+        value = getattr(import_module(f"lit_robust.models.{_MODULES[name]}"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lit_robust' has no attribute {name!r}")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lit_robust.ablations import (ablate, ablation_masks, ablation_positions, group_by_token_count,
-                                  random_ablation_mask, tokens_touched)
+from lit_robust.functional.ablations import (ablate, ablation_masks, ablation_positions, group_by_token_count,
+                                             random_ablation_mask, tokens_touched)
 
 
 def test_column_mask_wraps_around_the_right_edge():

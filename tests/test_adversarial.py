@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from lit_robust.adversarial import AdversarialClassifier, trades_kl, trades_loss, warmed_up_eps
-from lit_robust.attacks import random_sign, robust_correct
 from lit_robust.callbacks import AdversarialEvaluation
 from lit_robust.callbacks.adversarial_evaluation import masking_warnings
-from lit_robust.classifier import ImageClassifier
-from lit_robust.datamodules.base import TensorImageDataset
+from lit_robust.datasets import TensorImageDataset
+from lit_robust.functional.attacks import random_sign, robust_correct
+from lit_robust.models.adversarial import AdversarialClassifier, trades_kl, trades_loss, warmed_up_eps
+from lit_robust.models.classifier import ImageClassifier
 
 TINY = dict(backbone="small_cnn", backbone_kwargs={"widths": (8,)}, in_chans=1)
 

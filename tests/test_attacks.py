@@ -1,15 +1,15 @@
-"""The attacks of ``lit_robust.attacks`` against losses whose answer is known — a linear loss (worst case x + ε·sign(w),
+"""The attacks of ``lit_robust.functional.attacks`` against losses whose answer is known — a linear loss (worst case x + ε·sign(w),
 or x + ε·w/‖w‖₂), one-pixel quadratics (APGD against a transcription of Croce & Hein's Alg. 1) — and against a small
 trained MLP (stronger than random noise, seeded, inside the ball and [0, 1])."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import lit_robust.attacks as attacks
-from lit_robust.attacks import (apgd, apgd_ce, apgd_checkpoints, apgd_halve, apgd_targeted, dlr_loss, fgsm, margin_loss,
-                                pgd, pgd_linf, pgd_restarts, project, random_sign, random_squares, random_start,
-                                robust_correct, square_fraction, square_linf, square_side, steepest_ascent,
-                                targeted_dlr_loss)
+import lit_robust.functional.attacks as attacks
+from lit_robust.functional.attacks import (apgd, apgd_ce, apgd_checkpoints, apgd_halve, apgd_targeted, dlr_loss, fgsm,
+                                           margin_loss, pgd, pgd_linf, pgd_restarts, project, random_sign,
+                                           random_squares, random_start, robust_correct, square_fraction, square_linf,
+                                           square_side, steepest_ascent, targeted_dlr_loss)
 
 
 def seeded(seed: int) -> torch.Generator:

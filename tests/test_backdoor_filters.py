@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from lit_robust.backdoor_filters import (activation_clustering_keep, keep_below_top_fraction, poisoned_model_features,
-                                         spectral_signature_scores, trimmed_loss_keep)
+from lit_robust.functional.backdoor_filters import (activation_clustering_keep, keep_below_top_fraction,
+                                                    poisoned_model_features, spectral_signature_scores,
+                                                    trimmed_loss_keep)
 
 
 def planted_features(n_per_class=100, planted=8, seed=0):

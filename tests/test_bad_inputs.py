@@ -13,28 +13,28 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import REPO, run_script
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import REPO, run_script
 from lit_robust import EBM, ImageClassifier
-from lit_robust.backdoor_filters import activation_clustering_keep, trimmed_loss_keep
-from lit_robust.cache import load_verified, save_atomic, sha256_bytes
 from lit_robust.callbacks import EBMPurification, MetricsFile, SpectralSignatureFilter
-from lit_robust.callbacks.metrics_file import update_metrics_file
 from lit_robust.callbacks.purification import Purification, check_purified
 from lit_robust.callbacks.robustness_report import fit_baselines
 from lit_robust.datamodules import DigitsDataModule, PoisonedDataModule, TensorImageDataset, TorchvisionDataModule
 from lit_robust.datamodules import poisoned as poisoned_module
-from lit_robust.datamodules.digits import load_digits_source
-from lit_robust.ebm import load_ebm
-from lit_robust.ispl import ISPLSchedule, self_training
-from lit_robust.nets import load_weights
+from lit_robust.datasets import load_digits_source
+from lit_robust.functional.backdoor_filters import activation_clustering_keep, trimmed_loss_keep
+from lit_robust.functional.ispl import ISPLSchedule, self_training
+from lit_robust.models.ebm import load_ebm
+from lit_robust.models.nets import load_weights
+from lit_robust.models.smoothed_vit import SmoothedViT
 from lit_robust.poisons import CraftingData, craft_narcissus
 from lit_robust.poisons.surrogate import load_or_train_surrogate
-from lit_robust.runner import check_experiment, evaluate, fit_and_test, run_experiment
-from lit_robust.serialization import CorruptFileError, NotPlainFileError
-from lit_robust.smoothed_vit import SmoothedViT
+from lit_robust.run.runner import check_experiment, evaluate, fit_and_test, run_experiment
+from lit_robust.storage.cache import load_verified, save_atomic, sha256_bytes
+from lit_robust.storage.json_files import update_metrics_file
+from lit_robust.storage.serialization import CorruptFileError, NotPlainFileError
 
 DIGITS = ["data=digits_8x8", "trainer.max_epochs=1", "~callbacks.rich_progress_bar"]
 

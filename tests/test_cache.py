@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from lit_robust import cache
-from lit_robust.cache import check_writable, fingerprint, load_verified, save_atomic, sha256_bytes
-from lit_robust.serialization import NotPlainFileError
+from lit_robust.storage import cache
+from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic, sha256_bytes
+from lit_robust.storage.serialization import NotPlainFileError
 
 
 def test_sha256_of_the_nist_vector():

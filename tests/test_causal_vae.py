@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from lit_robust.causal_vae import (CONCEPTS, FACTOR_HIGH, FACTOR_LOW, TRUE_EDGES, CausalVAE, acyclicity, edges_matrix,
-                                   linear_scm)
 from lit_robust.datamodules import pendulum
+from lit_robust.models.causal_vae import (CONCEPTS, FACTOR_HIGH, FACTOR_LOW, TRUE_EDGES, CausalVAE, acyclicity,
+                                          edges_matrix, linear_scm)
 
 DESCENDANTS = {0: {2, 3}, 1: {2, 3}, 2: set(), 3: set()}   # of each concept under TRUE_EDGES
 
@@ -205,7 +205,7 @@ def test_counterfactual_report_measures_the_models_interventions(tmp_path, monke
 
 def test_per_concept_decoders_add_one_picture_per_block():
     """logits(z) = mean_i dec_i(z_i): the effect of changing block 0 does not depend on the other blocks."""
-    from lit_robust.causal_vae import ConvDecoder
+    from lit_robust.models.causal_vae import ConvDecoder
 
     torch.manual_seed(0)
     decoder = ConvDecoder(16, 3, 16, width=8, groups=4)

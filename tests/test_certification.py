@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from lit_robust.ablations import ablation_masks, ablation_positions
-from lit_robust.certification import (CertifiedAccuracy, ablation_votes, block_delta, certified, certified_correct,
-                                      certified_margin, column_delta, patch_delta, smoothed_prediction, vote_counts)
+from lit_robust.functional.ablations import ablation_masks, ablation_positions
+from lit_robust.functional.derandomized_smoothing import (CertifiedAccuracy, ablation_votes, block_delta, certified,
+                                                          certified_correct, certified_margin, column_delta,
+                                                          patch_delta, smoothed_prediction, vote_counts)
 
 
 def test_vote_counts_from_predictions():

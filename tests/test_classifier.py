@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_robust import ImageClassifier
-from lit_robust.augment import random_shift
 from lit_robust.datamodules import DigitsDataModule, ImageDataModule, TensorImageDataset
-from lit_robust.nets import create_backbone
+from lit_robust.functional.augment import random_shift
+from lit_robust.models.nets import create_backbone
 
 
 class RandomRGB(ImageDataModule):

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, run_script
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import REPO, run_script
 from lit_robust import ImageClassifier, runner
-from lit_robust.callbacks.metrics_file import update_metrics_file
-from lit_robust.config_checks import domain_of
-from lit_robust.experiment_names import CONFIG_MODULE, shipped_experiments
+from lit_robust.run.config_checks import domain_of
+from lit_robust.run.experiment_names import CONFIG_MODULE, shipped_experiments
+from lit_robust.storage.json_files import update_metrics_file
 
 ONE_BATCH = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
              "~callbacks.rich_progress_bar", "test=false"]

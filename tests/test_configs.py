@@ -2,16 +2,15 @@
 instantiates and runs: tests/test_experiments.py.)"""
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import REPO, run_script
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_script
-from lit_robust import runner
-from lit_robust.runner import adopt_checkpoint_hparams, instantiate_group
+from lit_robust.run import runner
+from lit_robust.run.runner import adopt_checkpoint_hparams, instantiate_group
 
 # Keys a user must set, per (entry point, experiment): ``${required:...}`` in the configs.
 REQUIRED = {("train", "smoothed_vit_digits_finetune"): "model.weights_path",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.ddpm import DDPM, diffuse_then_denoise
+from lit_robust.models.ddpm import DDPM, diffuse_then_denoise
 
 
 def tiny_ddpm() -> DDPM:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from lit_robust import deep_cama
 from lit_robust.callbacks import AdversarialRobustnessReport, ShiftRobustnessReport
 from lit_robust.datamodules import DigitsDataModule, TensorImageDataset
-from lit_robust.deep_cama import DeepCAMA, bernoulli_log_likelihood, kl_to_standard_normal, log_normal
-from lit_robust.nets import create_backbone
+from lit_robust.models import deep_cama
+from lit_robust.models.deep_cama import DeepCAMA, bernoulli_log_likelihood, kl_to_standard_normal, log_normal
+from lit_robust.models.nets import create_backbone
 
 
 def tiny(**kwargs) -> DeepCAMA:
@@ -249,9 +249,9 @@ def assert_report_measures_the_baselines(metrics: dict, data, baselines: dict, c
     directions or attack names; and FGSM must beat the clean accuracy of a trained baseline (an attack that does not
     lower it is not using its gradient)."""
     from lit_robust import ImageClassifier
-    from lit_robust.attacks import fgsm
-    from lit_robust.cache import load_verified
-    from lit_robust.shifts import translate
+    from lit_robust.functional.attacks import fgsm
+    from lit_robust.functional.shifts import translate
+    from lit_robust.storage.cache import load_verified
 
     images, labels = data.test_dataset.images, data.test_dataset.targets
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
@@ -300,7 +300,7 @@ def test_eq8_fine_tuning_on_shifted_digits_raises_its_objective_on_held_out_imag
     (``objective.backward()`` instead of ``(-objective).backward()``, i.e. descending Eq. 8) makes them negative or
     NaN; tuning the wrong networks is caught by ``test_fine_tuning_updates_only_manipulation_networks``. The model is
     untrained (a trained one costs minutes on CPU): this checks that the update ascends Eq. 8, not how far."""
-    from lit_robust.shifts import translate
+    from lit_robust.functional.shifts import translate
 
     data = DigitsDataModule(source="sklearn8x8", batch_size=64, seed=0)
     data.setup()

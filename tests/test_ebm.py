@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.ebm import EBM, EBMDivergenceError, EnergyNet, load_ebm
+from lit_robust.models.ebm import EBM, EBMDivergenceError, EnergyNet, load_ebm
 
 # `train.py experiment=ebm_digits` (the shipped model's recipe) runs and its last.ckpt loads with load_ebm:
 # tests/test_experiments.py.

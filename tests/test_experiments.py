@@ -18,17 +18,17 @@ import lightning as L
 import pytest
 import timm
 import torch
+from conftest import REPO
 from dataset_trees import (patch_fixed_md5_checks, write_cifar10, write_cinic10, write_image_folder, write_imagenet,
                            write_mnist, write_svhn)
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import REPO
-from lit_robust import runner
-from lit_robust.classifier import ImageClassifier
-from lit_robust.ddpm import load_ddpm
-from lit_robust.ebm import load_ebm
+from lit_robust.models.classifier import ImageClassifier
+from lit_robust.models.ddpm import load_ddpm
+from lit_robust.models.ebm import load_ebm
+from lit_robust.run import runner
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 # ebm_digits made the shipped EBM and feeds PureEBM-P; ddpm_digits feeds pureddpm_narcissus_digits

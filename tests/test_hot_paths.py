@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from lit_robust import EBM, ImageClassifier
-from lit_robust.ablations import ablation_masks, ablation_positions
-from lit_robust.certification import ablation_votes
-from lit_robust.patchcleanser import mask_set, patchcleanser_outcomes
+from lit_robust.functional.ablations import ablation_masks, ablation_positions
+from lit_robust.functional.derandomized_smoothing import ablation_votes
+from lit_robust.functional.double_masking import mask_set, patchcleanser_outcomes
+from lit_robust.models.smoothed_classifier import SmoothedClassifier
 from lit_robust.poisons.bullseye import collide_features
 from lit_robust.poisons.gradient_matching import match_gradients
 from lit_robust.poisons.narcissus import synthesize_trigger
-from lit_robust.smoothed_classifier import SmoothedClassifier
 
 READS = ("item", "cpu", "tolist", "__float__", "__int__", "__bool__")
 

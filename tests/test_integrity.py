@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
+from dataset_trees import truncate, write_cifar10, write_mnist
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import REPO
-from dataset_trees import truncate, write_cifar10, write_mnist
-from lit_robust import ebm as ebm_module
-from lit_robust.cache import load_verified, save_atomic
 from lit_robust.callbacks.purification import EBMPurification
 from lit_robust.datamodules import TorchvisionDataModule
-from lit_robust.ebm import EBM, load_ebm
-from lit_robust.runner import evaluate, run_experiment
-from lit_robust.serialization import CorruptFileError, NonFiniteWeightsError
+from lit_robust.models import ebm as ebm_module
+from lit_robust.models.ebm import EBM, load_ebm
+from lit_robust.run.runner import evaluate, run_experiment
+from lit_robust.storage.cache import load_verified, save_atomic
+from lit_robust.storage.serialization import CorruptFileError, NonFiniteWeightsError
 
 TRAINED_ON = "data=digits_8x8"
 DIGITS = ["trainer.max_epochs=1", "~callbacks.rich_progress_bar"]
@@ -166,6 +166,7 @@ def test_failed_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
 
 def test_purification_rebuilds_a_forged_nan_chunk(tmp_path):
     import lightning as L
+
     from lit_robust import ImageClassifier
     from lit_robust.datamodules import DigitsDataModule
 

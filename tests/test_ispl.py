@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from lit_robust.datamodules.digits import load_digits_source
-from lit_robust.ispl import (ISPLSchedule, annealed_trim_fractions, boost_homogeneous_sets, expansion_sample,
-                             fit_component_learners, ispl_partition, loss_momentum, modal_vote_agrees, self_training,
-                             trim)
-from lit_robust.weak_learners import flatten_images
+from lit_robust.datasets import load_digits_source
+from lit_robust.functional.ispl import (ISPLSchedule, annealed_trim_fractions, boost_homogeneous_sets, expansion_sample,
+                                        fit_component_learners, ispl_partition, loss_momentum, modal_vote_agrees,
+                                        self_training, trim)
+from lit_robust.functional.weak_learners import flatten_images
 
 
 def backdoored_digits(source=7, target=1, fraction=0.2, seed=0, patch=1):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lit_robust.langevin import energy_gradient, langevin_chain, langevin_step
+from lit_robust.functional.langevin import energy_gradient, langevin_chain, langevin_step
 
 
 def quadratic(scale: float):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lit_robust.lavae import LAVAE, augment
+from lit_robust.models.lavae import LAVAE, augment
 
 
 def tiny(**kwargs) -> LAVAE:

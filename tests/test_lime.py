@@ -1,4 +1,4 @@
-"""LIME under missingness (``lit_robust.lime`` and ``MissingnessReport(lime_samples=…)``; thesis 001 §5.3) on
+"""LIME under missingness (``lit_robust.functional.lime`` and ``MissingnessReport(lime_samples=…)``; thesis 001 §5.3) on
 hand-built additive models and a tiny ViT, so the file runs in seconds. Each docstring names the stubs it catches."""
 from __future__ import annotations
 
@@ -8,18 +8,18 @@ import lightning as L
 import pytest
 import torch
 from sklearn.linear_model import Ridge
-
-from lit_robust.ablations import keep_masks, region_masks
-from lit_robust.cache import save_atomic
-from lit_robust.callbacks import MissingnessReport
-from lit_robust.classifier import ImageClassifier
-from lit_robust.datamodules.base import TensorImageDataset
-from lit_robust.lime import (baseline_colours, lime_scores, pairwise_consistency, perturbed_target_logits,
-                             random_presence, ridge_weights, topk_jaccard)
-from lit_robust.missingness import (blackout_logits, dropped_token_logits, missingness_statistics, removal_order,
-                                    removal_predictions)
-from lit_robust.serialization import load_plain
 from test_missingness import VIT, TensorData, tiny_vit
+
+from lit_robust.callbacks import MissingnessReport
+from lit_robust.datasets import TensorImageDataset
+from lit_robust.functional.ablations import keep_masks, region_masks
+from lit_robust.functional.lime import (baseline_colours, lime_scores, pairwise_consistency, perturbed_target_logits,
+                                        random_presence, ridge_weights, topk_jaccard)
+from lit_robust.functional.missingness_bias import (blackout_logits, dropped_token_logits, missingness_statistics,
+                                                    removal_order, removal_predictions)
+from lit_robust.models.classifier import ImageClassifier
+from lit_robust.storage.cache import save_atomic
+from lit_robust.storage.serialization import load_plain
 
 
 def additive_model(weights: torch.Tensor, region: int):

@@ -1,4 +1,4 @@
-"""Missingness bias (``lit_robust.missingness``, ``callbacks.MissingnessReport``, ``augment.random_region_removal``;
+"""Missingness bias (``lit_robust.functional.missingness_bias``, ``callbacks.MissingnessReport``, ``augment.random_region_removal``;
 thesis 001 ch. 5) on hand-built models and tiny ViTs, so the file runs in seconds. Each docstring names the stub the
 test catches; the stubs were run by hand against these tests."""
 from __future__ import annotations
@@ -13,14 +13,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lit_robust.augment import random_region_removal
 from lit_robust.callbacks import MissingnessReport
 from lit_robust.callbacks.missingness import module_vit
-from lit_robust.classifier import ImageClassifier
-from lit_robust.datamodules.base import TensorImageDataset
-from lit_robust.ablations import keep_masks, region_masks
-from lit_robust.missingness import (blackout_logits, dropped_token_logits, gradient_saliency, missingness_statistics,
-                                    region_scores, removal_order, removal_predictions, removed_counts)
+from lit_robust.datasets import TensorImageDataset
+from lit_robust.functional.ablations import keep_masks, region_masks
+from lit_robust.functional.augment import random_region_removal
+from lit_robust.functional.missingness_bias import (blackout_logits, dropped_token_logits, gradient_saliency,
+                                                    missingness_statistics, region_scores, removal_order,
+                                                    removal_predictions, removed_counts)
+from lit_robust.models.classifier import ImageClassifier
 
 VIT = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=1, num_heads=2)
 

@@ -2,7 +2,7 @@
 ``restoration_gain`` on models whose posterior is known in closed form (issue #29)."""
 import torch
 
-from lit_robust.ood_adversarial import latent_langevin, restoration_gain
+from lit_robust.functional.ood_adversarial import latent_langevin, restoration_gain
 
 
 def test_latent_langevin_matches_the_closed_form_moments_on_a_gaussian():

@@ -8,7 +8,7 @@ from lit_robust import BayesianVAE
 from lit_robust.callbacks import MetricsFile, OODDetection
 from lit_robust.callbacks.ood_detection import FilteredClassifier
 from lit_robust.datamodules import OODPairDataModule
-from lit_robust.datamodules.base import stack_dataset
+from lit_robust.datasets import stack_dataset
 
 
 def test_ood_detection_end_to_end(tmp_path):
@@ -114,7 +114,7 @@ def test_classifier_scores_equal_a_direct_computation_fitted_on_the_train_split(
     """The logged AUROC / FPR95 / AUPR of every score equal ``detection_metrics`` of the scores computed here by hand
     from the CNN's penultimate features (``net.features``) with statistics of the *train* digits: a callback fitting
     on another split, reading other features or scoring with a flipped sign differs."""
-    from lit_robust import ood_scores as S
+    from lit_robust.functional import ood_scores as S
 
     metrics = classifier_detection(tmp_path, trained_classifier)
     model, dm = trained_classifier.eval(), digits_vs_natural()

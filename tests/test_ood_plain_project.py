@@ -11,18 +11,17 @@ import sys
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import TensorDataset
-
 from conftest import REPO
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(REPO / "examples" / "plain_lightning"))
 
 from project import MNIST_MEAN, MNIST_STD, LitClassifier, MNISTDataModule  # noqa: E402
 
-from lit_robust import ood_scores as S  # noqa: E402
 from lit_robust.callbacks import MetricsFile, OODDetection  # noqa: E402
-from lit_robust.datamodules.base import stack_dataset  # noqa: E402
 from lit_robust.datamodules.ood import natural_image_crops  # noqa: E402
+from lit_robust.datasets import stack_dataset  # noqa: E402
+from lit_robust.functional import ood_scores as S  # noqa: E402
 
 SCORES = ["msp", "energy", "odin", "mahalanobis", "knn"]
 MEAN, STD = MNIST_MEAN[0], MNIST_STD[0]

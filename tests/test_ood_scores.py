@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit_robust import ood_scores as S
+from lit_robust.functional import ood_scores as S
 
 
 def test_importance_sampled_log_likelihood_is_log_mean_of_weights():

@@ -1,4 +1,4 @@
-"""PatchCleanser (``lit_robust.patchcleanser``, ``PatchCleanserCertification``): the mask set covers every patch, the
+"""PatchCleanser (``lit_robust.functional.double_masking``, ``PatchCleanserCertification``): the mask set covers every patch, the
 two rules do what Algorithm 1 and Theorem 1 say, the batched table equals a per-mask loop, certified images survive an
 exhaustive patch attack, and two DDP ranks give one process's records."""
 import json
@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from test_smoothed_vit import digits, patch_masks, tiny_vit, train_briefly
 
 from lit_robust import ImageClassifier, SmoothedClassifier
-from lit_robust.augment import random_masking
 from lit_robust.callbacks import PatchCleanserCertification
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.patchcleanser import (certified, double_masking, mask_pairs, mask_positions, mask_set,
-                                      masked_prediction_table, patchcleanser_outcomes)
+from lit_robust.functional.augment import random_masking
+from lit_robust.functional.double_masking import (certified, double_masking, mask_pairs, mask_positions, mask_set,
+                                                  masked_prediction_table, patchcleanser_outcomes)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (16, 21)])

@@ -1,11 +1,10 @@
 import math
 
 import pytest
-
 import torch
 
-from lit_robust.poison_metrics import (AttackSuccessRate, TargetedPoisonSuccess, attack_success_counts,
-                                       defense_effectiveness_rating, targeted_success_counts)
+from lit_robust.functional.poison_success import (AttackSuccessRate, TargetedPoisonSuccess, attack_success_counts,
+                                                  defense_effectiveness_rating, targeted_success_counts)
 
 
 def test_attack_success_excludes_target_class_images():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lit_robust.datamodules import DigitsDataModule, PoisonedDataModule
-from lit_robust.datamodules.base import stack_dataset
+from lit_robust.datasets import stack_dataset
 
 BADNETS = dict(source_class=1, target_class=7, fraction=0.2, shape="patch", size=2, position=(5, 5), value=1.0)
 

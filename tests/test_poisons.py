@@ -68,8 +68,8 @@ def test_attack_defaults_lists_config_values():
 
 
 def test_narcissus_trigger_within_budget_clean_labels_and_margin_falls():
+    from lit_robust.datasets import load_digits_source
     from lit_robust.poisons import craft_narcissus
-    from lit_robust.datamodules.digits import load_digits_source
 
     images, labels = load_digits_source("sklearn8x8")
     data = CraftingData(images[:600], labels[:600], images[600:700], labels[600:700], 10)

@@ -7,7 +7,7 @@ import torch
 from lit_robust import ImageClassifier
 from lit_robust.callbacks.shift_sweep import ShiftSweep
 from lit_robust.datamodules import DigitsDataModule, ShiftedDataModule
-from lit_robust.datamodules.base import stack_dataset
+from lit_robust.datasets import stack_dataset
 
 SWEEP = [{"name": "gaussian_noise", "severity": 1}, {"name": "gaussian_noise", "severity": 5},
          {"name": "rotate", "degrees": 10, "label": "rotate_10"}, {"name": "rotate", "degrees": 90, "label": "rotate_90"}]

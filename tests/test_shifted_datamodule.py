@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lit_robust.datamodules import DigitsDataModule, PendulumDataModule, ShiftedDataModule
-from lit_robust.datamodules.base import stack_dataset
-from lit_robust.shifts import rotate
+from lit_robust.datasets import stack_dataset
+from lit_robust.functional.shifts import rotate
 
 
 def test_train_clean_test_shifted_and_sweep_names():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lit_robust.shifts import contrast, gaussian_blur, gaussian_noise, rotate, translate
+from lit_robust.functional.shifts import contrast, gaussian_blur, gaussian_noise, rotate, translate
 
 
 def test_rotate_quarter_turn_matches_rot90_and_zero_is_identity():

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from lit_robust import SmoothedViT
-from lit_robust.ablations import ablate, random_ablation_mask, tokens_touched
 from lit_robust.callbacks import Certification
-from lit_robust.certification import certified, patch_delta, smoothed_prediction, vote_counts
 from lit_robust.datamodules import DigitsDataModule
-from lit_robust.datamodules.digits import load_digits_source, resize_images
+from lit_robust.datasets import load_digits_source, resize_images
+from lit_robust.functional.ablations import ablate, random_ablation_mask, tokens_touched
+from lit_robust.functional.derandomized_smoothing import certified, patch_delta, smoothed_prediction, vote_counts
 
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 

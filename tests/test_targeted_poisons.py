@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lit_robust.datamodules.digits import load_digits_source
+from lit_robust.datasets import load_digits_source
 from lit_robust.poisons import CraftingData, craft_bullseye_polytope, craft_gradient_matching
 from lit_robust.poisons.bullseye import bullseye_loss, collide_features, feature_maps
 from lit_robust.poisons.crafted import project_linf

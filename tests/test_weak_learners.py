@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lit_robust.weak_learners import (EnsembleMLP, fit_members, flatten_images, index_sets, member_features,
-                                      member_logits, member_losses)
+from lit_robust.functional.weak_learners import (EnsembleMLP, fit_members, flatten_images, index_sets, member_features,
+                                                 member_logits, member_losses)
 
 
 def blobs(n=200, seed=0):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from lit_robust.weight_posteriors import (SWAG, MeanFieldGaussian, ScaleAdaptedSGHMC, SnapshotBank, flatten_params,
-                                          resample_precision, unflatten_draws)
+from lit_robust.models.weight_posteriors import (SWAG, MeanFieldGaussian, ScaleAdaptedSGHMC, SnapshotBank,
+                                                 flatten_params, resample_precision, unflatten_draws)
 
 
 def test_flatten_and_unflatten_round_trip():

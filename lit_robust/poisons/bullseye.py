@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from lit_robust.classifier import ImageClassifier
-from lit_robust.nets import SmallCNN
+from lit_robust.models.classifier import ImageClassifier
+from lit_robust.models.nets import SmallCNN
 from lit_robust.poisons.crafted import PROGRESS_EVERY, CraftingData, Poisons, project_linf
 from lit_robust.poisons.surrogate import penultimate_features, prepare_targeted_attack, targeted_poisons
 

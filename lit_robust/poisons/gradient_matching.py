@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lit_robust.augment import random_hflip, random_shift
+from lit_robust.functional.augment import random_hflip, random_shift
 from lit_robust.poisons.crafted import PROGRESS_EVERY, CraftingData, Poisons, project_linf
 from lit_robust.poisons.surrogate import prepare_targeted_attack, targeted_poisons
 

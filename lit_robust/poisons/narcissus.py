@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from lit_robust.models.classifier import train_on_tensors
 from lit_robust.poisons.crafted import PROGRESS_EVERY, CraftingData, Poisons, additive_trigger, choose_indices
-from lit_robust.classifier import train_on_tensors
 from lit_robust.poisons.surrogate import load_or_train_surrogate
 
 
@@ -35,7 +35,7 @@ def public_ood_images(name: str, image_shape) -> tuple[torch.Tensor, torch.Tenso
     folder of class sub-folders (e.g. Tiny-ImageNet's ``train/``, the paper's POOD for CIFAR-10)."""
     from pathlib import Path
 
-    from lit_robust.datamodules.digits import load_digits_source, resize_images
+    from lit_robust.datasets import load_digits_source, resize_images
 
     channels, height, _ = image_shape
     if name == "sklearn8x8":
@@ -43,7 +43,7 @@ def public_ood_images(name: str, image_shape) -> tuple[torch.Tensor, torch.Tenso
     elif Path(name).expanduser().is_dir():
         from torchvision import datasets, transforms
 
-        from lit_robust.datamodules.base import stack_dataset
+        from lit_robust.datasets import stack_dataset
 
         folder = datasets.ImageFolder(str(Path(name).expanduser()), transform=transforms.Compose(
             [transforms.Resize((height, height)), transforms.ToTensor()]))

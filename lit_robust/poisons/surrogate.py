@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from lit_robust.cache import fingerprint, load_verified, save_atomic
-from lit_robust.classifier import ImageClassifier, train_on_tensors
-from lit_robust.serialization import load_plain
+from lit_robust.models.classifier import ImageClassifier, train_on_tensors
+from lit_robust.storage.cache import fingerprint, load_verified, save_atomic
+from lit_robust.storage.serialization import load_plain
 
 # train_on_tensors' recipe (lr, weight decay, batch size, augmentation, schedule): part of every surrogate's cache key
 RECIPE = {name: p.default for name, p in inspect.signature(train_on_tensors).parameters.items()

@@ -8,8 +8,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from lit_robust.classifier import ImageClassifier
-from lit_robust.classifier import train_on_tensors
+from lit_robust.models.classifier import ImageClassifier, train_on_tensors
 from lit_robust.poisons.surrogate import penultimate_features
 
 VICTIMS = ("linear", "finetune")

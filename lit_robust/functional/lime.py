@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from lit_robust.missingness import LogitsFn
+from lit_robust.functional.missingness_bias import LogitsFn
 
 
 def baseline_colours(channels: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
-from lit_robust.serialization import load_plain
+from lit_robust.storage.serialization import load_plain
 
 
 def q_sample(scheduler: DDPMScheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ which ViT tokens it touches.
 An ablation keeps a band of ``width`` columns (``kind="column"``) or a ``width``×``width`` square (``kind="block"``)
 starting at a position and **wrapping around** the image edge, so every position is equally likely and an image of
 width w has w column ablations (stride 1). Strided ablation sets keep every ``stride``-th position (App. A.4, A.5).
-Everything here is a pure tensor function; the models and the certificate (``lit_robust.certification``) build on it.
+Everything here is a pure tensor function; the models and the certificate (``lit_robust.functional.derandomized_smoothing``) build on it.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lit_robust.classifier import ImageClassifier
+from lit_robust.models.classifier import ImageClassifier
 
 MODES = ("linear", "finetune")
 

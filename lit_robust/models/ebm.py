@@ -12,11 +12,11 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from lit_robust.langevin import langevin_chain
-from lit_robust.serialization import check_finite, check_sha256, load_plain
+from lit_robust.functional.langevin import langevin_chain
+from lit_robust.storage.serialization import check_finite, check_sha256, load_plain
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "leaky_relu": lambda: nn.LeakyReLU(0.2)}
 PRETRAINED = {"digits": "ebm_digits.pt"}

@@ -1,5 +1,5 @@
 """Adversarial inputs as problematic inputs for an OOD detector (thesis 004 ch. 5): examples crafted against a
-classifier (FGSM/PGD, §5.2.1) and against a VAE encoder (Eq. 5.1), built on ``lit_robust.attacks``."""
+classifier (FGSM/PGD, §5.2.1) and against a VAE encoder (Eq. 5.1), built on ``lit_robust.functional.attacks``."""
 from __future__ import annotations
 
 from typing import Callable
@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lit_robust.attacks import fgsm, pgd_linf
+from lit_robust.functional.attacks import fgsm, pgd_linf
 
 Encoder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 

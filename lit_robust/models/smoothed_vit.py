@@ -1,7 +1,7 @@
 """Smoothed vision transformer (thesis 001 ch. 1, App. A): a base classifier trained on column/block ablations whose
 majority vote over all ablations is certifiably robust to m×m adversarial patches (derandomized smoothing).
 
-The base classifier sees the kept pixels plus a mask channel (``lit_robust.ablations.ablate``). With a timm ViT it
+The base classifier sees the kept pixels plus a mask channel (``lit_robust.functional.ablations.ablate``). With a timm ViT it
 runs our own forward built from timm's parts — patch embedding weights, class/register tokens, position embeddings,
 blocks, norm, head — so that tokens whose patch has no kept pixel can be **dropped after the position embeddings are
 added** (§1.3.1, Alg. 2; the class token is always kept), and many ablation positions run in one forward pass. Any
@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from lit_robust.ablations import (ablate, ablation_masks, ablation_positions, group_by_token_count,
-                                  random_ablation_mask, tokens_touched)
-from lit_robust.certification import ablation_votes, smoothed_prediction
-from lit_robust.classifier import ImageClassifier
+from lit_robust.functional.ablations import (ablate, ablation_masks, ablation_positions, group_by_token_count,
+                                             random_ablation_mask, tokens_touched)
+from lit_robust.functional.derandomized_smoothing import ablation_votes, smoothed_prediction
+from lit_robust.functional.vit_tokens import check_droppable_vit, logits_of_kept_tokens
 from lit_robust.machine import stacked_pass_size
-from lit_robust.serialization import load_plain
-from lit_robust.nets import create_backbone
+from lit_robust.models.classifier import ImageClassifier
+from lit_robust.models.nets import create_backbone
+from lit_robust.storage.serialization import load_plain
 
 
 def patch_vectors(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -31,37 +32,6 @@ def patch_vectors(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     b, c, h, w = images.shape
     patches = images.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)  # (B, C, h/p, w/p, p, p)
     return patches.permute(0, 2, 3, 1, 4, 5).reshape(b, (h // patch_size) * (w // patch_size), -1)
-
-
-def check_droppable_vit(vit: nn.Module) -> None:
-    """Token dropping needs a plain patch embedding (one Conv2d with kernel = stride, no norm) and a fixed grid."""
-    if not isinstance(vit, VisionTransformer):
-        raise ValueError(f"token dropping needs a timm VisionTransformer, got {type(vit).__name__}: use a vit_* "
-                         f"backbone or set model.token_dropping=false")
-    proj = vit.patch_embed.proj
-    if not (isinstance(proj, nn.Conv2d) and proj.kernel_size == proj.stride and proj.padding == (0, 0)
-            and isinstance(vit.patch_embed.norm, nn.Identity) and not vit.dynamic_img_size):
-        raise ValueError("this ViT's patch embedding is not one non-overlapping Conv2d without norm (or uses a "
-                         "dynamic image size): pick a standard vit_* model")
-
-
-def logits_of_kept_tokens(vit: VisionTransformer, tokens: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
-    """Logits (B, K) of a timm ViT that sees only some of its patch tokens: ``tokens`` (B, k, D) are patch
-    embeddings (no position yet) at grid positions ``token_index`` (B, k). Each gets its own position embedding, the
-    prefix (class/register) tokens are prepended, and the blocks run on the k + prefix tokens — dropping tokens,
-    which is how a ViT leaves a region out (001 Alg. 2 for ablations; §5.1.2 and App. E.2 for missingness)."""
-    pos = vit.pos_embed
-    if vit.no_embed_class:
-        prefix_pos, token_pos = 0, pos[0][token_index]
-    else:
-        prefix_pos, token_pos = pos[:, :vit.num_prefix_tokens], pos[0, vit.num_prefix_tokens:][token_index]
-    tokens = tokens + token_pos
-    prefix = [t for t in (vit.cls_token, vit.reg_token) if t is not None]
-    if prefix:
-        prefix_tokens = torch.cat(prefix, dim=1) + prefix_pos
-        tokens = torch.cat([prefix_tokens.expand(len(tokens), -1, -1), tokens], dim=1)
-    x = vit.blocks(vit.norm_pre(vit.pos_drop(tokens)))
-    return vit.forward_head(vit.norm(x))
 
 
 def base_state_dict(state: dict, net: nn.Module) -> dict:

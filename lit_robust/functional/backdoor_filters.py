@@ -7,7 +7,7 @@
   small classes) — a deviation that changes the projection, not the clustering rule.
 - ITLM (Shen & Sanghavi 2019): train, keep the lowest-loss fraction, retrain a fresh model on it, repeat.
 
-The shared features are the hidden activations of a weak learner (``lit_robust.weak_learners.EnsembleMLP``) trained
+The shared features are the hidden activations of a weak learner (``lit_robust.functional.weak_learners.EnsembleMLP``) trained
 on the whole poisoned training set — the representation the paper's baselines read from a late ResNet layer.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from sklearn.cluster import KMeans
 
-from lit_robust.weak_learners import EnsembleMLP, fit_members, index_sets, member_features, member_losses
+from lit_robust.functional.weak_learners import EnsembleMLP, fit_members, index_sets, member_features, member_losses
 
 
 def poisoned_model_features(inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int = 10,

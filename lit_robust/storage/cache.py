@@ -5,7 +5,7 @@ checksum last, so an interrupted write leaves no entry that passes verification.
 missing, truncated or corrupted entry, and for one that is not what the caller declares (type, shape, dtype, value
 range) or holds NaN/inf, with a warning naming the file — callers rebuild it. Entries hold tensors and plain
 containers only
-(``lit_robust.serialization``): ``save_atomic`` refuses anything else, and ``load_verified`` refuses to unpickle
+(``lit_robust.storage.serialization``): ``save_atomic`` refuses anything else, and ``load_verified`` refuses to unpickle
 anything else even when the checksum matches (whoever can write the entry can write its checksum).
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lit_robust.serialization import CorruptFileError, check_plain, load_plain
+from lit_robust.storage.serialization import CorruptFileError, check_plain, load_plain
 
 
 def sha256_bytes(payload: bytes) -> str:

@@ -14,7 +14,7 @@ import torch
 from timm.layers import create_act_layer, get_act_layer
 from torch import nn
 
-from lit_robust.serialization import load_plain
+from lit_robust.storage.serialization import load_plain
 
 
 class SmallCNN(nn.Module):

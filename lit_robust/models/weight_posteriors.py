@@ -1,6 +1,6 @@
 """Approximate posteriors over a network's weights (thesis 004 §3.3.1): Bayes by Backprop, SWAG and scale-adapted
 SGHMC, each able to draw N weight sets at once as a dict ``name → (N, *shape)`` that ``torch.func.functional_call``
-+ ``vmap`` evaluate in one batched pass (see ``lit_robust.bayesian_vae``).
++ ``vmap`` evaluate in one batched pass (see ``lit_robust.models.bayesian_vae``).
 
 All state (ρ, SWAG moments and deviations, SGHMC snapshots, the prior precision) lives in registered parameters or
 buffers, so it is saved in checkpoints and restored on resume; the SGHMC optimizer's own state (τ, g, v̂, momentum)

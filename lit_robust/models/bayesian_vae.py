@@ -1,6 +1,6 @@
 """Bayesian VAE for OOD and adversarial-input detection (thesis 004 ch. 3, 5): a VAE whose **decoder** weights have a
 posterior — Bayes by Backprop, SWAG or scale-adapted SGHMC — or none (a classical VAE, ch. 5). Inputs are scored by
-how much the importance-sampled log-likelihoods ``log p(x|θ_n)`` of N posterior draws vary (``lit_robust.ood_scores``).
+how much the importance-sampled log-likelihoods ``log p(x|θ_n)`` of N posterior draws vary (``lit_robust.functional.ood_scores``).
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from lit_robust.ood_scores import importance_sampled_log_likelihood, outlier_scores
-from lit_robust.weight_posteriors import (SWAG, MeanFieldGaussian, ScaleAdaptedSGHMC, SnapshotBank, flatten_params,
-                                          resample_precision, unflatten_draws)
+from lit_robust.functional.ood_scores import importance_sampled_log_likelihood, outlier_scores
+from lit_robust.models.weight_posteriors import (SWAG, MeanFieldGaussian, ScaleAdaptedSGHMC, SnapshotBank,
+                                                 flatten_params, resample_precision, unflatten_draws)
 
 POSTERIORS = ("bbb", "swag", "sghmc", "none")
 LOG_2PI = math.log(2 * math.pi)
@@ -174,7 +174,7 @@ class BayesianVAE(L.LightningModule):
 
     @torch.no_grad()
     def outlier_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every OOD score of ``lit_robust.ood_scores`` for a batch (higher = more likely OOD). The protocol that the
+        """Every OOD score of ``lit_robust.functional.ood_scores`` for a batch (higher = more likely OOD). The protocol that the
         ``OODDetection`` callback calls."""
         log_liks, log_px_z = self.ensemble_log_likelihoods(x)
         entropy = None if torch.isnan(self.model_entropy) else self.model_entropy
@@ -184,7 +184,7 @@ class BayesianVAE(L.LightningModule):
         """Algorithm 2 (ch. 5): SSIM gain between the input and its decoding after Langevin/HMC re-evaluation of the
         latent code vs. its plain reconstruction (decoder at its posterior mean). Large gain = an attack whose code
         can be restored; small gain on a flagged input = an outlier."""
-        from lit_robust.ood_adversarial import latent_langevin, restoration_gain
+        from lit_robust.functional.ood_adversarial import latent_langevin, restoration_gain
 
         mean, _ = self.encode(x)
 

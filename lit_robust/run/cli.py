@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lit_robust.experiment_names import CONFIG_MODULE, check_choices
+from lit_robust.run.experiment_names import CONFIG_MODULE, check_choices
 
 CONFIG_PATH = f"pkg://{CONFIG_MODULE}"
 
@@ -27,7 +27,7 @@ def train(cfg: DictConfig) -> None:
     """``train.py experiment=<name> [trainer=ddp_cpu] [key=value ...]``: fit (resuming from ``ckpt_path=...``), then
     test the best checkpoint; ``metrics.json``, ``config.yaml`` and ``checkpoints/`` land in the run's output dir."""
     check_choices(HydraConfig.get().runtime.choices)  # before Lightning's import
-    from lit_robust.runner import fit_and_test
+    from lit_robust.run.runner import fit_and_test
 
     fit_and_test(cfg)
 
@@ -39,7 +39,7 @@ def evaluate(cfg: DictConfig) -> None:
     run's test phase. The model takes the hyperparameters saved in the checkpoint, except ``model.*`` keys given on
     the command line (e.g. ``model.num_samples=20``)."""
     check_choices(HydraConfig.get().runtime.choices)  # before Lightning's import
-    from lit_robust import runner
+    from lit_robust.run import runner
 
     runner.evaluate(cfg, list(HydraConfig.get().overrides.task))
 
@@ -62,7 +62,7 @@ def flagship(overrides: list[str] | None = None) -> None:
     if {"-h", "--help"} & set(overrides):
         print(flagship.__doc__)
         return
-    from lit_robust.runner import run_experiment
+    from lit_robust.run.runner import run_experiment
 
     root = Path("outputs/flagship") / time.strftime("%Y-%m-%d_%H-%M-%S")
     started, table = time.perf_counter(), {}

@@ -6,7 +6,6 @@ lower energy = more likely image.
 from __future__ import annotations
 
 import math
-
 from typing import Callable
 
 import torch

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_robust.deep_cama import kl_to_standard_normal, mlp, reparameterise
+from lit_robust.models.deep_cama import kl_to_standard_normal, mlp, reparameterise
 
 AUGMENTATIONS = {
     "rot90": lambda x: torch.rot90(x, 1, dims=(-2, -1)),

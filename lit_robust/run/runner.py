@@ -2,14 +2,14 @@
 
 Safe by default: a config group choice (``experiment=``, ``data=``, ``model=``, ...) is never a path
 (``../model/ebm``); numeric settings are checked against the constructors' annotations and their domains
-(``lit_robust.config_checks``: ``trainer.max_epochs`` ≥ 1, ``lr`` > 0, patch sizes within the images) before anything
-is built; checkpoints are read with ``weights_only=True`` only (see ``lit_robust.serialization``), refused when their
+(``lit_robust.run.config_checks``: ``trainer.max_epochs`` ≥ 1, ``lr`` > 0, patch sizes within the images) before anything
+is built; checkpoints are read with ``weights_only=True`` only (see ``lit_robust.storage.serialization``), refused when their
 weights are not finite, and are data, never code: their hyperparameters are adopted only as plain values of the model
 config's keys and types (a ``_target_`` is refused), and the model class they record is compared by name, never
 imported. Checkpoints record the model's ``_target_``, the training images' shape, dataset and classes
 (``checkpoint["lit_robust"]``); evaluating one with another model class, image size or dataset fails at the start.
 A run dir holds one run, never written through links, with ``~`` and ``$VAR`` expanded once for every path
-(``lit_robust.run_paths``; ``overwrite=true`` replaces an earlier run). A
+(``lit_robust.storage.run_paths``; ``overwrite=true`` replaces an earlier run). A
 non-finite ``test/*`` metric (a diverged model, NaN weights) is logged as a warning and counted in ``metrics.json``
 as ``test/non_finite``; the run still succeeds, so its other numbers stay inspectable. ``smoke=true`` shrinks any
 run to seconds on a CPU (``shrink_for_smoke``, ``conf/smoke.yaml``); an experiment's documented
@@ -32,13 +32,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lit_robust.callbacks.exact_resume import CSVHistory, RNGState
-from lit_robust.callbacks.metrics_file import MetricsFile, flat_metrics, update_metrics_file
-from lit_robust.config_checks import check_domains, checked_hparams
+from lit_robust.callbacks.metrics_file import MetricsFile
 from lit_robust.datamodules.base import check_trained_on
-from lit_robust.experiment_names import CONFIG_MODULE, check_choices, check_experiment
 from lit_robust.machine import fast_precision, use_available_cores
-from lit_robust.run_paths import check_run_dir, expand_config_paths, refuse_symlink
-from lit_robust.serialization import check_checkpoint, load_plain
+from lit_robust.run.config_checks import check_domains, checked_hparams
+from lit_robust.run.experiment_names import CONFIG_MODULE, check_choices, check_experiment
+from lit_robust.storage.json_files import flat_metrics, update_metrics_file
+from lit_robust.storage.run_paths import check_run_dir, expand_config_paths, refuse_symlink
+from lit_robust.storage.serialization import check_checkpoint, load_plain
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,7 @@ def evaluate_test_split(trainer: L.Trainer, model: L.LightningModule, datamodule
 def start_in_run_dir(cfg: DictConfig, resumes: bool) -> None:
     """Expand ``~`` and ``$VAR`` in the config's paths; on global rank zero (the other processes join its run dir),
     refuse a run dir holding an earlier run unless the run ``resumes`` from it or ``overwrite=true``
-    (``lit_robust.run_paths``)."""
+    (``lit_robust.storage.run_paths``)."""
     expand_config_paths(cfg)
     if rank_zero_only.rank == 0:
         check_run_dir(cfg.output_dir, cfg.ckpt_path, bool(cfg.get("overwrite")), resumes)

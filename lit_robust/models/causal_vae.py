@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_robust.deep_cama import kl_to_standard_normal, reparameterise
+from lit_robust.models.deep_cama import kl_to_standard_normal, reparameterise
 
 CONCEPTS = ("theta", "sun", "shadow_length", "shadow_position")
 TRUE_EDGES = ((0, 2), (0, 3), (1, 2), (1, 3))

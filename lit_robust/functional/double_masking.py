@@ -7,7 +7,7 @@ one- and two-mask predictions into a prediction, and Theorem 1 certifies an imag
 r0, r1 ∈ R, r0 = r1 included) all equal its label: whatever the patch, some mask covers it, and the argument below
 Algorithm 1 shows that the defended prediction is then the label.
 
-Masks are (M, H, W) with 1 = pixel kept, 0 = masked — the convention of ``lit_robust.ablations``, so any model's
+Masks are (M, H, W) with 1 = pixel kept, 0 = masked — the convention of ``lit_robust.functional.ablations``, so any model's
 ``ablated_logits(images, masks)`` (``SmoothedClassifier``: masked pixels black, then the declared normalisation;
 ``SmoothedViT``: the same with its mask channel, token dropping of fully masked tokens) is the masked forward pass.
 """
@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from lit_robust.certification import smoothed_prediction, vote_counts
+from lit_robust.functional.derandomized_smoothing import smoothed_prediction, vote_counts
 
 CASES = ("agreed", "disagreer", "majority")  # Algorithm 1's three ways out, recorded per image
 

@@ -14,7 +14,7 @@ iterations, β annealed 3p → p over the first three iterations, the lowest-los
 α = 1/4, η = 0.9, warm-up 8 epochs then 4 per iteration; 3 ISPL runs → 24 weak learners, each trained 40 epochs; a
 final self-training pass re-admits samples a model trained on the kept set agrees with (every 5 epochs, prediction
 momentum 0.8). The defaults keep these numbers except the weak learners' architecture and epochs (see
-``lit_robust.weak_learners`` for why): an MLP fits a 12 % component of the digits in far fewer than 40 epochs.
+``lit_robust.functional.weak_learners`` for why): an MLP fits a 12 % component of the digits in far fewer than 40 epochs.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lit_robust.backdoor_filters import keep_every_class
-from lit_robust.weak_learners import EnsembleMLP, fit_members, index_sets, member_logits, member_losses
+from lit_robust.functional.backdoor_filters import keep_every_class
+from lit_robust.functional.weak_learners import EnsembleMLP, fit_members, index_sets, member_logits, member_losses
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def self_training(inputs: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor
     component, got wrong (fewer false positives); poisons stay out as long as the kept set holds too few of them to
     teach the trigger.
 
-    No class is ever emptied (:func:`~lit_robust.backdoor_filters.keep_every_class`): a class the vote removed
+    No class is ever emptied (:func:`~lit_robust.functional.backdoor_filters.keep_every_class`): a class the vote removed
     entirely keeps its first sample, and each re-selection keeps the class's sample the learner finds most likely."""
     current = keep_every_class(keep, torch.arange(len(labels), device=keep.device), labels)
     if schedule.self_train_epochs <= 0:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_robust.augment import random_shift
+from lit_robust.functional.augment import random_shift
 
 LOG_2PI = math.log(2 * math.pi)
 

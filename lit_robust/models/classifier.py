@@ -11,9 +11,9 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
-from lit_robust.augment import random_hflip, random_masking, random_region_removal, random_shift
-from lit_robust.nets import create_backbone, load_weights
-from lit_robust.patchcleanser import mask_set
+from lit_robust.functional.augment import random_hflip, random_masking, random_region_removal, random_shift
+from lit_robust.functional.double_masking import mask_set
+from lit_robust.models.nets import create_backbone, load_weights
 
 
 class ImageClassifier(L.LightningModule):

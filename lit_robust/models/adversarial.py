@@ -8,8 +8,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from lit_robust.attacks import check_norm, pgd
-from lit_robust.classifier import ImageClassifier
+from lit_robust.functional.attacks import check_norm, pgd
+from lit_robust.models.classifier import ImageClassifier
 
 METHODS = ("pgd", "trades")
 

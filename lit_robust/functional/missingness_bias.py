@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_robust.ablations import tokens_touched
-from lit_robust.smoothed_vit import check_droppable_vit, logits_of_kept_tokens
+from lit_robust.functional.ablations import tokens_touched
+from lit_robust.functional.vit_tokens import check_droppable_vit, logits_of_kept_tokens
 
 ORDERS = ("random", "least_salient", "most_salient")
 MODES = ("blackout", "drop_tokens")

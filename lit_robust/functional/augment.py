@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lit_robust.ablations import keep_masks, region_masks
+from lit_robust.functional.ablations import keep_masks, region_masks
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

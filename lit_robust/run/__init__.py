@@ -1,0 +1,1 @@
+"""The top of the house: configs to objects (runner), the console scripts (cli), experiment names and config checks. Only this package may import ``lit_robust.callbacks`` and ``lit_robust.datamodules``."""

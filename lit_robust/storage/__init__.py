@@ -1,0 +1,1 @@
+"""Files: checksummed atomic caches, loading without running code, JSON written atomically."""
