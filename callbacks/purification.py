@@ -31,6 +31,7 @@ from lit_robust.callbacks.contract import (ReplacedImages, TrainSplitDefence, ch
 from lit_robust.datasets import stack_dataset
 from lit_robust.figures import save_before_after_grid, save_trajectory_plot, trajectory_distances
 from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic
+from lit_robust.storage.run_paths import expand_path
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -166,7 +167,8 @@ class Purification(TrainSplitDefence):
         """All images purified, identical on every rank; each rank computes (or loads) only its own chunks."""
         started = time.perf_counter()
         self.key = self.cache_key(images)
-        root = Path(self.cache_dir or output_folder(trainer, self.output_dir) / "purified")
+        root = Path(expand_path(str(self.cache_dir), "cache_dir")) if self.cache_dir else \
+            output_folder(trainer, self.output_dir) / "purified"
         folder = check_writable(root / self.key, "cache_dir")  # before the first chunk, not after it
         for model in self.models().values():
             model.to(device, memory_format=self.memory_format).eval()

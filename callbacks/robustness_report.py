@@ -21,6 +21,7 @@ from lit_robust.functional.attacks import fgsm, pgd_linf, random_sign
 from lit_robust.functional.shifts import translate
 from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.storage.json_files import update_metrics_file
+from lit_robust.storage.run_paths import expand_path
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]   # images → class log-probabilities or logits
 
@@ -57,7 +58,7 @@ def fit_baselines(datamodule: L.LightningDataModule, specs: dict[str, dict], max
         spec = dict(spec)
         epochs = int(spec.pop("max_epochs", max_epochs))
         model = ImageClassifier(**spec)
-        path = Path(cache_dir) / f"{name}-{fingerprint(spec, epochs, seed, images[:64], len(images))}.pt" \
+        path = Path(expand_path(str(cache_dir), "cache_dir")) / f"{name}-{fingerprint(spec, epochs, seed, images[:64], len(images))}.pt" \
             if cache_dir else None
         state = load_verified(path) if path else None
         if state is not None:

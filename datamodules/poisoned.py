@@ -19,6 +19,7 @@ from lit_robust.datasets import TensorImageDataset, stack_dataset
 from lit_robust.poisons import ATTACKS, CraftingData, Poisons, apply_trigger, attack_defaults
 from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic
 from lit_robust.storage.json_files import write_json_atomic
+from lit_robust.storage.run_paths import expand_path
 
 
 def _jsonable(value):
@@ -106,7 +107,7 @@ class PoisonedDataModule(WrappedDataModule):
         if bad:
             raise ValueError(f"{', '.join(bad)} is not a finite number: attack {attack!r} would craft NaN poisons; "
                              f"set it to a number (default: {defaults})")
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(expand_path(str(cache_dir), "data.cache_dir"))
         self.poisons: Poisons | None = None
         self.manifest: dict | None = None
         self.poison_mask: torch.Tensor | None = None

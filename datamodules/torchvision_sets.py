@@ -19,6 +19,7 @@ from torchvision.datasets.utils import check_integrity
 
 from lit_robust.datamodules.base import ImageDataModule, check_labels
 from lit_robust.storage.cache import check_writable
+from lit_robust.storage.run_paths import expand_path
 from lit_robust.storage.serialization import CorruptFileError
 
 TO_TENSOR = transforms.ToTensor()
@@ -39,7 +40,7 @@ IMAGENET_TRANSFORM = transforms.Compose([transforms.Resize(256), transforms.Cent
 def check_data_dir(data_dir: str, expected: str, download: bool) -> Path:
     """``data_dir`` as a path, checked before any reading or download: a folder (a file there is no dataset, and
     ``download`` would fail on it too), writable when ``download`` is set (checked now, not after the transfer)."""
-    root = Path(data_dir).expanduser()
+    root = Path(expand_path(str(data_dir), "data.data_dir"))
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"data.data_dir={root} is a file, not a folder: set data.data_dir to the folder "
                                  f"that holds {expected} (a download cannot go into a file either)")

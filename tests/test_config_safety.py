@@ -19,7 +19,8 @@ from conftest import REPO, run_script
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from lit_robust import ImageClassifier, runner
+from lit_robust import ImageClassifier
+from lit_robust.run import runner
 from lit_robust.run.config_checks import domain_of
 from lit_robust.run.experiment_names import CONFIG_MODULE, shipped_experiments
 from lit_robust.storage.json_files import update_metrics_file
@@ -310,3 +311,17 @@ def test_unset_variable_in_a_path(tmp_path, monkeypatch, building):
     with pytest.raises(ValueError, match=r"data\.\S+=\$NOT_SET_ANYWHERE/data/poisons\S* uses the environment "
                                          r"variable \$NOT_SET_ANYWHERE, which is not set"):
         runner.run_experiment("narcissus_digits", ONE_BATCH, tmp_path)
+
+
+def test_a_library_users_cache_dir_with_tilde_is_expanded_where_it_is_written(tmp_path, monkeypatch):
+    """``PoisonedDataModule(cache_dir="~/x")`` outside a run (no config to expand): the DataModule, the write check and
+    the cache file agree on ``$HOME/x``; no folder literally named ``~`` appears."""
+    from lit_robust.datamodules import DigitsDataModule, PoisonedDataModule
+    from lit_robust.storage.cache import check_writable
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    dm = PoisonedDataModule(DigitsDataModule(source="sklearn8x8"), attack="badnets", cache_dir="~/poisons")
+    assert dm.cache_dir == tmp_path / "home" / "poisons"
+    assert check_writable("~/poisons", "data.cache_dir") == tmp_path / "home" / "poisons"
+    assert not (tmp_path / "~").exists()

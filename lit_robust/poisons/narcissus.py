@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from lit_robust.models.classifier import train_on_tensors
 from lit_robust.poisons.crafted import PROGRESS_EVERY, CraftingData, Poisons, additive_trigger, choose_indices
 from lit_robust.poisons.surrogate import load_or_train_surrogate
+from lit_robust.storage.run_paths import expand_path
 
 
 def logit_margin_loss(logits: torch.Tensor, target_class: int) -> torch.Tensor:
@@ -40,12 +41,12 @@ def public_ood_images(name: str, image_shape) -> tuple[torch.Tensor, torch.Tenso
     channels, height, _ = image_shape
     if name == "sklearn8x8":
         images, labels = load_digits_source(name)
-    elif Path(name).expanduser().is_dir():
+    elif Path(expand_path(name, "data.params.public")).is_dir():
         from torchvision import datasets, transforms
 
         from lit_robust.datasets import stack_dataset
 
-        folder = datasets.ImageFolder(str(Path(name).expanduser()), transform=transforms.Compose(
+        folder = datasets.ImageFolder(expand_path(name, "data.params.public"), transform=transforms.Compose(
             [transforms.Resize((height, height)), transforms.ToTensor()]))
         images, labels = stack_dataset(folder)
     else:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lit_robust.storage.run_paths import expand_path
 from lit_robust.storage.serialization import CorruptFileError, check_plain, load_plain
 
 
@@ -45,7 +46,7 @@ def fingerprint(*parts) -> str:
 def check_writable(folder: str | Path, key: str) -> Path:
     """Create ``folder`` and write (then remove) a file in it, so a cache or download folder that cannot be written
     fails at the start, naming the config ``key``, instead of after the work whose result it would hold."""
-    folder = Path(folder).expanduser()
+    folder = Path(expand_path(str(folder), key))
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{key}={folder} is a file, not a folder: set {key} to a folder")
     try:
