@@ -49,8 +49,9 @@ def test_a_random_affine_before_to_tensor_is_cut_after_to_tensor_behind_random_s
     stroke = transforms.ToTensor()(Image.fromarray(digits.pixels[train.indices[0]], mode="L"))
     assert torch.equal(first, again) and torch.equal(first, stroke)
     assert digits.transform is transform
+    torch.manual_seed(0)  # on a small digit two draws can coincide; seeded, the count of distinct ones is fixed
     draws = torch.stack([separated.augment(stroke) for _ in range(6)])
-    assert (draws - draws[0]).abs().flatten(1).amax(1)[1:].min() > 0.1  # a new draw each time
+    assert len({draw.numpy().tobytes() for draw in draws}) >= 5  # a new draw each time (a frozen one: 1)
     assert draws.min() < 0  # normalised after the random step
 
 

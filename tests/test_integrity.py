@@ -97,9 +97,12 @@ def test_ebm_checkpoint_and_export_with_inf_weights_are_refused(tmp_path):
 
 
 # ---- shipped weights ----------------------------------------------------------------------------------------------------
+SHIPPED = Path(ebm_module.__file__).parents[1] / "weights"  # lit_robust/weights, beside lit_robust/models/
+
+
 def shipped_copy(tmp_path: Path, monkeypatch, flip_byte: int | None) -> Path:
     """The package's weights/ folder copied under ``tmp_path`` (one byte flipped), which ``EBM.pretrained`` reads."""
-    source = Path(ebm_module.__file__).parent / "weights"
+    source = SHIPPED
     (tmp_path / "weights").mkdir(parents=True)
     payload = bytearray((source / "ebm_digits.pt").read_bytes())
     if flip_byte is not None:
@@ -111,16 +114,15 @@ def shipped_copy(tmp_path: Path, monkeypatch, flip_byte: int | None) -> Path:
 
 
 def test_shipped_ebm_weights_carry_their_checksum():
-    weights = Path(ebm_module.__file__).parent / "weights"
     assert ebm_module.shipped_sha256("ebm_digits.pt") == hashlib.sha256(
-        (weights / "ebm_digits.pt").read_bytes()).hexdigest()
+        (SHIPPED / "ebm_digits.pt").read_bytes()).hexdigest()
     assert EBM.pretrained().net is not None
 
 
 def test_shipped_ebm_weights_with_a_flipped_byte_are_refused(tmp_path, monkeypatch):
     shipped_copy(tmp_path / "as_shipped", monkeypatch, flip_byte=None)
     EBM.pretrained()  # the copy as shipped loads
-    size = (Path(ebm_module.__file__).parent / "weights" / "ebm_digits.pt").stat().st_size
+    size = (SHIPPED / "ebm_digits.pt").stat().st_size
     path = shipped_copy(tmp_path / "flipped", monkeypatch, flip_byte=size // 2)  # inside the tensor data
     with pytest.raises(CorruptFileError, match=rf"{path} is damaged.*reinstall lit-robust.*experiment=ebm_digits"):
         EBM.pretrained()
