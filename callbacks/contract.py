@@ -29,6 +29,10 @@
 - **Outputs**: files go to ``output_dir``, else the trainer's ``default_root_dir`` when it was set, else its
   ``log_dir`` (never the bare working directory); metrics go through ``log_dict`` (every logger, and
   ``metrics.json`` through :class:`~lit_robust.callbacks.MetricsFile`).
+- **The bases**: every callback that reads a split derives from :class:`ContractCallback` (item format, pixel space,
+  split setting, output folder, shape check, state key): :class:`TrainSplitDefence` (purification, filters),
+  :class:`SplitEvaluation` (val/test evaluations), :class:`RankZeroReport` (reports computed whole on rank zero,
+  logged on every rank), or the base itself (OOD detection, the shift and poison sweeps, the latent grid).
 """
 from __future__ import annotations
 
@@ -582,3 +586,24 @@ class SplitEvaluation(ContractCallback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "test" in self.splits:
             self.evaluate(trainer, pl_module, "test")
+
+
+class RankZeroReport(ContractCallback):
+    """Base of the reports that run whole on global rank zero at the end of testing (they train baselines or
+    regressors in a nested trainer, fine-tune and attack, so they need gradients): :meth:`run_report` returns the
+    flat metrics, which are broadcast so every rank logs them through ``log_dict`` (every logger, and
+    ``metrics.json`` through :class:`~lit_robust.callbacks.MetricsFile`)."""
+
+    def run_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        raise NotImplementedError
+
+    @override
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = None
+        if trainer.is_global_zero:
+            was_training = pl_module.training
+            pl_module.eval()
+            with torch.inference_mode(False), torch.enable_grad():
+                metrics = self.run_report(trainer, pl_module)
+            pl_module.train(was_training)
+        pl_module.log_dict(trainer.strategy.broadcast(metrics, 0), sync_dist=False)
