@@ -26,6 +26,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch import nn
+from typing_extensions import override
 
 from lit_robust.callbacks.contract import (ReplacedImages, TrainSplitDefence, check_image_shape, output_folder,
                                            rank_share, shard_map)
@@ -119,9 +120,9 @@ class Purification(TrainSplitDefence):
         raise NotImplementedError
 
     # ---- Lightning hooks -----------------------------------------------------------------------------------------
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.settings())
+    @override
+    def state_key_fields(self) -> dict:
+        return self.settings()
 
     def state_dict(self) -> dict:
         return {"key": self.key, "completed": self.completed, "stats": dict(self.stats)}
