@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO / "examples" / "plain_lightning"))
 
 from project import MNIST_MEAN, MNIST_STD, LitClassifier, MNISTDataModule  # noqa: E402
 
-from lit_robust.callbacks import MetricsFile, PoisonMetrics, ShiftSweep  # noqa: E402
+from lit_robust.callbacks import LatentAugmentationGrid, MetricsFile, PoisonMetrics, ShiftSweep  # noqa: E402
 from lit_robust.callbacks.contract import ItemFormat  # noqa: E402
 
 stack_dataset = ItemFormat().stack  # (images, targets) of tuple or dict items
@@ -91,11 +91,13 @@ def test_logged_numbers_are_the_direct_ones_and_reach_metrics_json(tmp_path, tra
     assert "poison/target_success" not in logged
 
 
-def test_a_datamodule_without_the_views_is_refused_at_setup_naming_them(trained):
+def test_a_project_without_the_views_is_refused_at_setup_naming_them(trained):
     model, _ = trained
-    for callback, needs in ((ShiftSweep(), "shifted_test_datasets"), (PoisonMetrics(), "triggered_test_dataset")):
+    for callback, error, needs in ((ShiftSweep(), RuntimeError, "shifted_test_datasets"),
+                                   (PoisonMetrics(), RuntimeError, "triggered_test_dataset"),
+                                   (LatentAugmentationGrid(), TypeError, "latent_augment")):
         trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[callback])
-        with pytest.raises(RuntimeError, match=needs):
+        with pytest.raises(error, match=needs):
             trainer.test(model, datamodule=MNISTDataModule(), verbose=False)
 
 
