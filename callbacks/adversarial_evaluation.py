@@ -10,18 +10,15 @@ numbers through ``log_dict`` and rank zero writes ``<output_dir>/<split>_records
 """
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Callable, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Subset
 
-from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order, output_folder,
-                                           shard_batches)
+from lit_robust.callbacks.contract import SplitEvaluation, shard_map
 from lit_robust.functional.attacks import check_norm, robust_correct
-from lit_robust.pixel_space import PixelSpace
 from lit_robust.storage.json_files import write_json_atomic
 
 
@@ -57,32 +54,31 @@ class AdversarialEvaluation(SplitEvaluation):
         split, item_keys, normalization: the split, item format and loader normalisation (contract).
     """
 
+    folder_name = "adversarial"
+
     def __init__(self, output_dir: str | None = None, norm: str = "linf",
                  epsilons: Sequence[float] = (0.1, 0.2, 0.3), attacks: Sequence[str] = ("pgd", "apgd-ce", "apgd-t"),
                  pgd_steps: int = 20, restarts: int = 1, apgd_steps: int = 100, num_targets: int = 9,
                  num_images: int | None = None, batch_size: int = 256, masking_eps: float | None = None,
                  splits: Sequence[str] = ("test",), seed: int = 0, split: str | Callable | None = None,
                  item_keys: tuple | None = None, normalization=None):
-        super().__init__(splits, "AdversarialEvaluation")
+        super().__init__(splits, split, item_keys, normalization, output_dir)
         self.norm = check_norm(norm)
         self.epsilons, self.attacks = sorted(float(e) for e in epsilons), tuple(attacks)
         self.attack_kwargs = {"pgd_steps": pgd_steps, "restarts": restarts, "apgd_steps": apgd_steps,
                               "num_targets": num_targets, "attacks": self.attacks, "norm": norm}
-        self.output_dir, self.num_images, self.batch_size = output_dir, num_images, batch_size
-        self.masking_eps, self.seed, self.split = masking_eps, seed, split
-        self.item_format = ItemFormat(item_keys)
-        self.pixel_space = PixelSpace(normalization, "AdversarialEvaluation")
+        self.num_images, self.batch_size, self.masking_eps, self.seed = num_images, batch_size, masking_eps, seed
 
     def columns(self) -> list[str]:
         """The per-image result columns: ``clean``, then ``eps<ε>/<attack>`` for each ε and attack."""
         return ["clean"] + [f"eps{eps:g}/{attack}" for eps in self.epsilons for attack in self.attacks]
 
-    def _local_results(self, trainer, pl_module, dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This rank's share: (indices, targets, correct (n, columns) bool)."""
+    def _results(self, trainer, pl_module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split in order (:func:`shard_map`): (targets, correct (n, columns) bool)."""
         device = trainer.strategy.root_device
         logits_fn = lambda unit: pl_module(self.pixel_space.from_unit(unit))  # noqa: E731
-        indices, targets, results = [], [], []
-        for rows, images, labels in shard_batches(dataset, trainer, self.batch_size, self.item_format):
+
+        def compute(rows, images, labels):
             x, y = self.pixel_space.to_unit(images.to(device)), labels.to(device)
             batch = int(rows[0]) // self.batch_size
             columns = []
@@ -91,18 +87,15 @@ class AdversarialEvaluation(SplitEvaluation):
                 correct = robust_correct(logits_fn, x, y, eps, generator=generator, **self.attack_kwargs)
                 columns += [correct["clean"]] if not columns else []
                 columns += [correct[attack] for attack in self.attacks]
-            results.append(torch.stack(columns, 1))
-            indices.append(rows.to(device))
-            targets.append(y)
-        if not results:
-            empty = torch.zeros(0, len(self.columns()), dtype=torch.bool, device=device)
-            return empty[:, 0].long(), empty[:, 0].long(), empty
-        return torch.cat(indices), torch.cat(targets), torch.cat(results)
+            return {"targets": y, "correct": torch.stack(columns, 1)}
+
+        out = shard_map(trainer, dataset, self.batch_size, compute, self.item_format)
+        return out["targets"], out["correct"]
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Attack one split; log and return the flat metrics (``adv/<split>/clean``, ``adv/<split>/eps<ε>/<attack>``,
         ``adv/<split>/eps<ε>/robust``)."""
-        dataset = evaluated_split(trainer, split, self.split, "AdversarialEvaluation")
+        dataset = self.evaluated(trainer, split)
         if self.num_images is not None and self.num_images < len(dataset):  # a seeded draw: splits can be class-sorted
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
             dataset = Subset(dataset, order[:self.num_images].sort().values.tolist())
@@ -110,10 +103,8 @@ class AdversarialEvaluation(SplitEvaluation):
         was_training = pl_module.training
         pl_module.eval()
         with torch.inference_mode(False), torch.enable_grad():
-            indices, targets, correct = self._local_results(trainer, pl_module, dataset)
+            targets, correct = (t.cpu() for t in self._results(trainer, pl_module, dataset))
         pl_module.train(was_training)
-        targets = gather_in_order(targets, indices, trainer).cpu()
-        correct = gather_in_order(correct, indices, trainer).cpu()
         table = dict(zip(self.columns(), correct.unbind(1)))
         for eps in self.epsilons:
             table[f"eps{eps:g}/robust"] = torch.stack([table[f"eps{eps:g}/{a}"] for a in self.attacks]).all(0)
@@ -121,12 +112,12 @@ class AdversarialEvaluation(SplitEvaluation):
         problems = masking_warnings({eps: results[f"adv/{split}/eps{eps:g}/robust"] for eps in self.epsilons},
                                     self.masking_eps)
         for problem in problems:
-            warnings.warn(f"AdversarialEvaluation ({split}): {problem} — a sign of gradient masking or a weak "
+            rank_zero_warn(f"AdversarialEvaluation ({split}): {problem} — a sign of gradient masking or a weak "
                           "attack; raise apgd_steps/restarts or check the model for non-differentiable parts")
         results[f"adv/{split}/masking_suspect"] = float(bool(problems))
         pl_module.log_dict(results, sync_dist=False)  # the gathered numbers, equal on every rank
         if trainer.is_global_zero:
-            folder = Path(self.output_dir) if self.output_dir else output_folder(trainer, None) / "adversarial"
+            folder = self.outputs(trainer)
             folder.mkdir(parents=True, exist_ok=True)
             write_json_atomic(folder / f"{split}_records.json", {
                 "norm": self.norm, "epsilons": self.epsilons, "attacks": list(self.attacks),

@@ -6,9 +6,8 @@ The module provides ``ablated_logits(images, masks[, token_dropping=...])`` → 
 :class:`~lit_robust.SmoothedClassifier` (ablated pixels black, then the declared ``normalization``), so a user's own
 model is certified as it is. The split is the one the trainer's loop iterates, read through
 :mod:`lit_robust.callbacks.contract` (item format, pixel space). Images are shared out over DDP ranks
-(:func:`rank_batches`), votes are counted over the whole ablation set, smoothed and certified accuracy go through a
-torchmetrics metric (its sums sync across ranks) and ``log_dict``; the per-image counts are gathered and rank zero
-writes ``<output_dir>/<split>_records.json`` (index, target, prediction, margin, votes) and a certified-accuracy plot.
+and the per-image votes gathered in order (:func:`shard_map`); votes are counted over the whole ablation set, smoothed
+and certified accuracy go through a torchmetrics metric of the gathered counts and ``log_dict``; rank zero writes ``<output_dir>/<split>_records.json`` (index, target, prediction, margin, votes) and a certified-accuracy plot.
 """
 from __future__ import annotations
 
@@ -18,13 +17,11 @@ from typing import Callable, Sequence
 import lightning as L
 import torch
 
-from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order, output_folder,
-                                           shard_batches)
+from lit_robust.callbacks.contract import SplitEvaluation, shard_map
 from lit_robust.functional.ablations import ablation_masks, ablation_positions
 from lit_robust.functional.derandomized_smoothing import (CertifiedAccuracy, ablation_votes, certified_margin,
                                                           check_rule, patch_delta, smoothed_prediction)
 from lit_robust.models.smoothed_classifier import SmoothedClassifier
-from lit_robust.pixel_space import PixelSpace
 from lit_robust.storage.json_files import write_json_atomic
 
 
@@ -54,16 +51,12 @@ class Certification(SplitEvaluation):
                  token_dropping: Sequence[bool] | None = None, splits: Sequence[str] = ("test",),
                  batch_size: int = 64, split: str | Callable | None = None, item_keys: tuple | None = None,
                  normalization=None, rule: str = "strict"):
-        super().__init__(splits, type(self).__name__)
+        super().__init__(splits, split, item_keys, normalization, output_dir)
         self.rule = check_rule(rule, "Certification")  # here, not first at the end of validation
-        self.output_dir = output_dir
         self.patch_sizes = list(patch_sizes)
         self.kind, self.width, self.stride = kind, width, stride
         self.token_dropping = list(token_dropping) if token_dropping is not None else None
-        self.batch_size, self.split = batch_size, split
-        self.item_format = ItemFormat(item_keys)
-        self.normalization = normalization
-        self.pixel_space = PixelSpace(normalization, "Certification")
+        self.batch_size = batch_size
 
     def smoothed(self, pl_module: L.LightningModule):
         """The module itself when it has ``ablated_logits``, else the module wrapped as a smoothed classifier."""
@@ -93,35 +86,34 @@ class Certification(SplitEvaluation):
                                f"{tuple(images.shape[1:])} ({error}); use data of the model's channels and size") \
                 from error
 
-    def _local_results(self, trainer, model, dataset, token_dropping, evaluate) -> tuple[torch.Tensor, ...]:
-        """(indices, targets, results) of this rank's share, where ``evaluate(classify, images, targets, K)`` gives
-        the per-image results of a batch of [0, 1] images and ``classify(images, masks)`` is the masked forward."""
+    def _results(self, trainer, model, dataset, token_dropping, evaluate) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets, results) of the whole split in order (:func:`shard_map`), where ``evaluate(classify, images,
+        targets, K)`` gives the per-image results of a batch of [0, 1] images and ``classify(images, masks)`` is the
+        masked forward."""
         kwargs = {} if token_dropping is None else {"token_dropping": token_dropping}
         classify = lambda x, m: model.ablated_logits(x, m, **kwargs)  # noqa: E731
         device = trainer.strategy.root_device
-        first, first_target = (t.to(device) for t in self.item_format.collate([dataset[0]]))
-        first = self.pixel_space.to_unit(first)
+        first = self.pixel_space.to_unit(self.item_format.collate([dataset[0]])[0].to(device))
         num_classes = self._num_classes(classify, first)  # the same on every rank, even one with no share
-        indices, targets, results = [], [], []
-        with torch.no_grad():
-            for rows, images, labels in shard_batches(dataset, trainer, self.batch_size, self.item_format):
-                labels = labels.to(device)
-                results.append(evaluate(classify, self.pixel_space.to_unit(images.to(device)), labels, num_classes))
-                targets.append(labels)
-                indices.append(rows.to(device))
-            if not results:  # a rank without a share still gathers a (0, …) tensor of the right shape
-                return (first_target[:0], first_target[:0], evaluate(classify, first, first_target, num_classes)[:0])
-        return torch.cat(indices), torch.cat(targets), torch.cat(results)
 
-    def _local_counts(self, trainer, model, dataset, masks, token_dropping) -> tuple[torch.Tensor, ...]:
-        """Votes of this rank's share: (indices, targets, counts)."""
+        def compute(rows, images, labels):
+            labels = labels.to(device)
+            return {"targets": labels,
+                    "results": evaluate(classify, self.pixel_space.to_unit(images.to(device)), labels, num_classes)}
+
+        with torch.no_grad():
+            out = shard_map(trainer, dataset, self.batch_size, compute, self.item_format)
+        return out["targets"], out["results"]
+
+    def _counts(self, trainer, model, dataset, masks, token_dropping) -> tuple[torch.Tensor, torch.Tensor]:
+        """Votes of the whole split: (targets, counts)."""
         masks = masks.to(trainer.strategy.root_device)
-        return self._local_results(trainer, model, dataset, token_dropping,
-                                   lambda classify, images, _, k: ablation_votes(classify, images, masks, k))
+        return self._results(trainer, model, dataset, token_dropping,
+                             lambda classify, images, _, k: ablation_votes(classify, images, masks, k))
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Certify one split; log and return the flat metrics."""
-        dataset = evaluated_split(trainer, split, self.split, "Certification")
+        dataset = self.evaluated(trainer, split)
         model = self.smoothed(pl_module)
         size = tuple(self.item_format.read(dataset[0])[0].shape[-2:])
         kind, width, stride, masks = self._ablation_set(model, size)
@@ -129,19 +121,15 @@ class Certification(SplitEvaluation):
         results, records = {}, {}
         for mode in self.token_dropping or [None]:
             tag = f"cert/{split}" + ("" if mode is None else ("/drop" if mode else "/full"))
-            indices, targets, counts = self._local_counts(trainer, model, dataset, masks, mode)
-            metric = CertifiedAccuracy(deltas, self.rule).to(counts.device)
+            targets, counts = self._counts(trainer, model, dataset, masks, mode)
+            metric = CertifiedAccuracy(deltas, self.rule, sync_on_compute=False).to(counts.device)  # gathered already
             metric.update(counts, targets)
-            results.update({f"{tag}/{name}": float(value) for name, value in metric.compute().items()})  # synced
-            records[mode] = tuple(gather_in_order(t, indices, trainer).cpu() for t in (targets, counts))
+            results.update({f"{tag}/{name}": float(value) for name, value in metric.compute().items()})
+            records[mode] = (targets.cpu(), counts.cpu())
         pl_module.log_dict(results, sync_dist=False)
         if trainer.is_global_zero:
-            self._write(self.records_folder(trainer), split, kind, width, stride, deltas, results, records)
+            self._write(self.outputs(trainer), split, kind, width, stride, deltas, results, records)
         return results
-
-    def records_folder(self, trainer: L.Trainer) -> Path:
-        """``output_dir``, else ``<the trainer's output folder>/<folder_name>`` (contract: ``output_folder``)."""
-        return Path(self.output_dir) if self.output_dir else output_folder(trainer, None) / self.folder_name
 
     def _write(self, folder: Path, split, kind, width, stride, deltas, results, records) -> None:
         folder.mkdir(parents=True, exist_ok=True)

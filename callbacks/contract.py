@@ -22,12 +22,17 @@
 - **Leaving the user's objects as they were**: every attribute or data source a defence replaced is put back at the
   end of fit, on an exception and at teardown, so a DataModule reused for another run yields its original data.
 - **Shapes**: images are checked against the model's ``in_chans`` / ``img_size`` before any work.
-- **DDP**: work is shared out by :func:`rank_batches` (rank r takes batches r, r + W, … of the single-process
-  batching) and put back in order by :func:`gather_in_order` (uneven shares are fine), so every rank ends with the
-  single-process result.
+- **DDP**: every evaluation runs :func:`shard_map`: work is shared out by :func:`rank_batches` (rank r takes batches
+  r, r + W, … of the single-process batching) and put back in order by :func:`gather_in_order` (uneven shares are
+  fine), so every rank ends with the single-process result; a rank without work contributes zero rows shaped as the
+  other ranks' outputs.
 - **Outputs**: files go to ``output_dir``, else the trainer's ``default_root_dir`` when it was set, else its
   ``log_dir`` (never the bare working directory); metrics go through ``log_dict`` (every logger, and
   ``metrics.json`` through :class:`~lit_robust.callbacks.MetricsFile`).
+- **The bases**: every callback that reads a split derives from :class:`ContractCallback` (item format, pixel space,
+  split setting, output folder, shape check, state key): :class:`TrainSplitDefence` (purification, filters),
+  :class:`SplitEvaluation` (val/test evaluations), :class:`RankZeroReport` (reports computed whole on rank zero,
+  logged on every rank), or the base itself (OOD detection, the shift and poison sweeps, the latent grid).
 """
 from __future__ import annotations
 
@@ -360,11 +365,50 @@ def rank_batches(count: int, batch_size: int, trainer: L.Trainer):
         yield torch.arange(batch * batch_size, min((batch + 1) * batch_size, count))
 
 
-def shard_batches(dataset: Dataset, trainer: L.Trainer, batch_size: int, item_format: ItemFormat):
-    """This rank's batches of ``dataset`` (:func:`rank_batches`) as ``(indices, images, targets)``, images in the
-    loader's space."""
-    for rows in rank_batches(len(dataset), batch_size, trainer):
-        yield (rows, *item_format.collate([dataset[i] for i in rows.tolist()]))
+def shard_map(trainer: L.Trainer, data: Dataset | torch.Tensor, batch_size: int,
+              compute: Callable[..., dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]],
+              item_format: ItemFormat | None = None) -> dict[str, torch.Tensor]:
+    """The one shard → compute → gather loop: ``compute(rows, images, targets)`` on this rank's batches
+    (:func:`rank_batches`) of ``data`` — a dataset (images in the loader's space, read with ``item_format``) or a
+    tensor of images (``targets`` None) —, every output gathered in single-process order (:func:`gather_in_order`),
+    the same on every rank.
+
+    ``compute`` returns ``{name: tensor}`` with one row per item of ``rows``, or ``{name: (tensor, its_rows)}`` for
+    an output of some items of the batch only. The empty-rank rule: whatever a rank did not compute (no batch, or an
+    output none of its batches gave) it contributes as zero rows shaped as the ranks that did compute it — so no
+    rank runs work only to learn shapes, and every rank joins every gather."""
+    if not isinstance(data, torch.Tensor) and item_format is None:
+        raise ValueError("shard_map reads dataset items: pass item_format=")
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for rows in rank_batches(len(data), batch_size, trainer):
+        if isinstance(data, torch.Tensor):
+            images, targets = data[rows], None
+        else:
+            images, targets = item_format.collate([data[i] for i in rows.tolist()])
+        for name, value in compute(rows, images, targets).items():
+            value, value_rows = value if isinstance(value, tuple) else (value, rows)
+            parts.setdefault(name, []).append((value, value_rows.to(value.device)))
+    shapes = _output_shapes(parts, trainer)
+    gathered = {}
+    for name, (trailing, dtype) in shapes.items():
+        if name in parts:
+            values, rows = (torch.cat(column) for column in zip(*parts[name]))
+        else:  # only under DDP: another rank computed it
+            device = trainer.strategy.root_device
+            values = torch.zeros(0, *trailing, dtype=dtype, device=device)
+            rows = torch.zeros(0, dtype=torch.long, device=device)
+        gathered[name] = gather_in_order(values, rows, trainer)
+    return gathered
+
+
+def _output_shapes(parts: dict, trainer: L.Trainer) -> dict[str, tuple[tuple, torch.dtype]]:
+    """Each output's trailing shape and dtype, the union over ranks (one object gather; none on one process)."""
+    local = {name: (tuple(pieces[0][0].shape[1:]), pieces[0][0].dtype) for name, pieces in parts.items()}
+    if trainer.world_size == 1:
+        return local
+    every: list = [None] * trainer.world_size
+    torch.distributed.all_gather_object(every, local)
+    return {name: shape for shapes in every for name, shape in shapes.items()}
 
 
 def gather_in_order(local: torch.Tensor, indices: torch.Tensor, trainer: L.Trainer) -> torch.Tensor:
@@ -391,30 +435,62 @@ def output_folder(trainer: L.Trainer, output_dir: str | Path | None) -> Path:
     return root / "lit_robust_outputs"
 
 
+# ---- the bases ------------------------------------------------------------------------------------------------------
+class ContractCallback(L.Callback):
+    """Base of every callback that reads a split: it owns the item format, the pixel space, the split setting, the
+    output folder, the shape check and the state key, so that each works the same in any Lightning project.
+
+    Args:
+        split: the DataModule (or LightningModule) attribute holding the split (e.g. ``"mnist_test"``) or a callable
+            returning it; default: the dataset the trainer's loader iterates.
+        item_keys: ``(image_key, target_key)`` of dict items (default: common names; tuples use positions 0 and 1).
+        normalization: ``(mean, std)`` of the loader's ``Normalize``, or ``(to_unit, from_unit)`` callables; the
+            callback works in [0, 1] and hands the model images in the loader's space.
+        output_dir: where files go (default: :func:`output_folder`, ``/<folder_name>`` below it).
+    """
+
+    folder_name = ""  # the subfolder of the trainer's output folder when output_dir is not given
+
+    def __init__(self, split: str | Callable | None = None, item_keys: tuple | None = None, normalization=None,
+                 output_dir: str | Path | None = None):
+        self.split, self.normalization, self.output_dir = split, normalization, output_dir
+        self.item_format = ItemFormat(item_keys)
+        self.pixel_space = PixelSpace(normalization, type(self).__name__)
+
+    def outputs(self, trainer: L.Trainer) -> Path:
+        """``output_dir``, else ``<the trainer's output folder>/<folder_name>`` (:func:`output_folder`)."""
+        return Path(self.output_dir) if self.output_dir else output_folder(trainer, None) / self.folder_name
+
+    def check_shape(self, images: torch.Tensor, model, model_name: str = "model") -> None:
+        """Images against the model's ``in_chans`` / ``img_size`` (:func:`check_image_shape`), before any work."""
+        check_image_shape(images, model, type(self).__name__, model_name)
+
+    def state_key_fields(self) -> dict:
+        """The settings that tell two instances of this callback in one trainer apart (none: one instance)."""
+        return {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        fields = self.state_key_fields()
+        return self._generate_state_key(**fields) if fields else super().state_key
+
+
 # ---- the base of the callbacks that replace the train split ---------------------------------------------------------
-class TrainSplitDefence(L.Callback):
+class TrainSplitDefence(ContractCallback):
     """Base of purification and data filters: read the split the train loader iterates at ``on_fit_start`` (after a
     resumed fit restored this callback's state, before any train loader exists) — un-augmented where the split is
     randomly augmented (:mod:`lit_robust.callbacks.augmentation`) —, install the replacement, prove at
     ``on_train_start`` that the trainer iterates it, log the defence's numbers once per training epoch, and put the
-    user's objects back at the end of fit, on an exception and at teardown.
-
-    Args:
-        split: the DataModule attribute holding the train split (e.g. ``"mnist_train"``) or a callable returning it;
-            default: the dataset ``train_dataloader()`` returns.
-        item_keys: ``(image_key, target_key)`` of dict items (default: common names; tuples use positions 0 and 1).
-        normalization: ``(mean, std)`` of the loader's ``Normalize``, or ``(to_unit, from_unit)`` callables; the
-            defence works in [0, 1] and hands back images in the loader's space.
-        output_dir: where plots and records go (see :func:`output_folder`).
+    user's objects back at the end of fit, on an exception and at teardown. ``split``, ``item_keys``,
+    ``normalization``, ``output_dir``: :class:`ContractCallback` (the split: the train loader's by default).
     """
 
     refuses_unseparable_augmentation = False  # a filter may decide on one augmented draw; a purification may not
 
     def __init__(self, split: str | Callable | None = None, item_keys: tuple | None = None, normalization=None,
                  output_dir: str | None = None):
-        self.split, self.output_dir = split, output_dir
-        self.item_format = ItemFormat(item_keys)
-        self.pixel_space = PixelSpace(normalization, type(self).__name__)
+        super().__init__(split, item_keys, normalization, output_dir)
         self.installed: Dataset | None = None
         self.replaced: list[tuple[object, str, object]] = []
         self.augmentation: SeparatedAugmentation | None = None
@@ -458,10 +534,12 @@ class TrainSplitDefence(L.Callback):
             undo_replacements(self.replaced, self.installed)
         self.replaced = []
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.installed is not None:
             check_train_loader_reads(trainer, self.installed, type(self).__name__)
 
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stats:  # the same on every rank (computed from gathered results)
             pl_module.log_dict(self.stats, on_step=False, on_epoch=True, sync_dist=False)
@@ -479,23 +557,53 @@ class TrainSplitDefence(L.Callback):
         self.restore()
 
 
-class SplitEvaluation(L.Callback):
+class SplitEvaluation(ContractCallback):
     """A callback that evaluates the val and/or test split at the end of that loop's epoch (not during the sanity
-    check): subclasses implement :meth:`evaluate`, which returns the flat metrics it logged."""
+    check): subclasses implement :meth:`evaluate`, which returns the flat metrics it logged. ``splits``: ``val``
+    and/or ``test``; the rest: :class:`ContractCallback`."""
 
-    def __init__(self, splits: Sequence[str], user: str):
+    def __init__(self, splits: Sequence[str], split: str | Callable | None = None, item_keys: tuple | None = None,
+                 normalization=None, output_dir: str | Path | None = None):
+        super().__init__(split, item_keys, normalization, output_dir)
         bad = set(splits) - {"val", "test"}
         if bad:
-            raise ValueError(f"{user} splits {sorted(bad)}: use 'val' and/or 'test'")
+            raise ValueError(f"{type(self).__name__} splits {sorted(bad)}: use 'val' and/or 'test'")
         self.splits = list(splits)
+
+    def evaluated(self, trainer: L.Trainer, stage: str) -> Dataset:
+        """The split of ``stage`` this callback evaluates (:func:`evaluated_split`)."""
+        return evaluated_split(trainer, stage, self.split, type(self).__name__)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         raise NotImplementedError
 
+    @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "val" in self.splits and not trainer.sanity_checking:
             self.evaluate(trainer, pl_module, "val")
 
+    @override
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if "test" in self.splits:
             self.evaluate(trainer, pl_module, "test")
+
+
+class RankZeroReport(ContractCallback):
+    """Base of the reports that run whole on global rank zero at the end of testing (they train baselines or
+    regressors in a nested trainer, fine-tune and attack, so they need gradients): :meth:`run_report` returns the
+    flat metrics, which are broadcast so every rank logs them through ``log_dict`` (every logger, and
+    ``metrics.json`` through :class:`~lit_robust.callbacks.MetricsFile`)."""
+
+    def run_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        raise NotImplementedError
+
+    @override
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = None
+        if trainer.is_global_zero:
+            was_training = pl_module.training
+            pl_module.eval()
+            with torch.inference_mode(False), torch.enable_grad():
+                metrics = self.run_report(trainer, pl_module)
+            pl_module.train(was_training)
+        pl_module.log_dict(trainer.strategy.broadcast(metrics, 0), sync_dist=False)

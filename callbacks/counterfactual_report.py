@@ -16,11 +16,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
-from lit_robust.datasets import stack_dataset
+from lit_robust.callbacks.contract import RankZeroReport, SplitRef, evaluated_split
 from lit_robust.models.nets import create_backbone
 from lit_robust.storage.cache import fingerprint, load_verified, save_atomic
-from lit_robust.storage.json_files import update_metrics_file
 
 
 def fit_factor_regressor(images: torch.Tensor, targets: torch.Tensor, epochs: int = 10, batch_size: int = 128,
@@ -55,22 +55,22 @@ class FactorRegressor(torch.nn.Module):
         return self.net(images) * self.std + self.mean
 
 
-class CounterfactualReport(L.Callback):
+class CounterfactualReport(RankZeroReport):
     """Counterfactual acceptance numbers and grid for a model with ``intervene(x, factor, value)`` and
-    ``reconstruct(x)`` (``CausalVAE``), on a DataModule whose targets are the factors (``PendulumDataModule``)."""
+    ``reconstruct(x)`` (``CausalVAE``), on a DataModule whose targets are the factors (``PendulumDataModule``): the
+    train and test splits the loops iterate (``train_split`` / ``split``, ``item_keys``: contract), the numbers
+    logged on every rank (:class:`~lit_robust.callbacks.contract.RankZeroReport`), the grid in ``output_dir``
+    (default: the trainer's output folder)."""
 
-    def __init__(self, output_dir: str, factors: list[str] = ("theta", "sun", "shadow_length", "shadow_position"),
-                 num_values: int = 5, eval_size: int = 200, regressor_epochs: int = 10,
-                 regressor_widths: list[int] = (32, 64, 128), seed: int = 0, cache_dir: str | None = None):
-        self.output_dir, self.factors, self.num_values = Path(output_dir), list(factors), num_values
+    def __init__(self, output_dir: str | None = None,
+                 factors: list[str] = ("theta", "sun", "shadow_length", "shadow_position"), num_values: int = 5,
+                 eval_size: int = 200, regressor_epochs: int = 10, regressor_widths: list[int] = (32, 64, 128),
+                 seed: int = 0, cache_dir: str | None = None, split=None, train_split=None,
+                 item_keys: tuple | None = None):
+        super().__init__(split, item_keys, None, output_dir)
+        self.factors, self.num_values, self.train_split = list(factors), num_values, train_split
         self.eval_size, self.regressor_epochs, self.seed, self.cache_dir = eval_size, regressor_epochs, seed, cache_dir
         self.regressor_widths = tuple(regressor_widths)
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        with torch.inference_mode(False), torch.enable_grad():
-            self._run(trainer, pl_module)
 
     def _regressor(self, train_x, train_f) -> FactorRegressor:
         path = None
@@ -90,15 +90,23 @@ class CounterfactualReport(L.Callback):
             save_atomic(path, regressor.state_dict())
         return regressor
 
-    def _run(self, trainer, model) -> None:
-        datamodule = trainer.datamodule
-        train_x, train_f = stack_dataset(datamodule.train_dataset)
-        test_x, test_f = stack_dataset(datamodule.test_dataset)
+    @override
+    def run_report(self, trainer: L.Trainer, model: L.LightningModule) -> dict[str, float]:
+        train = self.item_format.stack(SplitRef(trainer, "train", self.train_split, "CounterfactualReport").dataset)
+        test = self.item_format.stack(evaluated_split(trainer, "test", self.split, "CounterfactualReport"))
+        return self.measure(model, (self.pixel_space.to_unit(train[0]), train[1]),
+                            (self.pixel_space.to_unit(test[0]), test[1]),
+                            getattr(trainer.datamodule, "intervene", None), self.outputs(trainer))
+
+    def measure(self, model, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                simulate, folder: Path) -> dict[str, float]:
+        """The metrics of ``model`` from the ([0, 1] images, factors) of the train and test splits; ``simulate``: the
+        data's own SCM (``intervene(factors, **values)``), where it has one; the grid goes to ``folder``."""
+        (train_x, train_f), (test_x, test_f) = train, test
         regressor = self._regressor(train_x, train_f).to(model.device)
         model.eval()
         x, f = test_x[:self.eval_size].to(model.device), test_f[:self.eval_size].to(model.device)
         span = train_f.max(0).values - train_f.min(0).values
-        simulate = getattr(datamodule, "intervene", None)     # the data's own SCM, where it has one
         low, high = train_f.min(0).values + 0.1 * span, train_f.max(0).values - 0.1 * span
         metrics, grid = {}, []
         with torch.no_grad():
@@ -123,10 +131,10 @@ class CounterfactualReport(L.Callback):
                     metrics[key] = tracking / len(values) if j == i else (changes[j] / len(values)).item()
                     if simulate is not None and j != i:
                         metrics[f"cf/do_{name}/{other}_true_change"] = (true_changes[j] / len(values)).item()
-        update_metrics_file(self.output_dir / "metrics.json", metrics)
-        self._plot(torch.stack(grid).cpu())
+        self._plot(torch.stack(grid).cpu(), folder)
+        return metrics
 
-    def _plot(self, grid: torch.Tensor) -> None:
+    def _plot(self, grid: torch.Tensor, folder: Path) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -141,6 +149,6 @@ class CounterfactualReport(L.Callback):
             axes[r, 0].set_ylabel(f"do({self.factors[r]})", fontsize=7)
         axes[0, 0].set_title("input", fontsize=7)
         fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.output_dir / "counterfactual_grid.png", dpi=110)
+        folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(folder / "counterfactual_grid.png", dpi=110)
         plt.close(fig)

@@ -1,28 +1,45 @@
 """A PNG grid of LAVAE's latent augmentations next to the pixel augmentations they stand in for (thesis 000 §5.4.3)."""
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
+from typing_extensions import override
 
-from lit_robust.datasets import stack_dataset
+from lit_robust.callbacks.contract import ContractCallback, evaluated_split
+
+LATENT_AUGMENTATIONS = ("augmented_set", "reconstruct", "latent_augment", "latent_compose")  # LAVAE's methods
 
 
-class LatentAugmentationGrid(L.Callback):
+class LatentAugmentationGrid(ContractCallback):
     """After testing, save ``latent_augmentation_grid.png``: per row, for ``num_images`` test images spread over the
-    split, the input,
-    then for each augmentation and the composition the pixel-augmented image beside θ(φ(x0)·L) (Eqs. 5.7, 5.8)."""
+    split, the input, then for each augmentation and the composition the pixel-augmented image beside θ(φ(x0)·L)
+    (Eqs. 5.7, 5.8). The images are the test split the loop iterates (or ``split``), in [0, 1] (``normalization``
+    undone); ``output_dir`` defaults to the trainer's output folder (contract: :class:`ContractCallback`)."""
 
-    def __init__(self, output_dir: str, num_images: int = 8):
-        self.output_dir, self.num_images = Path(output_dir), num_images
+    def __init__(self, output_dir: str | None = None, num_images: int = 8, split: str | Callable | None = None,
+                 item_keys: tuple | None = None, normalization=None):
+        super().__init__(split, item_keys, normalization, output_dir)
+        self.num_images = num_images
 
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        missing = [name for name in LATENT_AUGMENTATIONS if not hasattr(pl_module, name)]
+        if stage == "test" and missing:
+            raise TypeError(f"LatentAugmentationGrid draws a LAVAE's latent augmentations, but "
+                            f"{type(pl_module).__name__} has no {', '.join(missing)}: use lit_robust.LAVAE or leave "
+                            "this callback out")
+
+    @override
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        images, _ = stack_dataset(trainer.datamodule.test_dataset)
-        picks = torch.linspace(0, len(images) - 1, self.num_images).long()   # spread over the (class-sorted) split
-        x0 = images[picks].to(pl_module.device)
+        dataset = evaluated_split(trainer, "test", self.split, "LatentAugmentationGrid")
+        picks = torch.linspace(0, len(dataset) - 1, self.num_images).long()   # spread over the (class-sorted) split
+        images = self.item_format.collate([dataset[i] for i in picks.tolist()])[0]
+        x0 = self.pixel_space.to_unit(images).to(pl_module.device)
+        self.check_shape(x0, pl_module)
         a1, a2 = pl_module.hparams.augmentations
         targets = pl_module.augmented_set(x0)
         with torch.no_grad():
@@ -43,6 +60,7 @@ class LatentAugmentationGrid(L.Callback):
                 axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
             axes[r, 0].set_ylabel(name, fontsize=6, rotation=0, ha="right")
         fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.output_dir / "latent_augmentation_grid.png", dpi=110)
+        folder = self.outputs(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(folder / "latent_augmentation_grid.png", dpi=110)
         plt.close(fig)

@@ -14,9 +14,9 @@ class MetricsFile(L.Callback):
     A run dir holds one run: at the first ``setup`` of this callback (the start of the run, before any of the run's
     metrics exist) a ``metrics.json`` left by an earlier run in the same dir is removed, so the file never mixes two
     runs' keys. Everything written during the run is merged: fit-end then test-end, validate then test
-    (``evaluate.py``), and the keys other callbacks merge with :func:`update_metrics_file` (robustness and
-    counterfactual reports, at test end) whichever writes first. A second ``fit``/``test`` with the same callback is
-    the same run and merges too.
+    (``evaluate.py``) — the callbacks' numbers included, which they log through ``log_dict`` — and keys another writer
+    merged with :func:`update_metrics_file`, whichever writes first. A second ``fit``/``test`` with the same callback
+    is the same run and merges too.
     """
 
     def __init__(self, dirpath: str):

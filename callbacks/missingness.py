@@ -22,14 +22,12 @@ import lightning as L
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from lit_robust.callbacks.contract import (ItemFormat, SplitEvaluation, evaluated_split, gather_in_order, output_folder,
-                                           shard_batches)
+from lit_robust.callbacks.contract import SplitEvaluation, shard_map
 from lit_robust.functional.ablations import keep_masks, region_masks
 from lit_robust.functional.lime import baseline_colours, lime_scores, pairwise_consistency, random_presence
 from lit_robust.functional.missingness_bias import (MODES, ORDERS, blackout_logits, dropped_token_logits,
                                                     gradient_saliency, missingness_statistics, region_scores,
                                                     removal_order, removal_predictions, removed_counts)
-from lit_robust.pixel_space import PixelSpace
 from lit_robust.storage.cache import save_atomic
 from lit_robust.storage.json_files import write_json_atomic
 from lit_robust.storage.serialization import load_plain
@@ -42,9 +40,6 @@ def module_vit(module: torch.nn.Module) -> VisionTransformer:
             return candidate
     raise ValueError(f"MissingnessReport mode 'drop_tokens' needs a timm VisionTransformer as the module or its "
                      f"`net`, got {type(module).__name__}: use modes=['blackout'] for other models")
-
-
-LIME_OUTPUTS = ("lime_indices", "lime", "colour_lime", "topk")  # rows of the explained images only
 
 
 class MissingnessReport(SplitEvaluation):
@@ -72,6 +67,8 @@ class MissingnessReport(SplitEvaluation):
     same normalisation before its ViT's patch embedding when tokens are dropped.
     """
 
+    folder_name = "missingness"
+
     def __init__(self, output_dir: str | None = None, region: int = 4,
                  fractions: Sequence[float] = (0.1, 0.25, 0.5, 0.75), orders: Sequence[str] = ORDERS,
                  modes: Sequence[str] = ("blackout",), saliency_checkpoint: str | None = None,
@@ -79,14 +76,14 @@ class MissingnessReport(SplitEvaluation):
                  lime_explanations: dict[str, str] | None = None,
                  splits: Sequence[str] = ("test",), batch_size: int = 256, seed: int = 0,
                  split: str | Callable | None = None, item_keys: tuple | None = None, normalization=None):
-        super().__init__(splits, "MissingnessReport")
+        super().__init__(splits, split, item_keys, normalization, output_dir)
         for name, values, allowed in (("orders", orders, ORDERS), ("modes", modes, MODES)):
             if not values or set(values) - set(allowed):
                 raise ValueError(f"MissingnessReport {name}={list(values)}: use a non-empty subset of {allowed}")
-        self.output_dir, self.region = output_dir, region
+        self.region = region
         self.fractions = [0.0] + sorted(float(f) for f in fractions if f > 0)
         self.orders, self.modes = list(orders), list(modes)
-        self.saliency_checkpoint, self.batch_size, self.seed, self.split = saliency_checkpoint, batch_size, seed, split
+        self.saliency_checkpoint, self.batch_size, self.seed = saliency_checkpoint, batch_size, seed
         if lime_samples < 0:
             raise ValueError(f"MissingnessReport lime_samples={lime_samples}: use 0 (no LIME) or a positive count")
         self.lime_samples, self.lime_explanations = lime_samples, dict(lime_explanations or {})
@@ -101,8 +98,6 @@ class MissingnessReport(SplitEvaluation):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"MissingnessReport lime_explanations[{name!r}]={path}: no such file; pass "
                                         f"the <split>_lime.pt a run with lime_samples > 0 wrote")
-        self.item_format = ItemFormat(item_keys)
-        self.pixel_space = PixelSpace(normalization, "MissingnessReport")
 
     def _models(self, pl_module: L.LightningModule) -> tuple[dict, Callable, Callable]:
         """The masked forward of each mode on [0, 1] images, the saliency model and the model on [0, 1] images."""
@@ -169,48 +164,37 @@ class MissingnessReport(SplitEvaluation):
         out["topk"] = torch.stack(topk, 1)
         return out
 
-    def _local_predictions(self, trainer, pl_module, dataset) -> dict[str, torch.Tensor]:
-        """This rank's share: indices, targets, predictions (n, modes, orders, fractions) and, with LIME, the
-        outputs of ``_lime``."""
+    def _predictions(self, trainer, pl_module, dataset) -> dict[str, torch.Tensor]:
+        """The whole split in order (:func:`shard_map`): targets, predictions (n, modes, orders, fractions) and, with
+        LIME, ``lime_indices`` and the outputs of ``_lime`` for the explained images."""
         device = trainer.strategy.root_device
         logits, ranker, unit_model = self._models(pl_module)
         size = tuple(self.item_format.read(dataset[0])[0].shape[-2:])
         regions = region_masks(size, self.region).to(device)
         counts = removed_counts(len(regions), self.fractions)
         others = self._other_explanations(dataset, len(regions), device)
-        parts = []
-        for rows, images, labels in shard_batches(dataset, trainer, self.batch_size, self.item_format):
-            x = self.pixel_space.to_unit(images.to(device))
+
+        def compute(rows, images, labels):
+            rows, x = rows.to(device), self.pixel_space.to_unit(images.to(device))
             scores = (region_scores(gradient_saliency(ranker, x), self.region) if set(self.orders) != {"random"}
                       else x.new_zeros(len(x), len(regions)))  # a random order needs no saliency pass
             generator = torch.Generator().manual_seed(self.seed * 10**6 + int(rows[0]) // self.batch_size)
             keep = [keep_masks(removal_order(scores, order, generator), counts, regions) for order in self.orders]
             with torch.no_grad():  # every mode removes the same regions in the same order
                 table = [[removal_predictions(logits[mode], x, masks) for masks in keep] for mode in self.modes]
-                part = {"indices": rows.to(device), "targets": labels.to(device),
+                part = {"targets": labels.to(device),
                         "predictions": torch.stack([torch.stack(row, 1) for row in table], 1)}
-                explained = rows.to(device) < (self.lime_images or len(dataset))
+                explained = rows < (self.lime_images or len(dataset))
                 if self.lime_samples and explained.any():
                     predicted = part["predictions"][explained][:, :, 0, 0]  # nothing removed: the whole image
-                    part.update(lime_indices=rows.to(device)[explained], **self._lime(
-                        logits, unit_model, x[explained], predicted, regions, counts, others,
-                        rows.to(device)[explained],
-                        torch.Generator().manual_seed(self.seed * 10**6 + 500_000 + int(rows[0]) // self.batch_size)))
-            parts.append(part)
-        empty = self._empty_outputs(len(regions), len(others), device)  # an empty shard still takes part in gathers
-        return {key: torch.cat([part[key] for part in parts if key in part] + [value])
-                for key, value in empty.items()}
+                    lime = self._lime(logits, unit_model, x[explained], predicted, regions, counts, others,
+                                      rows[explained], torch.Generator().manual_seed(
+                                          self.seed * 10**6 + 500_000 + int(rows[0]) // self.batch_size))
+                    part.update({key: (value, rows[explained]) for key, value in
+                                 {"lime_indices": rows[explained], **lime}.items()})
+            return part
 
-    def _empty_outputs(self, regions: int, others: int, device) -> dict[str, torch.Tensor]:
-        """Zero-row tensors of every output of ``_local_predictions``, with their trailing shapes and dtypes."""
-        modes, fractions = len(self.modes), len(self.fractions)
-        shapes = {"indices": (0,), "targets": (0,), "predictions": (0, modes, len(self.orders), fractions)}
-        if self.lime_samples:
-            shapes.update(lime_indices=(0,), lime=(0, modes, regions), topk=(0, modes, 2 + others, fractions))
-            if self.lime_consistency:
-                shapes["colour_lime"] = (0, 8, regions)
-        return {key: torch.zeros(shape, dtype=torch.float if key.endswith("lime") else torch.long, device=device)
-                for key, shape in shapes.items()}
+        return shard_map(trainer, dataset, self.batch_size, compute, self.item_format)
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Logs ``missing/<split>/<mode>/<order>/unchanged_f<%>`` and ``.../entropy_f<%>`` (nats) per fraction, and
@@ -218,14 +202,12 @@ class MissingnessReport(SplitEvaluation):
         unchanged_f<%>`` (top-k ablation test; source ``own``, ``random`` or a name of ``lime_explanations``) and
         ``missing/<split>/blackout/lime/consistency_f<%>`` beside ``missing/<split>/lime/random_consistency_f<%>``
         (mean top-k Jaccard over the 28 pairs of baseline colours, k = the fraction's region count)."""
-        dataset = evaluated_split(trainer, split, self.split, "MissingnessReport")
+        dataset = self.evaluated(trainer, split)
         was_training = pl_module.training
         pl_module.eval()
         with torch.inference_mode(False):
-            local = self._local_predictions(trainer, pl_module, dataset)
+            gathered = {key: value.cpu() for key, value in self._predictions(trainer, pl_module, dataset).items()}
         pl_module.train(was_training)
-        gathered = {key: gather_in_order(value, local["lime_indices" if key in LIME_OUTPUTS else "indices"],
-                                         trainer).cpu() for key, value in local.items()}
         targets, predictions = gathered["targets"], gathered["predictions"]
         num_classes = int(max(predictions.max(), targets.max())) + 1 if len(targets) else 1
         results, curves = {}, {}
@@ -239,7 +221,7 @@ class MissingnessReport(SplitEvaluation):
             results.update(self._lime_metrics(split, gathered, num_classes))
         pl_module.log_dict(results, sync_dist=False)  # the gathered numbers, equal on every rank
         if trainer.is_global_zero:
-            folder = Path(self.output_dir) if self.output_dir else output_folder(trainer, None) / "missingness"
+            folder = self.outputs(trainer)
             folder.mkdir(parents=True, exist_ok=True)
             write_json_atomic(folder / f"{split}_missingness.json", {
                 "region": self.region, "fractions": self.fractions, "metrics": results,

@@ -25,8 +25,8 @@ At the end of ``trainer.test`` the callback
 The detector is the module under test, or any ``detector=`` module with that protocol — so a fitted detector can
 be dropped into a project that trains its own classifier. Splits, item format and pixel space follow
 :mod:`lit_robust.callbacks.contract`: the detector and the attacks see [0, 1] images, whatever the loader's
-``Normalize`` (declare it with ``normalization=``). Under DDP every rank scores its batches (:func:`rank_batches`) and
-the scores are gathered in order (:func:`gather_in_order`), so every rank computes the same metrics; they are logged
+``Normalize`` (declare it with ``normalization=``). Under DDP every rank scores and attacks its batches and the results
+are gathered in order (:func:`shard_map`), so every rank computes the same metrics, those of one process; they are logged
 through ``log_dict`` and rank zero writes the files. ``accept`` / ``FilteredClassifier`` put the fitted detector in
 front of any classifier.
 """
@@ -41,12 +41,10 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from typing_extensions import override
 
-from lit_robust.callbacks.contract import (ItemFormat, SplitRef, check_image_shape, evaluated_split, gather_in_order,
-                                           output_folder, rank_batches, rank_share)
+from lit_robust.callbacks.contract import ContractCallback, SplitRef, evaluated_split, shard_map
 from lit_robust.functional.ood_adversarial import classifier_attack, encoder_attack
 from lit_robust.functional.ood_scores import (FITTED_SCORES, ClassifierOODScores, check_classifier_scores,
                                               detection_metrics)
-from lit_robust.pixel_space import PixelSpace
 
 
 def fit_victim(images: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, seed: int) -> nn.Module:
@@ -88,7 +86,7 @@ class FilteredClassifier(nn.Module):
         return self.classifier(images), mask
 
 
-class OODDetection(L.Callback):
+class OODDetection(ContractCallback):
     """Fit thresholds on validation inliers; report AUROC/AUPRC/FPR80 per score and outlier set after testing.
 
     Args:
@@ -128,6 +126,7 @@ class OODDetection(L.Callback):
                  feature_layer: str | None = None, fit_split: str = "train", score_options: dict | None = None,
                  val_split=None, test_split=None, train_split=None, item_keys: tuple | None = None,
                  normalization=None):
+        super().__init__(None, item_keys, normalization, output_dir)
         if not 0.0 < keep_inliers < 1.0:
             raise ValueError(f"keep_inliers={keep_inliers}: use a quantile in (0, 1), e.g. 0.95")
         if scores is not None:
@@ -137,7 +136,6 @@ class OODDetection(L.Callback):
         self.scores, self.feature_layer, self.fit_split = scores, feature_layer, fit_split
         self.score_options = dict(score_options or {})
         self.scorer: nn.Module | None = None
-        self.output_dir = output_dir
         self.ood_datasets = ood_datasets
         self.keep_inliers, self.batch_size = keep_inliers, batch_size
         self.encoder_eps, self.classifier_eps = encoder_eps, classifier_eps
@@ -147,19 +145,18 @@ class OODDetection(L.Callback):
         self.restoration_steps, self.restoration_step_size = restoration_steps, restoration_step_size
         self.filter_score, self.histograms, self.seed = filter_score, histograms, seed
         self.detector, self.val_split, self.test_split, self.train_split = detector, val_split, test_split, train_split
-        self.item_format = ItemFormat(item_keys)
-        self.pixel_space = PixelSpace(normalization, "OODDetection")
         self.thresholds: dict[str, float] = {}
         self.results: dict[str, float] = {}
 
-    @property
-    def state_key(self) -> str:
-        scores = f", scores={','.join(self.scores)}" if self.scores else ""  # beside a detector's OODDetection
-        return f"OODDetection[keep={self.keep_inliers}{scores}]"
+    @override
+    def state_key_fields(self) -> dict:
+        return {"keep_inliers": self.keep_inliers, "scores": self.scores}  # beside a detector's OODDetection
 
+    @override
     def state_dict(self) -> dict:
         return {"thresholds": dict(self.thresholds)}
 
+    @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.thresholds = dict(state_dict.get("thresholds", {}))
 
@@ -184,31 +181,15 @@ class OODDetection(L.Callback):
     def gather(self, trainer: L.Trainer, data: Dataset | torch.Tensor,
                compute: Callable[[torch.Tensor, torch.Tensor | None], dict[str, torch.Tensor]]) -> dict:
         """``compute([0, 1] images, targets)`` over a dataset (loader space) or over [0, 1] images (targets None),
-        shared out over ranks and gathered in order (the same result on every rank, on the root device)."""
+        shared out over ranks and gathered in order (:func:`shard_map`; the same result on every rank)."""
         device = trainer.strategy.root_device
 
-        def compute_rows(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-            images, targets = self.unit_batch(data, rows)
-            return compute(images.to(device), None if targets is None else targets.to(device))
+        def compute_batch(rows, images, targets):
+            unit = images if isinstance(data, torch.Tensor) else self.pixel_space.to_unit(images)
+            return compute(unit.to(device), None if targets is None else targets.to(device))
 
-        parts: dict[str, list[torch.Tensor]] = {}
-        indices = []
         with torch.no_grad():
-            for rows in rank_batches(len(data), self.batch_size, trainer):
-                indices.append(rows)
-                for name, value in compute_rows(rows).items():
-                    parts.setdefault(name, []).append(value)
-            if not parts:  # an empty share: learn the names and shapes from one item so every rank gathers the same
-                parts = {name: [value[:0]] for name, value in compute_rows(torch.arange(1)).items()}
-        index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
-        return {name: gather_in_order(torch.cat(values), index, trainer) for name, values in parts.items()}
-
-    def unit_batch(self, data: Dataset | torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows of a dataset (loader space; images mapped to [0, 1], with targets) or of [0, 1] images (no targets)."""
-        if isinstance(data, torch.Tensor):
-            return data[rows], None
-        images, targets = self.item_format.collate([data[i] for i in rows.tolist()])
-        return self.pixel_space.to_unit(images), targets
+            return shard_map(trainer, data, self.batch_size, compute_batch, self.item_format)
 
     def score(self, trainer: L.Trainer, detector: nn.Module, data: Dataset | torch.Tensor) -> dict:
         """All scores of a dataset (loader space) or of [0, 1] images, gathered in order on every rank (CPU)."""
@@ -246,30 +227,41 @@ class OODDetection(L.Callback):
         return scores
 
     def adversarial_sets(self, trainer: L.Trainer, detector: nn.Module, inliers: Dataset) -> dict[str, torch.Tensor]:
-        """[0, 1] adversarial versions of the first ``attack_count`` test inliers (each rank attacks its share)."""
+        """[0, 1] adversarial versions of the first ``attack_count`` test inliers (:func:`shard_map`; the encoder
+        attack's random start of batch b is seeded ``seed + b``)."""
         subset = Subset(inliers, range(min(self.attack_count, len(inliers))))
-        images, labels = self.item_format.stack(subset)
-        images = self.pixel_space.to_unit(images)
-        shard = rank_share(len(images), trainer)
-        device = trainer.strategy.root_device
-        x, y = images[shard].to(device), labels[shard].to(device)
-        out = {}
-        with torch.inference_mode(False), torch.enable_grad():
-            x = x.clone()
-            if self.encoder_eps is not None and hasattr(detector, "encode"):
-                generator = torch.Generator(device=x.device).manual_seed(self.seed + trainer.global_rank)
-                out[f"adv_encoder_pgd{self.encoder_eps:g}"] = encoder_attack(
-                    detector.encode, x, self.encoder_eps, self.attack_steps, generator=generator)
-            if self.classifier_eps is not None and self.victim is not None:
-                victim = self._victim(trainer).to(x.device)
-                adv = classifier_attack(victim, x, y.clone(), self.classifier_eps, self.classifier_attack_method,
-                                        self.attack_steps)
-                with torch.no_grad():
-                    correct = torch.stack([(victim(x).argmax(-1) == y), (victim(adv).argmax(-1) == y)], 1).float()
-                correct = gather_in_order(correct, shard.to(device), trainer).mean(0)
-                self.results["adv/victim_clean_acc"], self.results["adv/victim_adv_acc"] = correct.tolist()
-                out[f"adv_classifier_{self.classifier_attack_method}{self.classifier_eps:g}"] = adv
-        return {name: gather_in_order(adv.detach(), shard.to(adv.device), trainer).cpu() for name, adv in out.items()}
+        victim = None
+        if self.classifier_eps is not None and self.victim is not None:
+            with torch.inference_mode(False), torch.enable_grad():  # the victim may be trained here
+                victim = self._victim(trainer).to(trainer.strategy.root_device)
+        encoder = f"adv_encoder_pgd{self.encoder_eps:g}" if self.encoder_eps is not None else ""
+        classifier = (f"adv_classifier_{self.classifier_attack_method}{self.classifier_eps:g}" if victim is not None
+                      else "")
+
+        def attack(x: torch.Tensor, y: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+            out = {}
+            with torch.inference_mode(False), torch.enable_grad():
+                x, y = x.clone(), y.clone()
+                if encoder and hasattr(detector, "encode"):
+                    generator = torch.Generator(device=x.device).manual_seed(self.seed + batch)
+                    out[encoder] = encoder_attack(detector.encode, x, self.encoder_eps, self.attack_steps,
+                                                  generator=generator).detach()
+                if victim is not None:
+                    adv = classifier_attack(victim, x, y.clone(), self.classifier_eps, self.classifier_attack_method,
+                                            self.attack_steps).detach()
+                    with torch.no_grad():
+                        out["victim_correct"] = torch.stack([(victim(x).argmax(-1) == y),
+                                                             (victim(adv).argmax(-1) == y)], 1).float()
+                    out[classifier] = adv
+            return out
+
+        out = shard_map(trainer, subset, self.batch_size, lambda rows, images, targets: attack(
+            self.pixel_space.to_unit(images.to(trainer.strategy.root_device)),
+            targets.to(trainer.strategy.root_device), int(rows[0]) // self.batch_size), self.item_format)
+        if "victim_correct" in out:
+            self.results["adv/victim_clean_acc"], self.results["adv/victim_adv_acc"] = \
+                out.pop("victim_correct").mean(0).tolist()
+        return {name: adv.cpu() for name, adv in out.items()}
 
     def _victim(self, trainer: L.Trainer) -> nn.Module:
         if self.victim == "train":
@@ -284,17 +276,21 @@ class OODDetection(L.Callback):
         load_plain(self.victim, "victim checkpoint", mmap=True)  # refuses a file that would run code, naming it
         return ImageClassifier.load_from_checkpoint(self.victim, map_location="cpu", weights_only=True).eval()
 
+    def restoration_gain(self, trainer: L.Trainer, detector: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Algorithm 2's SSIM gain of a batch of [0, 1] images."""
+        with torch.inference_mode(False), torch.enable_grad():
+            gain = detector.restoration_gain(images.clone().to(trainer.strategy.root_device), self.restoration_steps,
+                                             self.restoration_step_size)
+        return gain.detach().float()
+
     def restoration_report(self, trainer: L.Trainer, detector: nn.Module, table: str,
                            sets: dict[str, Dataset | torch.Tensor]) -> dict[str, float]:
         """Algorithm 2's second stage: mean SSIM gain per set and the gain's AUROC for adversarial vs OOD sets."""
         gains = {}
         for pair, data in sets.items():
-            images = self.unit_images(data, self.attack_count)
-            shard = rank_share(len(images), trainer)
-            with torch.inference_mode(False), torch.enable_grad():
-                gain = detector.restoration_gain(images[shard].clone().to(trainer.strategy.root_device),
-                                                 self.restoration_steps, self.restoration_step_size)
-            gains[pair] = gather_in_order(gain.detach().float(), shard.to(gain.device), trainer).cpu()
+            gains[pair] = shard_map(trainer, self.unit_images(data, self.attack_count), self.batch_size,
+                                    lambda rows, images, _: {"gain": self.restoration_gain(trainer, detector, images)}
+                                    )["gain"].cpu()
         out = {f"ood/{table}/{pair}/restoration_gain": g.mean().item() for pair, g in gains.items()}
         for adv in (p for p in gains if p.startswith("adv_")):
             for ood in (p for p in gains if p != "inliers" and not p.startswith("adv_")):
@@ -302,12 +298,13 @@ class OODDetection(L.Callback):
         return out
 
     # ---- the hook -------------------------------------------------------------------------------------------------
+    @override
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
         detector = (self.scorer or self.resolve_scorer(pl_module)).to(trainer.strategy.root_device).eval()
         test = evaluated_split(trainer, "test", self.test_split, "OODDetection (test inliers)")
         val = SplitRef(trainer, "val", self.val_split, "OODDetection (validation inliers for the thresholds)").dataset
-        check_image_shape(self.unit_images(test, 1), detector, "OODDetection", "detector")
+        self.check_shape(self.unit_images(test, 1), detector, "detector")
         outliers: dict[str, Dataset | torch.Tensor] = dict(self.ood_datasets or getattr(dm, "ood_test_datasets", None)
                                                            or {})
         if not outliers and getattr(dm, "ood_test_dataset", None) is not None:
@@ -321,7 +318,7 @@ class OODDetection(L.Callback):
         inlier = self.score(trainer, detector, test)
         self.results[f"ood/{table}/inliers/count"] = float(len(next(iter(inlier.values()))))
         outliers.update(self.adversarial_sets(trainer, detector, test))
-        folder = Path(self.output_dir) if self.output_dir else output_folder(trainer, None)
+        folder = self.outputs(trainer)
         rows = {}
         for pair, data in outliers.items():
             scores = self.score(trainer, detector, data)

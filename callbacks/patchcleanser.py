@@ -2,7 +2,7 @@
 validation/test, for any classifier.
 
 A subclass of :class:`~lit_robust.callbacks.Certification` sharing its contract: the same split lookup, item format,
-pixel space, sharding (``shard_batches``), in-order gathering, output folder, ``log_dict`` and ``CertifiedAccuracy``
+pixel space, sharding and in-order gathering (``shard_map``), output folder, ``log_dict`` and ``CertifiedAccuracy``
 sums; only what is certified differs — every image's one- and two-mask predictions over the mask set R of each patch
 size (``lit_robust.functional.double_masking``) instead of ablation votes. The masked forward is the model's
 ``ablated_logits(images, masks)`` (``SmoothedViT``, token dropping available) or ``SmoothedClassifier``'s (masked
@@ -19,7 +19,6 @@ import lightning as L
 import torch
 
 from lit_robust.callbacks.certification import Certification
-from lit_robust.callbacks.contract import evaluated_split, gather_in_order
 from lit_robust.functional.derandomized_smoothing import CertifiedAccuracy
 from lit_robust.functional.double_masking import CASES, mask_set, patchcleanser_outcomes
 from lit_robust.storage.json_files import write_json_atomic
@@ -46,9 +45,11 @@ class PatchCleanserCertification(Certification):
             raise ValueError(f"PatchCleanserCertification k={k}: use k ≥ 1 masks per image side")
         self.k, self.max_images = k, max_images
 
-    def _outcomes(self, mask_sets: dict[int, torch.Tensor], seconds: dict[int, float]):
-        """``evaluate`` for :meth:`_local_results`: (n, P, 3) outcomes of every patch size, timing each."""
+    def _outcomes(self, mask_sets: dict[int, torch.Tensor], seconds: dict[int, float], shared: list[int]):
+        """``evaluate`` for :meth:`_results`: (n, P, 3) outcomes of every patch size, timing each and counting the
+        images in ``shared[0]``."""
         def evaluate(classify, images, targets, num_classes):
+            shared[0] += len(images)
             outcomes = []
             for m, masks in mask_sets.items():
                 started = time.perf_counter()
@@ -60,7 +61,7 @@ class PatchCleanserCertification(Certification):
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, split: str) -> dict[str, float]:
         """Certify one split; log and return the flat metrics."""
-        dataset = evaluated_split(trainer, split, self.split, type(self).__name__)
+        dataset = self.evaluated(trainer, split)
         model = self.smoothed(pl_module)
         size = tuple(self.item_format.read(dataset[0])[0].shape[-2:])
         mask_sets = {m: mask_set(size, m, self.k) for m in self.patch_sizes}
@@ -68,21 +69,18 @@ class PatchCleanserCertification(Certification):
         for mode in self.token_dropping or [None]:
             tag = f"cert/{split}" + ("" if mode is None else ("/drop" if mode else "/full"))
             seconds = dict.fromkeys(self.patch_sizes, 0.0)
-            indices, targets, outcomes = self._local_results(trainer, model, dataset, mode,
-                                                             self._outcomes(mask_sets, seconds))
+            shared = [0]  # images of this rank's share, for its seconds per image
+            targets, outcomes = self._results(trainer, model, dataset, mode, self._outcomes(mask_sets, seconds, shared))
             for p, m in enumerate(self.patch_sizes):
-                metric = CertifiedAccuracy([m]).to(targets.device)
+                metric = CertifiedAccuracy([m], sync_on_compute=False).to(targets.device)  # gathered already
                 metric.update(correct=outcomes[:, p, 0] == targets, certified_flags=outcomes[:, p, 1:2].bool())
-                values = metric.compute()  # synced over ranks
+                values = metric.compute()
                 results[f"{tag}/clean_m{m}"], results[f"{tag}/acc_m{m}"] = (float(values["acc"]),
                                                                             float(values[f"acc_m{m}"]))
-            shared = max(1, len(targets))
-            records[mode] = (gather_in_order(targets, indices, trainer).cpu(),
-                             gather_in_order(outcomes, indices, trainer).cpu(),
-                             {m: s / shared for m, s in seconds.items()})
+            records[mode] = (targets.cpu(), outcomes.cpu(), {m: s / max(1, shared[0]) for m, s in seconds.items()})
         pl_module.log_dict(results, sync_dist=False)
         if trainer.is_global_zero:
-            self._write(self.records_folder(trainer), split, mask_sets, results, records)
+            self._write(self.outputs(trainer), split, mask_sets, results, records)
         return results
 
     def _write(self, folder: Path, split, mask_sets, results, records) -> None:

@@ -19,15 +19,17 @@ on every read of the purified images (:mod:`lit_robust.callbacks.augmentation`).
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch import nn
+from typing_extensions import override
 
-from lit_robust.callbacks.contract import (ReplacedImages, TrainSplitDefence, check_image_shape, gather_in_order,
-                                           output_folder, rank_batches)
+from lit_robust.callbacks.contract import (ReplacedImages, TrainSplitDefence, check_image_shape, output_folder,
+                                           rank_share, shard_map)
 from lit_robust.datasets import stack_dataset
 from lit_robust.figures import save_before_after_grid, save_trajectory_plot, trajectory_distances
 from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic
@@ -118,9 +120,9 @@ class Purification(TrainSplitDefence):
         raise NotImplementedError
 
     # ---- Lightning hooks -----------------------------------------------------------------------------------------
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.settings())
+    @override
+    def state_key_fields(self) -> dict:
+        return self.settings()
 
     def state_dict(self) -> dict:
         return {"key": self.key, "completed": self.completed, "stats": dict(self.stats)}
@@ -173,13 +175,14 @@ class Purification(TrainSplitDefence):
         for model in self.models().values():
             model.to(device, memory_format=self.memory_format).eval()
         self.prepare(images, device)
-        mine = list(rank_batches(len(images), self.chunk_size, trainer))
-        outputs, indices, computed = [], [], 0
-        bar = self._progress_bar(len(mine), trainer.is_global_zero)
-        for rows in mine:
+        computed = 0
+        bar = self._progress_bar(len(rank_share(math.ceil(len(images) / self.chunk_size), trainer)),
+                                 trainer.is_global_zero)
+
+        def purify_or_load(rows: torch.Tensor, originals: torch.Tensor, _) -> dict[str, torch.Tensor]:
+            nonlocal computed
             chunk = int(rows[0]) // self.chunk_size
             path = folder / f"chunk_{chunk:05d}.pt"
-            originals = images[rows]
             cached = load_verified(path, shape=tuple(originals.shape), dtype=torch.float32, value_range=(0.0, 1.0))
             if cached is None:
                 generator = torch.Generator(device=device).manual_seed(chunk_seed(self.seed, chunk))
@@ -188,15 +191,13 @@ class Purification(TrainSplitDefence):
                 check_purified(originals, cached, self.max_saturated, type(self).__name__)
                 save_atomic(path, cached)
                 computed += 1
-            outputs.append(cached)
-            indices.append(rows)
             if bar is not None:
                 bar.update(1)
+            return {"purified": cached}
+
+        purified = shard_map(trainer, images, self.chunk_size, purify_or_load)["purified"].cpu()
         if bar is not None:
             bar.close()
-        local = torch.cat(outputs) if outputs else images[:0].float()
-        purified = gather_in_order(local, torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
-                                   trainer).cpu()
         self.completed = True
         self.stats = {"purify/seconds": time.perf_counter() - started, "purify/chunks_computed_rank0": float(computed),
                       "purify/mean_l2_change": (purified - images).flatten(1).norm(dim=1).mean().item()}

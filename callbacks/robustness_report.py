@@ -4,8 +4,10 @@ Fig. 11).
 
 The baselines are ordinary ``ImageClassifier`` modules trained in sequence inside the report (a nested ``Trainer``
 on the same DataModule), so one run of ``train.py experiment=cama_digits_shift`` (or ``evaluate.py`` on a
-checkpoint) yields the whole comparison. The report runs after testing, on global rank zero only; its numbers are
-merged into ``metrics.json`` under flat keys and its curves saved as PNG beside it.
+checkpoint) yields the whole comparison. The report runs at the end of testing on global rank zero
+(:class:`~lit_robust.callbacks.contract.RankZeroReport`); its numbers are logged through ``log_dict`` on every rank
+(every logger, and ``metrics.json`` through ``MetricsFile``) and its curves saved as PNG in the output folder. The
+splits are those the trainer's loops iterate (contract), images in [0, 1].
 """
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ from typing import Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
+from typing_extensions import override
 
-from lit_robust.datasets import stack_dataset
+from lit_robust.callbacks.contract import RankZeroReport, SplitRef, evaluated_split
 from lit_robust.functional.attacks import fgsm, pgd_linf, random_sign
 from lit_robust.functional.shifts import translate
 from lit_robust.storage.cache import check_writable, fingerprint, load_verified, save_atomic
-from lit_robust.storage.json_files import update_metrics_file
 from lit_robust.storage.run_paths import expand_path
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]   # images → class log-probabilities or logits
@@ -46,13 +48,12 @@ def shifted(images: torch.Tensor, direction: str, pixels: int) -> torch.Tensor:
     raise ValueError(f"shift direction {direction!r}: use 'vertical' or 'horizontal'")
 
 
-def fit_baselines(datamodule: L.LightningDataModule, specs: dict[str, dict], max_epochs: int, seed: int,
-                  cache_dir: str | None = None) -> dict[str, L.LightningModule]:
+def fit_baselines(datamodule: L.LightningDataModule, images: torch.Tensor, specs: dict[str, dict], max_epochs: int,
+                  seed: int, cache_dir: str | None = None) -> dict[str, L.LightningModule]:
     """Train one ``ImageClassifier(**spec)`` per name on ``datamodule`` (CPU/GPU as available, one device), reusing
-    weights from ``cache_dir`` when the same spec, epochs, seed and training images were trained before."""
+    weights from ``cache_dir`` when the same spec, epochs, seed and training ``images`` were trained before."""
     from lit_robust.models.classifier import ImageClassifier
 
-    images, _ = stack_dataset(datamodule.train_dataset)
     models = {}
     for name, spec in specs.items():
         spec = dict(spec)
@@ -76,45 +77,48 @@ def fit_baselines(datamodule: L.LightningDataModule, specs: dict[str, dict], max
     return models
 
 
-class RobustnessReport(L.Callback):
+class RobustnessReport(RankZeroReport):
     """Base: after ``trainer.test``, train the baselines, evaluate everything on a fixed subset of the test split and
-    merge the numbers into ``<output_dir>/metrics.json``. Subclasses implement ``report``.
+    log the numbers. Subclasses implement ``report``.
 
     Args:
-        output_dir: where ``metrics.json`` and the PNGs go (``${output_dir}``).
+        output_dir: where the PNGs go (default: the trainer's output folder).
         baselines: name → ``ImageClassifier`` keyword arguments (``max_epochs`` may override ``baseline_epochs``).
         eval_size: test images evaluated (the first of a seeded permutation; the rest can feed fine-tuning).
+        split, train_split, item_keys: the test and train splits and the item format (contract).
     """
 
-    def __init__(self, output_dir: str, baselines: dict[str, dict] | None = None, baseline_epochs: int = 10,
-                 eval_size: int = 1000, batch_size: int = 100, seed: int = 0, cache_dir: str | None = None):
-        self.output_dir = Path(output_dir)
-        self.baselines = baselines or {}
+    def __init__(self, output_dir: str | None = None, baselines: dict[str, dict] | None = None,
+                 baseline_epochs: int = 10, eval_size: int = 1000, batch_size: int = 100, seed: int = 0,
+                 cache_dir: str | None = None, split=None, train_split=None, item_keys: tuple | None = None):
+        super().__init__(split, item_keys, None, output_dir)
+        self.baselines, self.train_split = baselines or {}, train_split
         self.baseline_epochs, self.eval_size, self.batch_size = baseline_epochs, eval_size, batch_size
         self.seed, self.cache_dir = seed, cache_dir
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Runs outside the test loop's inference mode: baselines train, fine-tuning and attacks need gradients."""
-        if not trainer.is_global_zero:
-            return
-        with torch.inference_mode(False), torch.enable_grad():
-            self._run(trainer, pl_module)
+    def train_images(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The train split the loader iterates, stacked, images in [0, 1]."""
+        images, labels = self.item_format.stack(SplitRef(trainer, "train", self.train_split, type(self).__name__)
+                                                .dataset)
+        return self.pixel_space.to_unit(images), labels
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        images, labels = stack_dataset(datamodule.test_dataset)
+    @override
+    def run_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        images, labels = self.item_format.stack(evaluated_split(trainer, "test", self.split, type(self).__name__))
+        images = self.pixel_space.to_unit(images)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))
-        was_training = pl_module.training
-        pl_module.eval()
-        baselines = fit_baselines(datamodule, self.baselines, self.baseline_epochs, self.seed, self.cache_dir)
+        self.folder = self.outputs(trainer)
+        train = self.train_images(trainer)
+        baselines = fit_baselines(trainer.datamodule, train[0], self.baselines, self.baseline_epochs, self.seed,
+                                  self.cache_dir)
         for model in baselines.values():
             model.to(pl_module.device)
         torch.manual_seed(self.seed)
-        metrics = self.report(pl_module, baselines, images[order], labels[order], datamodule)
-        update_metrics_file(self.output_dir / "metrics.json", metrics)
-        pl_module.train(was_training)
+        return self.report(pl_module, baselines, images[order], labels[order], train)
 
-    def report(self, model, baselines, images, labels, datamodule) -> dict[str, float]:
+    def report(self, model, baselines, images, labels, train) -> dict[str, float]:
+        """The metrics of ``model`` and the ``baselines`` on the ordered test ``images``; ``train``: the train split
+        (images, labels)."""
         raise NotImplementedError
 
     def _plot(self, curves: dict[str, dict[str, dict[float, float]]], xlabel: str, filename: str) -> None:
@@ -133,8 +137,8 @@ class RobustnessReport(L.Callback):
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        fig.savefig(self.output_dir / filename, dpi=120)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.folder / filename, dpi=120)
         plt.close(fig)
 
 
@@ -147,7 +151,7 @@ class ShiftRobustnessReport(RobustnessReport):
     Keys: ``shift/<direction>_<s>px/<name>``; plot ``shift_accuracy.png``.
     """
 
-    def __init__(self, output_dir: str, shifts: list[int] = (0, 1, 2, 3, 4, 5), ft_fraction: float = 0.1,
+    def __init__(self, output_dir: str | None = None, shifts: list[int] = (0, 1, 2, 3, 4, 5), ft_fraction: float = 0.1,
                  ft_per_shift: bool = False, directions: list[str] = ("vertical", "horizontal"),
                  model_name: str = "cama", **kwargs):
         super().__init__(output_dir, **kwargs)
@@ -156,8 +160,8 @@ class ShiftRobustnessReport(RobustnessReport):
         self.shifts, self.ft_fraction, self.ft_per_shift = list(shifts), ft_fraction, ft_per_shift
         self.directions, self.model_name = list(directions), model_name
 
-    def report(self, model, baselines, images, labels, datamodule):
-        train_x, train_y = stack_dataset(datamodule.train_dataset)
+    def report(self, model, baselines, images, labels, train):
+        train_x, train_y = train
         n_ft = int(self.ft_fraction * len(images))
         ft_pool, eval_x, eval_y = images[:n_ft], images[n_ft:][:self.eval_size], labels[n_ft:][:self.eval_size]
         predictors = {name: b for name, b in baselines.items()} | {self.model_name: model}
@@ -204,7 +208,7 @@ class AdversarialRobustnessReport(RobustnessReport):
     Keys: ``adv/<attack>_eps<ε>/<name>``; plot ``adversarial_accuracy.png``.
     """
 
-    def __init__(self, output_dir: str, epsilons: list[float] = (0.1, 0.2, 0.3), attacks: list[str] = ("fgsm", "pgd"),
+    def __init__(self, output_dir: str | None = None, epsilons: list[float] = (0.1, 0.2, 0.3), attacks: list[str] = ("fgsm", "pgd"),
                  pgd_steps: int = 10, attack_samples: int = 2, model_name: str = "cama", ft_size: int = 0, **kwargs):
         super().__init__(output_dir, **kwargs)
         unknown = set(attacks) - {"noise", "fgsm", "pgd"}
@@ -227,11 +231,11 @@ class AdversarialRobustnessReport(RobustnessReport):
                 batches.append(pgd_linf(batch_loss, x, eps, steps=self.pgd_steps))
         return torch.cat(batches)
 
-    def report(self, model, baselines, images, labels, datamodule):
+    def report(self, model, baselines, images, labels, train):
         x_all, y_all = images[:self.eval_size].to(model.device), labels[:self.eval_size].to(model.device)
         ft_x = images[self.eval_size:self.eval_size + self.ft_size].to(model.device)
         ft_y = labels[self.eval_size:self.eval_size + self.ft_size].to(model.device)
-        train = stack_dataset(datamodule.train_dataset) if self.ft_size else None
+        train = train if self.ft_size else None
         losses = {name: (lambda b: lambda x, y: F.cross_entropy(b(x), y, reduction="none"))(b)
                   for name, b in baselines.items()}
         losses[self.model_name] = lambda x, y: F.nll_loss(model.predict_log_probs(x, self.attack_samples), y,

@@ -65,9 +65,9 @@ class TrainingSetFilter(TrainSplitDefence):
         self.cache_dir = cache_dir
         self.keep: torch.Tensor | None = None
 
-    @property
-    def state_key(self) -> str:
-        return f"{type(self).__name__}[seed={self.seed}]"
+    @override
+    def state_key_fields(self) -> dict:
+        return {"seed": self.seed}
 
     def select(self, inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, trainer: L.Trainer) -> torch.Tensor:
         raise NotImplementedError

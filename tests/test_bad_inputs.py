@@ -469,7 +469,8 @@ def test_report_cache_dir_not_writable(tmp_path):
     datamodule = DigitsDataModule(source="sklearn8x8")
     datamodule.setup("fit")
     with pytest.raises(PermissionError, match="the report's cache_dir=.* cannot be written"):  # before training
-        fit_baselines(datamodule, {"plain": {}}, 1, 0, cache_dir=str(tmp_path / "file" / "baselines"))
+        fit_baselines(datamodule, datamodule.train_dataset.images, {"plain": {}}, 1, 0,
+                      cache_dir=str(tmp_path / "file" / "baselines"))
 
 
 def test_empty_train_split(tmp_path):

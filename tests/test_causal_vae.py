@@ -111,14 +111,14 @@ def test_intervene_returns_images_and_training_lowers_the_loss():
 def test_counterfactual_report_writes_measurements_and_grid(tmp_path):
     import lightning as L
 
-    from lit_robust.callbacks import CounterfactualReport
+    from lit_robust.callbacks import CounterfactualReport, MetricsFile
     from lit_robust.datamodules import PendulumDataModule
 
     torch.manual_seed(0)
     data = PendulumDataModule(img_size=16, sampling="uniform", n_samples=64, batch_size=32, seed=0)
     report = CounterfactualReport(str(tmp_path), num_values=3, eval_size=8, regressor_epochs=1)
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[report])
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[report, MetricsFile(str(tmp_path))])
     model = CausalVAE(img_size=16, fixed_dag=True)
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data)
@@ -175,8 +175,6 @@ def test_counterfactual_report_measures_the_models_interventions(tmp_path, monke
     nothing else); for a model whose do() is its reconstruction, every change is 0 and every tracking the mean
     distance of the set values from the images' own. Catches a report that reads the reconstructions instead of the
     counterfactuals, a tracking with the wrong sign, and constant or made-up numbers."""
-    from types import SimpleNamespace
-
     from lit_robust.callbacks import CounterfactualReport, counterfactual_report
     from lit_robust.datamodules import PendulumDataModule
 
@@ -185,11 +183,11 @@ def test_counterfactual_report_measures_the_models_interventions(tmp_path, monke
     data.setup()
     images, factors = data.test_dataset.images[:8], data.test_dataset.targets[:8]
     span = data.train_dataset.targets.max(0).values - data.train_dataset.targets.min(0).values
-    trainer = SimpleNamespace(is_global_zero=True, datamodule=data)
+    train = (data.train_dataset.images, data.train_dataset.targets)
     for ignore in (False, True):
-        CounterfactualReport(str(tmp_path / str(ignore)), num_values=3, eval_size=8).on_test_end(
-            trainer, SCMCounterfactuals(images, factors, ignore_interventions=ignore))
-        metrics = json.loads((tmp_path / str(ignore) / "metrics.json").read_text())
+        metrics = CounterfactualReport(num_values=3, eval_size=8).measure(
+            SCMCounterfactuals(images, factors, ignore_interventions=ignore), train, (images, factors), data.intervene,
+            tmp_path / str(ignore))
         for i, name in enumerate(CONCEPTS):
             values = torch.linspace(data.train_dataset.targets[:, i].min() + 0.1 * span[i],
                                     data.train_dataset.targets[:, i].max() - 0.1 * span[i], 3)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from lit_robust.callbacks import AdversarialRobustnessReport, ShiftRobustnessReport
+from lit_robust.callbacks import AdversarialRobustnessReport, MetricsFile, ShiftRobustnessReport
 from lit_robust.datamodules import DigitsDataModule, TensorImageDataset
 from lit_robust.models import deep_cama
 from lit_robust.models.deep_cama import DeepCAMA, bernoulli_log_likelihood, kl_to_standard_normal, log_normal
@@ -229,7 +229,8 @@ def test_training_raises_the_elbo_and_reports_run(tmp_path):
                                               pgd_steps=1, attack_samples=1, baselines=baselines, eval_size=10,
                                               ft_size=8, cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(max_steps=12, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[shift, adversarial])
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[shift, adversarial, MetricsFile(str(tmp_path))])
     trainer.fit(model, datamodule=data)
     with torch.no_grad():
         assert model.intervention_elbo(x, y).mean().item() > start + 5
