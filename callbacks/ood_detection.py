@@ -228,7 +228,7 @@ class OODDetection(ContractCallback):
 
     def adversarial_sets(self, trainer: L.Trainer, detector: nn.Module, inliers: Dataset) -> dict[str, torch.Tensor]:
         """[0, 1] adversarial versions of the first ``attack_count`` test inliers (:func:`shard_map`; the encoder
-        attack's random start of batch b is seeded ``seed + b``)."""
+        attack's random start of image i is the i-th of one stream seeded ``seed``, whatever the batches and ranks)."""
         subset = Subset(inliers, range(min(self.attack_count, len(inliers))))
         victim = None
         if self.classifier_eps is not None and self.victim is not None:
@@ -238,12 +238,13 @@ class OODDetection(ContractCallback):
         classifier = (f"adv_classifier_{self.classifier_attack_method}{self.classifier_eps:g}" if victim is not None
                       else "")
 
-        def attack(x: torch.Tensor, y: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+        def attack(x: torch.Tensor, y: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
             out = {}
             with torch.inference_mode(False), torch.enable_grad():
                 x, y = x.clone(), y.clone()
                 if encoder and hasattr(detector, "encode"):
-                    generator = torch.Generator(device=x.device).manual_seed(self.seed + batch)
+                    generator = torch.Generator().manual_seed(self.seed)  # random_start draws on the CPU
+                    torch.rand(first * x[0].numel(), generator=generator)  # past the earlier images' starts
                     out[encoder] = encoder_attack(detector.encode, x, self.encoder_eps, self.attack_steps,
                                                   generator=generator).detach()
                 if victim is not None:
@@ -257,7 +258,7 @@ class OODDetection(ContractCallback):
 
         out = shard_map(trainer, subset, self.batch_size, lambda rows, images, targets: attack(
             self.pixel_space.to_unit(images.to(trainer.strategy.root_device)),
-            targets.to(trainer.strategy.root_device), int(rows[0]) // self.batch_size), self.item_format)
+            targets.to(trainer.strategy.root_device), int(rows[0])), self.item_format)
         if "victim_correct" in out:
             self.results["adv/victim_clean_acc"], self.results["adv/victim_adv_acc"] = \
                 out.pop("victim_correct").mean(0).tolist()
