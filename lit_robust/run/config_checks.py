@@ -128,9 +128,9 @@ INSTANTIATION_KEYS = ("_target_", "_args_", "_partial_", "_convert_", "_recursiv
 def checked_hparams(saved: dict, model: DictConfig, checkpoint: str) -> dict:
     """The hyperparameters of ``saved`` (a checkpoint's ``hyper_parameters``) that the experiment's ``model`` config
     has, after refusing, with the checkpoint and the key named: a ``_target_`` (or another ``INSTANTIATION_KEYS``)
-    at any depth, the model's own included (it would be instantiated with the model), an interpolation (``${...}``), a value that is not plain (scalars, lists, dicts
-    of them), or a type other than the config's (a dict where the config has a number). Keys the config lacks are
-    dropped: the model would not take them."""
+    at any depth, the model's own included (it would be instantiated with the model), an interpolation
+    (``${...}``), a value that is not plain (scalars, lists, dicts of them), or a type other than the config's (a dict
+    where the config has a number). Keys the config lacks are dropped: the model would not take them."""
     if not isinstance(saved, dict):
         raise ValueError(f"checkpoint {checkpoint}: hyper_parameters is a {type(saved).__name__}, not a mapping of "
                          f"settings; pass a .ckpt written by train.py (<run>/checkpoints/)")
