@@ -12,17 +12,15 @@ from lit_robust.callbacks.metrics_file import MetricsFile
 from lit_robust.callbacks.missingness import MissingnessReport
 from lit_robust.callbacks.ood_detection import OODDetection
 from lit_robust.callbacks.poison_metrics import PoisonMetrics
-from lit_robust.callbacks.purification import (DDPMPurification, EBMPurification, PureGenFilt, PureGenNaive,
-                                               PureGenReps, Purification)
+from lit_robust.callbacks.purification import (DDPMPurification, EBMPurification, JPEGPurification, PureGenFilt,
+                                               PureGenNaive, PureGenReps, Purification)
 from lit_robust.callbacks.robustness_report import AdversarialRobustnessReport, ShiftRobustnessReport
 from lit_robust.callbacks.shift_sweep import ShiftSweep
 from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLearnerFilter
 
 __all__ = ["ActivationClusteringFilter", "AdversarialEvaluation", "AdversarialRobustnessReport", "Certification",
-           "CounterfactualReport", "CSVHistory", "LastCheckpoint",
-           "DDPMPurification", "EBMPurification", "LatentAugmentationGrid", "MetricsFile", "MissingnessReport",
-           "OODDetection",
+           "CounterfactualReport", "CSVHistory", "LastCheckpoint", "DDPMPurification", "EBMPurification",
+           "JPEGPurification", "LatentAugmentationGrid", "MetricsFile", "MissingnessReport", "OODDetection",
            "PatchCleanserCertification", "PoisonMetrics", "PureGenFilt", "PureGenNaive", "PureGenReps", "Purification",
-           "RNGState",
-           "ShiftRobustnessReport", "ShiftSweep", "SpectralSignatureFilter", "TrainingSetFilter", "TrimmedLossFilter",
-           "WeakLearnerFilter"]
+           "RNGState", "ShiftRobustnessReport", "ShiftSweep", "SpectralSignatureFilter", "TrainingSetFilter",
+           "TrimmedLossFilter", "WeakLearnerFilter"]

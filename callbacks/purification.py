@@ -268,6 +268,30 @@ class EBMPurification(Purification):
         self.stats.update({f"purify/fig62_{k}_at_{steps[at]}": float(v[at]) for k, v in distances.items()})
 
 
+class JPEGPurification(Purification):
+    """The JPEG-compression baseline of PureGen's tables (thesis Table 7.2, after Liu et al. 2023): each training image
+    is encoded at ``quality`` (1–100) and decoded again with torchvision's batched ``encode_jpeg`` / ``decode_jpeg``.
+    The thesis reports JPEG-25/50/75/85 and picks, per attack, the strongest setting that keeps natural accuracy;
+    75 is the setting of most of its rows. No generative model and no randomness: the cache key is the quality and
+    the images. The codec's arithmetic is integer, so the result is the same on every device and batch layout."""
+
+    def __init__(self, quality: int = 75, **kwargs):
+        super().__init__(**kwargs)
+        if not 1 <= quality <= 100:
+            raise ValueError(f"quality={quality}: JPEG quality is an integer in [1, 100] (the thesis uses 25-85)")
+        self.quality = int(quality)
+
+    def settings(self):
+        return {"quality": self.quality}
+
+    def purify_chunk(self, images, indices, generator):
+        from torchvision.io import decode_jpeg, encode_jpeg
+
+        pixels = list(images.mul(255).round().to(torch.uint8).cpu())  # the codec runs on the CPU
+        decoded = decode_jpeg(encode_jpeg(pixels, quality=self.quality))
+        return torch.stack(decoded).to(images.device, torch.float32).div(255)
+
+
 class DDPMPurification(Purification):
     """PureGen-DDPM: diffuse each image to ``forward_steps`` (75 in the thesis), then run the reverse chain to 0."""
 
