@@ -8,7 +8,7 @@ poisoning tables), mean ± std of natural accuracy.
 ``PureEBM-P=pureebm_narcissus_digits:callbacks.purification.ebm=outputs/ebm_p/checkpoints/last.ckpt``); ``--set``
 overrides apply to every run. The seed drives everything in a run (the attacker's surrogate and poison crafting,
 purification noise, classifier init). Each (run, seed) writes to ``<out>/<name>/seed<k>/`` and is skipped when that
-run already has its test metrics, so several invocations with different ``--seeds`` can share one ``--out`` (one
+run already has its test metrics (an interrupted one starts again), so several invocations with different ``--seeds`` can share one ``--out`` (one
 process per core, each started with ``OMP_NUM_THREADS=1``) and a last one aggregates. ``<out>/metrics.json`` gets ``table/<name>/<metric>/{mean,std,n}`` and, for every defended run, the
 thesis bounds against the first (undefended) run: attack success as a fraction of the undefended mean (≤ 0.25) and
 the natural-accuracy drop in points (≤ 5). ``<out>/<table>.json`` (``--table``, default the name of ``--out``) is the
@@ -129,9 +129,11 @@ def main() -> None:
     for seed in args.seeds:
         for name, experiment, overrides in runs:
             run_dir = args.out / name / f"seed{seed}"
-            cfg = compose_experiment(experiment, [*args.set, *overrides, f"seed={seed}"], run_dir)
-            saved = run_dir / "resolved_config.json"
             reused = finished_metrics(run_dir) is not None
+            interrupted = run_dir.is_dir() and not reused  # an interrupted run starts again from its beginning
+            cfg = compose_experiment(experiment, [*args.set, *overrides, f"seed={seed}",
+                                                  *(["overwrite=true"] if interrupted else [])], run_dir)
+            saved = run_dir / "resolved_config.json"
             if not reused:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 write_json_atomic(saved, resolved(cfg))
