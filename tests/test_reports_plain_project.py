@@ -60,6 +60,16 @@ class AdaptableClassifier(LitClassifier):
         return copy.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as each gloo rank runs: the one-process numbers are computed by the same kernels (and on
+    a shared 2-core machine, two spinning OpenMP threads are slower than one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained() -> tuple[AdaptableClassifier, MNISTDataModule]:
     L.seed_everything(0)
@@ -288,12 +298,7 @@ def assert_two_ranks_log_the_single_process_numbers(root, model, data, make_call
     """The reports on one process and on two gloo ranks: the same numbers logged on both ranks (rank 1 only receives
     them) — the runs are the same computation on rank zero, so they agree exactly — and the plots on rank zero
     only."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the kernels each rank runs, so that the numbers agree bit for bit
-    try:
-        single = run_reports(model, data, make_callbacks(), root / "single")
-    finally:
-        torch.set_num_threads(threads)
+    single = run_reports(model, data, make_callbacks(), root / "single")
     run_forked_ranks(_rank, 2, root, model, data, make_callbacks)
     for rank in (0, 1):
         assert torch.load(root / f"rank{rank}.pt", weights_only=True) == single, rank
