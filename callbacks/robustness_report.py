@@ -13,6 +13,7 @@ back in the loader's pixel space (``normalization``).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
@@ -121,8 +122,15 @@ class RobustnessReport(RankZeroReport):
                                "fit/test, or baselines={}")
 
     def train_images(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
-        """The train split the loader iterates, stacked, in the loader's pixel space (what the models train on)."""
-        return self.item_format.stack(SplitRef(trainer, "train", self.train_split, type(self).__name__).dataset)
+        """The train split the loader iterates, stacked, in the loader's pixel space (what the models train on);
+        refuses, before the baselines train on that loader, items they cannot read."""
+        dataset = SplitRef(trainer, "train", self.train_split, type(self).__name__).dataset
+        if self.baselines and isinstance(dataset[0], Mapping):
+            raise TypeError(f"{type(self).__name__} trains its baselines (ImageClassifier) on the DataModule's train "
+                            f"loader, which must give (image, label) batches, but its items are dicts with keys "
+                            f"{sorted(dataset[0])}: make the train split yield (image, label) tuples, or pass "
+                            "baselines={}")
+        return self.item_format.stack(dataset)
 
     def in_loader_space(self, predict: Predictor) -> Predictor:
         """``predict`` (a model of the loader's images) as a predictor of [0, 1] images."""

@@ -277,6 +277,15 @@ def test_a_plain_model_is_refused_at_setup_naming_the_methods_it_lacks(report, n
         trainer.test(LitClassifier(), datamodule=MNISTDataModule(), verbose=False)
 
 
+def test_baselines_on_a_dict_item_train_split_are_refused_before_training(trained):
+    """The baselines (``ImageClassifier``) read ``(image, label)`` batches: dict items are refused naming the keys,
+    not met by a KeyError inside the nested training."""
+    model, _ = trained
+    report = shift_report(baselines=BASELINES)
+    with pytest.raises(TypeError, match=r"items are dicts with keys \['image', 'label'\].*baselines=\{\}"):
+        L.Trainer(callbacks=[report], **QUIET).test(model, datamodule=MNISTDataModule(dict_items=True), verbose=False)
+
+
 # ---- 2 gloo ranks ---------------------------------------------------------------------------------------------------
 def run_reports(model, data, callbacks, root, world: int = 1) -> dict[str, float]:
     """``trainer.test`` with ``callbacks`` on ``world`` CPU ranks (this process is one of them), output under
