@@ -592,7 +592,20 @@ class RankZeroReport(ContractCallback):
     """Base of the reports that run whole on global rank zero at the end of testing (they train baselines or
     regressors in a nested trainer, fine-tune and attack, so they need gradients): :meth:`run_report` returns the
     flat metrics, which are broadcast so every rank logs them through ``log_dict`` (every logger, and
-    ``metrics.json`` through :class:`~lit_robust.callbacks.MetricsFile`)."""
+    ``metrics.json`` through :class:`~lit_robust.callbacks.MetricsFile`). The methods the report calls on the module
+    (:meth:`required_methods`) are checked at setup, before training or testing."""
+
+    def required_methods(self) -> dict[str, str]:
+        """``{method: its signature and use}`` that the LightningModule under test must define."""
+        return {}
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        missing = [f"{name}{use}" for name, use in self.required_methods().items()
+                   if not callable(getattr(pl_module, name, None))]
+        if missing:
+            raise TypeError(f"{type(self).__name__} calls methods that {type(pl_module).__name__} does not define: "
+                            f"{'; '.join(missing)}: add them to your LightningModule or leave this callback out")
 
     def run_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         raise NotImplementedError

@@ -58,16 +58,17 @@ class FactorRegressor(torch.nn.Module):
 class CounterfactualReport(RankZeroReport):
     """Counterfactual acceptance numbers and grid for a model with ``intervene(x, factor, value)`` and
     ``reconstruct(x)`` (``CausalVAE``), on a DataModule whose targets are the factors (``PendulumDataModule``): the
-    train and test splits the loops iterate (``train_split`` / ``split``, ``item_keys``: contract), the numbers
-    logged on every rank (:class:`~lit_robust.callbacks.contract.RankZeroReport`), the grid in ``output_dir``
-    (default: the trainer's output folder)."""
+    train and test splits the loops iterate (``train_split`` / ``split``, ``item_keys``, ``normalization``:
+    contract), the numbers logged on every rank (:class:`~lit_robust.callbacks.contract.RankZeroReport`), the grid in
+    ``output_dir`` (default: the trainer's output folder). The regressor reads images in [0, 1]; the model is handed
+    the loader's pixel space and its images are read back from it."""
 
     def __init__(self, output_dir: str | None = None,
                  factors: list[str] = ("theta", "sun", "shadow_length", "shadow_position"), num_values: int = 5,
                  eval_size: int = 200, regressor_epochs: int = 10, regressor_widths: list[int] = (32, 64, 128),
                  seed: int = 0, cache_dir: str | None = None, split=None, train_split=None,
-                 item_keys: tuple | None = None):
-        super().__init__(split, item_keys, None, output_dir)
+                 item_keys: tuple | None = None, normalization=None):
+        super().__init__(split, item_keys, normalization, output_dir)
         self.factors, self.num_values, self.train_split = list(factors), num_values, train_split
         self.eval_size, self.regressor_epochs, self.seed, self.cache_dir = eval_size, regressor_epochs, seed, cache_dir
         self.regressor_widths = tuple(regressor_widths)
@@ -91,6 +92,11 @@ class CounterfactualReport(RankZeroReport):
         return regressor
 
     @override
+    def required_methods(self) -> dict[str, str]:
+        return {"reconstruct": "(x) → the model's reconstructions of the loader's images x",
+                "intervene": "(x, factor, value) → the counterfactual images of x under do(factor = value)"}
+
+    @override
     def run_report(self, trainer: L.Trainer, model: L.LightningModule) -> dict[str, float]:
         train = self.item_format.stack(SplitRef(trainer, "train", self.train_split, "CounterfactualReport").dataset)
         test = self.item_format.stack(evaluated_split(trainer, "test", self.split, "CounterfactualReport"))
@@ -103,7 +109,16 @@ class CounterfactualReport(RankZeroReport):
         """The metrics of ``model`` from the ([0, 1] images, factors) of the train and test splits; ``simulate``: the
         data's own SCM (``intervene(factors, **values)``), where it has one; the grid goes to ``folder``."""
         (train_x, train_f), (test_x, test_f) = train, test
+        if test_f.ndim != 2 or test_f.shape[1] != len(self.factors):
+            raise ValueError(f"CounterfactualReport measures the factors {self.factors}, but the split's targets "
+                             f"have shape {tuple(test_f.shape)}: use a DataModule whose targets are these factors, "
+                             "one column each, or pass factors= naming its columns")
         regressor = self._regressor(train_x, train_f).to(model.device)
+
+        def read_back(method, unit: torch.Tensor, *args) -> torch.Tensor:
+            """The model's ``method`` of [0, 1] images handed over in the loader's space, its images back in [0, 1]."""
+            return self.pixel_space.to_unit(method(self.pixel_space.from_unit(unit), *args), check=False)
+
         model.eval()
         x, f = test_x[:self.eval_size].to(model.device), test_f[:self.eval_size].to(model.device)
         span = train_f.max(0).values - train_f.min(0).values
@@ -112,13 +127,13 @@ class CounterfactualReport(RankZeroReport):
         with torch.no_grad():
             for j, name in enumerate(self.factors):
                 metrics[f"cf/regressor_mae/{name}"] = ((regressor(x)[:, j] - f[:, j]).abs().mean() / span[j]).item()
-            base = regressor(model.reconstruct(x))
+            base = regressor(read_back(model.reconstruct, x))
             for i, name in enumerate(self.factors):
                 values = torch.linspace(low[i].item(), high[i].item(), self.num_values)
                 changes, true_changes = torch.zeros(len(self.factors)), torch.zeros(len(self.factors))
                 tracking, row = 0.0, [x[:1]]
                 for value in values.tolist():
-                    counterfactual = model.intervene(x, name, value)
+                    counterfactual = read_back(model.intervene, x, name, value)
                     read = regressor(counterfactual)
                     changes += ((read - base).abs().mean(0) / span.to(read.device)).cpu()
                     if simulate is not None:

@@ -7,16 +7,20 @@ on the same DataModule), so one run of ``train.py experiment=cama_digits_shift``
 checkpoint) yields the whole comparison. The report runs at the end of testing on global rank zero
 (:class:`~lit_robust.callbacks.contract.RankZeroReport`); its numbers are logged through ``log_dict`` on every rank
 (every logger, and ``metrics.json`` through ``MetricsFile``) and its curves saved as PNG in the output folder. The
-splits are those the trainer's loops iterate (contract), images in [0, 1].
+splits are those the trainer's loops iterate (contract). Shifts and attacks act on images in [0, 1] (zeros are
+black, ε is in [0, 1] pixels); every model — trained on the loader's images, as the baselines are — is handed them
+back in the loader's pixel space (``normalization``).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import Metric
 from typing_extensions import override
 
 from lit_robust.callbacks.contract import RankZeroReport, SplitRef, evaluated_split
@@ -26,6 +30,8 @@ from lit_robust.storage.cache import check_writable, fingerprint, load_verified,
 from lit_robust.storage.run_paths import expand_path
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]   # images → class log-probabilities or logits
+FINE_TUNED_COPY = {"fine_tuned_copy": "(x_test, x_train, y_train) → a copy adapted to the unlabelled manipulated "
+                                      "x_test (deep CAMA Eq. 8), images in the loader's space"}
 
 
 def batched_predictions(predict: Predictor, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
@@ -58,7 +64,8 @@ def fit_baselines(datamodule: L.LightningDataModule, images: torch.Tensor, specs
     for name, spec in specs.items():
         spec = dict(spec)
         epochs = int(spec.pop("max_epochs", max_epochs))
-        model = ImageClassifier(**spec)
+        L.seed_everything(seed, workers=True)  # before the initial weights: a baseline depends on the seed alone
+        model = on_this_process_alone(ImageClassifier(**spec))
         path = Path(expand_path(str(cache_dir), "cache_dir")) / f"{name}-{fingerprint(spec, epochs, seed, images[:64], len(images))}.pt" \
             if cache_dir else None
         state = load_verified(path) if path else None
@@ -67,7 +74,6 @@ def fit_baselines(datamodule: L.LightningDataModule, images: torch.Tensor, specs
         else:
             if path:  # before the training whose weights it would hold
                 check_writable(path.parent, "the report's cache_dir")
-            L.seed_everything(seed, workers=True)
             trainer = L.Trainer(max_epochs=epochs, devices=1, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)
             trainer.fit(model, datamodule=datamodule)
@@ -75,6 +81,15 @@ def fit_baselines(datamodule: L.LightningDataModule, images: torch.Tensor, specs
                 save_atomic(path, model.state_dict())
         models[name] = model.eval()
     return models
+
+
+def on_this_process_alone(model: L.LightningModule) -> L.LightningModule:
+    """``model`` with its torchmetrics computed from this process's updates only: the report trains it on global rank
+    zero alone, where a metric gathering from the other ranks of a DDP run would wait for them forever."""
+    for metric in model.modules():
+        if isinstance(metric, Metric):
+            metric.distributed_available_fn = lambda: False
+    return model
 
 
 class RobustnessReport(RankZeroReport):
@@ -85,22 +100,41 @@ class RobustnessReport(RankZeroReport):
         output_dir: where the PNGs go (default: the trainer's output folder).
         baselines: name → ``ImageClassifier`` keyword arguments (``max_epochs`` may override ``baseline_epochs``).
         eval_size: test images evaluated (the first of a seeded permutation; the rest can feed fine-tuning).
-        split, train_split, item_keys: the test and train splits and the item format (contract).
+        split, train_split, item_keys, normalization: the test and train splits, the item format and the loader's
+            pixel space (contract).
     """
 
     def __init__(self, output_dir: str | None = None, baselines: dict[str, dict] | None = None,
                  baseline_epochs: int = 10, eval_size: int = 1000, batch_size: int = 100, seed: int = 0,
-                 cache_dir: str | None = None, split=None, train_split=None, item_keys: tuple | None = None):
-        super().__init__(split, item_keys, None, output_dir)
+                 cache_dir: str | None = None, split=None, train_split=None, item_keys: tuple | None = None,
+                 normalization=None):
+        super().__init__(split, item_keys, normalization, output_dir)
         self.baselines, self.train_split = baselines or {}, train_split
         self.baseline_epochs, self.eval_size, self.batch_size = baseline_epochs, eval_size, batch_size
         self.seed, self.cache_dir = seed, cache_dir
 
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.baselines and trainer.datamodule is None:
+            raise RuntimeError(f"{type(self).__name__} trains its baselines {sorted(self.baselines)} on the "
+                               "trainer's DataModule, but the trainer has none: pass datamodule= to the trainer's "
+                               "fit/test, or baselines={}")
+
     def train_images(self, trainer: L.Trainer) -> tuple[torch.Tensor, torch.Tensor]:
-        """The train split the loader iterates, stacked, images in [0, 1]."""
-        images, labels = self.item_format.stack(SplitRef(trainer, "train", self.train_split, type(self).__name__)
-                                                .dataset)
-        return self.pixel_space.to_unit(images), labels
+        """The train split the loader iterates, stacked, in the loader's pixel space (what the models train on);
+        refuses, before the baselines train on that loader, items they cannot read."""
+        dataset = SplitRef(trainer, "train", self.train_split, type(self).__name__).dataset
+        if self.baselines and isinstance(dataset[0], Mapping):
+            raise TypeError(f"{type(self).__name__} trains its baselines (ImageClassifier) on the DataModule's train "
+                            f"loader, which must give (image, label) batches, but its items are dicts with keys "
+                            f"{sorted(dataset[0])}: make the train split yield (image, label) tuples, or pass "
+                            "baselines={}")
+        return self.item_format.stack(dataset)
+
+    def in_loader_space(self, predict: Predictor) -> Predictor:
+        """``predict`` (a model of the loader's images) as a predictor of [0, 1] images."""
+        return lambda unit: predict(self.pixel_space.from_unit(unit))
 
     @override
     def run_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -117,8 +151,8 @@ class RobustnessReport(RankZeroReport):
         return self.report(pl_module, baselines, images[order], labels[order], train)
 
     def report(self, model, baselines, images, labels, train) -> dict[str, float]:
-        """The metrics of ``model`` and the ``baselines`` on the ordered test ``images``; ``train``: the train split
-        (images, labels)."""
+        """The metrics of ``model`` and the ``baselines`` on the ordered test ``images`` (in [0, 1]); ``train``: the
+        train split (images in the loader's space, labels)."""
         raise NotImplementedError
 
     def _plot(self, curves: dict[str, dict[str, dict[float, float]]], xlabel: str, filename: str) -> None:
@@ -160,11 +194,15 @@ class ShiftRobustnessReport(RobustnessReport):
         self.shifts, self.ft_fraction, self.ft_per_shift = list(shifts), ft_fraction, ft_per_shift
         self.directions, self.model_name = list(directions), model_name
 
+    @override
+    def required_methods(self) -> dict[str, str]:
+        return FINE_TUNED_COPY
+
     def report(self, model, baselines, images, labels, train):
         train_x, train_y = train
         n_ft = int(self.ft_fraction * len(images))
         ft_pool, eval_x, eval_y = images[:n_ft], images[n_ft:][:self.eval_size], labels[n_ft:][:self.eval_size]
-        predictors = {name: b for name, b in baselines.items()} | {self.model_name: model}
+        predictors = {name: self.in_loader_space(b) for name, b in (baselines | {self.model_name: model}).items()}
         metrics, curves = {}, {}
         for direction in self.directions:
             lines = {name: {} for name in [*predictors, f"{self.model_name}_ft"]}
@@ -178,7 +216,8 @@ class ShiftRobustnessReport(RobustnessReport):
             for group in groups:
                 chunks = ft_pool.chunk(len(group))
                 x_ft = torch.cat([shifted(chunk, direction, s) for chunk, s in zip(chunks, group)])
-                tuned = model.fine_tuned_copy(x_ft.to(model.device), train_x, train_y)
+                tuned = self.in_loader_space(model.fine_tuned_copy(self.pixel_space.from_unit(x_ft.to(model.device)),
+                                                                   train_x, train_y))
                 for s in group:
                     x = shifted(eval_x, direction, s).to(model.device)
                     lines[f"{self.model_name}_ft"][s] = accuracy(tuned, x, eval_y, self.batch_size)
@@ -217,6 +256,12 @@ class AdversarialRobustnessReport(RobustnessReport):
         self.epsilons, self.attacks, self.pgd_steps = list(epsilons), list(attacks), pgd_steps
         self.attack_samples, self.model_name, self.ft_size = attack_samples, model_name, ft_size
 
+    @override
+    def required_methods(self) -> dict[str, str]:
+        attacked = {"predict_log_probs": "(x, num_samples) → class log-probabilities of the loader's images x, the "
+                                         "attacked loss"}
+        return attacked | FINE_TUNED_COPY if self.ft_size else attacked
+
     def _attacked(self, attack: str, loss_fn, x_all: torch.Tensor, y_all: torch.Tensor, eps: float) -> torch.Tensor:
         """``x_all`` attacked ``batch_size`` images at a time; ``loss_fn(x, y)`` is the per-sample loss to raise."""
         batches = []
@@ -236,11 +281,11 @@ class AdversarialRobustnessReport(RobustnessReport):
         ft_x = images[self.eval_size:self.eval_size + self.ft_size].to(model.device)
         ft_y = labels[self.eval_size:self.eval_size + self.ft_size].to(model.device)
         train = train if self.ft_size else None
-        losses = {name: (lambda b: lambda x, y: F.cross_entropy(b(x), y, reduction="none"))(b)
-                  for name, b in baselines.items()}
-        losses[self.model_name] = lambda x, y: F.nll_loss(model.predict_log_probs(x, self.attack_samples), y,
-                                                          reduction="none")
-        predictors = {name: b for name, b in baselines.items()} | {self.model_name: model}
+        predictors = {name: self.in_loader_space(b) for name, b in (baselines | {self.model_name: model}).items()}
+        losses = {name: (lambda b: lambda x, y: F.cross_entropy(b(x), y, reduction="none"))(predictors[name])
+                  for name in baselines}
+        log_probs = self.in_loader_space(lambda x: model.predict_log_probs(x, self.attack_samples))
+        losses[self.model_name] = lambda x, y: F.nll_loss(log_probs(x), y, reduction="none")
         metrics, curves = {}, {a: {name: {} for name in predictors} for a in self.attacks}
         for name, predict in predictors.items():
             clean = accuracy(predict, x_all, y_all, self.batch_size)
@@ -251,7 +296,8 @@ class AdversarialRobustnessReport(RobustnessReport):
                     curves[attack][name][eps] = accuracy(predict, adv, y_all, self.batch_size)
                     metrics[f"adv/{attack}_eps{eps:g}/{name}"] = curves[attack][name][eps]
                     if name == self.model_name and self.ft_size:
-                        tuned = model.fine_tuned_copy(self._attacked(attack, losses[name], ft_x, ft_y, eps), *train)
+                        attacked_ft = self.pixel_space.from_unit(self._attacked(attack, losses[name], ft_x, ft_y, eps))
+                        tuned = self.in_loader_space(model.fine_tuned_copy(attacked_ft, *train))
                         tuned_acc = accuracy(tuned, adv, y_all, self.batch_size)
                         curves[attack].setdefault(f"{name}_ft", {0.0: clean})[eps] = tuned_acc
                         metrics[f"adv/{attack}_eps{eps:g}/{name}_ft"] = tuned_acc

@@ -26,15 +26,16 @@ class PixelSpace:
     def declared(self) -> bool:
         return self.mean is not None or self.to_unit_fn is not None
 
-    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+    def to_unit(self, images: torch.Tensor, check: bool = True) -> torch.Tensor:
         """[0, 1] images from loader images; refuses values outside [0, 1] (a normalisation not declared, or declared
-        wrongly) before any work."""
+        wrongly) before any work. ``check=False`` for a model's output images, which may overshoot the range."""
         images = images.float()
         if self.mean is not None:
             images = images * self.std.to(images.device) + self.mean.to(images.device)
         elif self.to_unit_fn is not None:
             images = self.to_unit_fn(images)
-        self.check_unit(images)
+        if check:
+            self.check_unit(images)
         return images
 
     def from_unit(self, images: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ reach ``metrics.json`` through ``MetricsFile``, and two gloo ranks give the one-
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import REPO
+from gloo_ranks import run_forked_ranks
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(REPO / "examples" / "plain_lightning"))
@@ -129,9 +129,6 @@ def test_two_gloo_ranks_give_the_single_process_numbers(tmp_path, trained):
     that scored only its own share, or gathered out of order, differs from one process."""
     model, data = trained
     single = _evaluate(_fake_trainer(0, 1, data), model)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.start_processes(_rank, args=(2, port, tmp_path, model, data), nprocs=2, start_method="fork")
+    run_forked_ranks(_rank, 2, tmp_path, model, data)
     for rank in (0, 1):
         assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) == pytest.approx(single, abs=1e-7)
