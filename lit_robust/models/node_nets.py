@@ -26,7 +26,7 @@ class MaskedNodeNets(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r}: use one of {sorted(ACTIVATIONS)}")
         self.activation = ACTIVATIONS[activation]
-        self.register_buffer("masks", masks.float())
+        self.register_buffer("masks", masks.float().contiguous())   # an expand()ed view cannot be loaded into
         num_nodes = masks.shape[-1]
         widths = [num_nodes, *hidden, 1]
         generator = torch.Generator().manual_seed(seed)
