@@ -23,6 +23,17 @@ def rows(n: int = 400) -> torch.Tensor:
     return data.train_dataset.tensors[0]
 
 
+def trained(model, steps: int = 150):
+    """``model`` after ``steps`` full-batch Adam steps on 400 pendulum rows."""
+    torch.manual_seed(0)
+    x, optimizer = rows(), torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model.training_loss(x).backward()
+        optimizer.step()
+    return model
+
+
 @pytest.mark.parametrize("cls", [CSHTest, CSVHTest])
 def test_a_hypothesis_without_an_edge_cannot_use_that_input(cls):
     model, x = cls(NODES, HYPOTHESES, ["theta", "sun"]), rows(32).requires_grad_()
@@ -43,13 +54,7 @@ def test_exogenous_variables_read_only_themselves_and_seeds_start_equal_across_h
 
 @pytest.mark.parametrize("cls", [CSHTest, CSVHTest])
 def test_a_short_fit_ranks_the_true_structure_above_the_lossy_one(cls):
-    torch.manual_seed(0)
-    model, x = cls(NODES, HYPOTHESES, ["theta", "sun"], replicas=2), rows()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        optimizer.zero_grad()
-        model.training_loss(x).backward()
-        optimizer.step()
+    model, x = trained(cls(NODES, HYPOTHESES, ["theta", "sun"], replicas=2)), rows()
     true_loss, lossy_loss = model.per_model_loss(x).detach().view(2, -1).mean(1)
     assert true_loss < 0.6 * lossy_loss
 
@@ -105,3 +110,15 @@ def test_the_autoencoder_baseline_is_limited_by_its_bottleneck(variational):
         losses[bottleneck] = model.per_model_loss(x).detach()
         assert losses[bottleneck].shape == (2,)
     assert losses[4].max() < 0.5 * losses[1].min()
+
+
+def test_a_cut_edge_stops_the_child_from_moving_and_leaves_the_other_child_alone():
+    model, x = trained(CSHTest(NODES, {"truth": TRUE}, ["theta", "sun"]), steps=50), rows(32)
+    swept = x.clone()
+    swept[:, 0] += 1.0                                          # do(θ + 1)
+    cut = model.without_edges([["theta", "shadow_position"]])
+    with torch.no_grad():
+        moved, moved_cut = ((m.reconstruction(swept) - m.reconstruction(x))[0] for m in (model, cut))
+    assert moved[:, 3].abs().mean() > 0.05 and torch.equal(moved_cut[:, 3], torch.zeros(len(x)))
+    assert torch.equal(moved_cut[:, 2], moved[:, 2])            # the width still follows θ
+    assert model.nets.masks[0, 3, 0] == 1                          # the cut is made on a copy

@@ -10,6 +10,7 @@ hypotheses start from the same weights, so within a seed only the structure diff
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import lightning as L
@@ -75,9 +76,22 @@ class CSHTest(ReconstructionModels):
         self.replica_of = torch.arange(replicas).repeat(len(self.names))
         self.nets = MaskedNodeNets(masks, hidden, self.replica_of, activation, seed)
 
+    def reconstruction(self, rows: torch.Tensor) -> torch.Tensor:
+        """(M, B, D) x̂ of every model (Eq. 4.2); models are hypothesis-major."""
+        return self.nets(rows)
+
     def per_model_loss(self, rows: torch.Tensor) -> torch.Tensor:
-        """(M,) ‖x − x̂‖² per model (Eq. 4.3, the mean over rows and variables); models are hypothesis-major."""
-        return (self.nets(rows) - rows).pow(2).mean((1, 2))
+        """(M,) ‖x − x̂‖² per model (Eq. 4.3, the mean over rows and variables)."""
+        return (self.reconstruction(rows) - rows).pow(2).mean((1, 2))
+
+    def without_edges(self, edges: Sequence[Sequence[str]]) -> "CSHTest":
+        """The counterfactual model of CCGM (thesis 000 §3.5.2): a copy whose η networks no longer read the given
+        parents — each ``[parent, child]`` link cut in every hypothesis, no retraining."""
+        model = copy.deepcopy(self)
+        nodes = list(self.hparams.nodes)
+        for parent, child in edges:
+            model.nets.masks[:, nodes.index(child), nodes.index(parent)] = 0.0
+        return model
 
 
 class CSVHTest(CSHTest):
@@ -101,8 +115,8 @@ class CSVHTest(CSHTest):
         predicted = self.nets(latent)
         return self.decoder(predicted), latent, predicted, mean
 
-    def per_model_loss(self, rows: torch.Tensor) -> torch.Tensor:
-        return (self.reconstruct(rows, sample=False)[0] - rows).pow(2).mean((1, 2))
+    def reconstruction(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(rows, sample=False)[0]
 
     def training_loss(self, rows: torch.Tensor) -> torch.Tensor:
         reconstruction, latent, predicted, mean = self.reconstruct(rows, sample=True)
