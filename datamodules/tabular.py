@@ -20,6 +20,7 @@ class TabularDataModule(ImageDataModule):
     and std (``mean`` / ``std`` keep them)."""
 
     columns: tuple[str, ...] = ()
+    num_classes = in_chans = None   # rows of variables: no classes or channels to check a model against
 
     def __init__(self, n_samples: int = 2000, split: str = "random", split_column: str | None = None,
                  split_quantile: float = 0.75, test_fraction: float = 0.2, val_fraction: float = 0.1,
