@@ -30,8 +30,8 @@ class TabularDataModule(ImageDataModule):
             raise ValueError(f"data.split={split!r}: use 'random' or 'deliberate'")
         if split == "deliberate" and split_column not in self.columns:
             raise ValueError(f"data.split_column={split_column!r}: a deliberate split cuts one of {self.columns}")
-        self.n_samples, self.split, self.split_column, self.split_quantile = n_samples, split, split_column, \
-            split_quantile
+        self.n_samples, self.split = n_samples, split
+        self.split_column, self.split_quantile = split_column, split_quantile
         self.test_fraction, self.val_fraction, self.standardise = test_fraction, val_fraction, standardise
         self.mean = self.std = None
 
@@ -46,8 +46,8 @@ class TabularDataModule(ImageDataModule):
             inside = deliberate_split(rows[:, self.columns.index(self.split_column)], self.split_quantile)
             test, order = inside.logical_not().nonzero().flatten(), order[inside[order]]
         else:
-            test, order = order[:int(round(self.test_fraction * len(rows)))], \
-                order[int(round(self.test_fraction * len(rows))):]
+            n_test = int(round(self.test_fraction * len(rows)))
+            test, order = order[:n_test], order[n_test:]
         n_val = int(round(self.val_fraction * len(rows)))
         return order[n_val:], order[:n_val], test
 

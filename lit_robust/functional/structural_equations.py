@@ -79,9 +79,11 @@ def sample_linear_sem(weights: torch.Tensor, n_samples: int, snr_db: float | Non
     return values
 
 
-def perturbed_dags(adjacency: torch.Tensor, num_flips: int, count: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """``count`` distinct hypotheses at structural Hamming distance ``num_flips`` from ``adjacency``: edges into
-    non-root nodes toggled along the true order, so each stays a DAG and keeps the truth's exogenous set."""
+def perturbed_dags(adjacency: torch.Tensor, num_flips: int, count: int,
+                   generator: torch.Generator) -> list[torch.Tensor]:
+    """Up to ``count`` distinct hypotheses at structural Hamming distance ``num_flips`` from ``adjacency`` (fewer
+    when the DAG has fewer): edges into non-root nodes toggled along the true order, so each stays a DAG and keeps
+    the truth's exogenous set."""
     order = torch.cat([torch.tensor(level) for level in topological_levels(adjacency)])
     roots = ~adjacency.bool().any(0)
     candidates = [(int(order[a]), int(order[b])) for b in range(len(order)) for a in range(b)
