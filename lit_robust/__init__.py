@@ -11,7 +11,8 @@ points checking their arguments — does not pay the seconds Lightning takes to 
 from importlib import import_module
 
 _MODULES = {"AdversarialClassifier": "adversarial", "BayesianVAE": "bayesian_vae", "CausalVAE": "causal_vae",
-            "DDPM": "ddpm", "DeepCAMA": "deep_cama", "EBM": "ebm", "ImageClassifier": "classifier", "LAVAE": "lavae",
+            "CSHTest": "cshtest", "CSVHTest": "cshtest", "DDPM": "ddpm", "DeepCAMA": "deep_cama", "EBM": "ebm",
+            "ImageClassifier": "classifier", "LAVAE": "lavae", "SCNN": "scnn",
             "SmoothedClassifier": "smoothed_classifier", "SmoothedViT": "smoothed_vit",
             "TransferClassifier": "transfer_classifier"}  # class → its module in lit_robust.models
 __all__ = sorted(_MODULES)

@@ -1,0 +1,107 @@
+"""Structural equation models to sample from: the SCNN exam model (thesis 000 §2.3.3.1, Eqs. 2.8–2.9) and random
+linear DAGs after NOTEARS (thesis 000 §4.2.3, App. B.3)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from lit_robust.functional.causal_structure import topological_levels
+
+SCNN_NODES = ("C", "T", "E", "TQ", "P", "Y")
+# Fig. 2.4's DAG, read from the equations: C, T → E; T → TQ; E, C → P; P, E, TQ → Y.
+SCNN_EDGES = (("C", "E"), ("T", "E"), ("T", "TQ"), ("E", "P"), ("C", "P"), ("P", "Y"), ("E", "Y"), ("TQ", "Y"))
+SCNN_NOISE_STD = 0.1   # N(μ, 0.1) read as a standard deviation: the Bayes MSE of Y | C, T is then 0.32 (Table 2.1)
+
+
+def scnn_sem(kind: str, c: torch.Tensor, t: torch.Tensor, noise: Callable[[float], torch.Tensor]) -> torch.Tensor:
+    """(N, 6) values of [C, T, E, TQ, P, Y] from the inputs: Eq. 2.8 (``kind='linear'``) or 2.9 (``'nonlinear'``);
+    ``noise(mean)`` gives each equation's additive N(mean, ·) term (its mean alone: the noise-free equations of
+    Eq. 2.11)."""
+    if kind == "linear":
+        e = 2 * c + t + noise(4.0)
+        tq = 2 * t + noise(0.0)
+        p = 1.5 * e + 0.5 * c + noise(0.5)
+        y = 1.5 * p + 3 * e + tq + noise(0.0)
+    elif kind == "nonlinear":
+        e = 2 * c ** 3 + t ** 2 + noise(0.0)
+        tq = 2 * t + noise(0.0)
+        p = 1.5 * torch.sin(e) + 0.5 * torch.sin(c) + noise(0.5)
+        y = 1.5 * p ** 3 + 3 * torch.exp(e) + 2.5 * tq + noise(0.0)
+    else:
+        raise ValueError(f"sem={kind!r}: use 'linear' (Eq. 2.8) or 'nonlinear' (Eq. 2.9)")
+    return torch.stack([c, t, e, tq, p, y], dim=1)
+
+
+def sample_scnn_sem(kind: str, n_samples: int, generator: torch.Generator) -> torch.Tensor:
+    """N draws of the exam model: C, T ~ N(0, 0.1) and N(mean, 0.1) noise on every equation."""
+    c, t = (SCNN_NOISE_STD * torch.randn(n_samples, generator=generator) for _ in range(2))
+    return scnn_sem(kind, c, t, lambda mean: mean + SCNN_NOISE_STD * torch.randn(n_samples, generator=generator))
+
+
+def scnn_verification_grid(kind: str) -> torch.Tensor:
+    """Eq. 2.11's verification values: C, T on the grid −0.4:0.08:0.4 (11 × 11) through the noise-free equations."""
+    axis = torch.linspace(-0.4, 0.4, 11)
+    c, t = (v.reshape(-1) for v in torch.meshgrid(axis, axis, indexing="ij"))
+    return scnn_sem(kind, c, t, lambda mean: torch.full_like(c, mean))
+
+
+def random_dag(num_nodes: int, num_edges: int, generator: torch.Generator) -> torch.Tensor:
+    """(D, D) weighted adjacency of a random DAG (NOTEARS' Erdős–Rényi layout): ``num_edges`` edges drawn among the
+    pairs of a random order, weights N(0, 1)."""
+    pairs = num_nodes * (num_nodes - 1) // 2
+    if not 0 <= num_edges <= pairs:
+        raise ValueError(f"num_edges={num_edges}: a DAG of {num_nodes} nodes has 0 to {pairs} edges")
+    upper = torch.triu_indices(num_nodes, num_nodes, offset=1)
+    chosen = upper[:, torch.randperm(pairs, generator=generator)[:num_edges]]
+    weights = torch.zeros(num_nodes, num_nodes)
+    weights[chosen[0], chosen[1]] = torch.randn(num_edges, generator=generator)
+    order = torch.randperm(num_nodes, generator=generator)
+    return weights[order][:, order]
+
+
+def sample_linear_sem(weights: torch.Tensor, n_samples: int, snr_db: float | None,
+                      generator: torch.Generator) -> torch.Tensor:
+    """(N, D) draws of X_j = Σ_i W_ij X_i + ε_j: roots N(0, 1); each child's noise at ``snr_db`` of its signal's
+    variance (None: noise-free children, SNR ∞)."""
+    values = torch.zeros(n_samples, len(weights))
+    for level in topological_levels((weights != 0).float()):
+        for j in level:
+            if not bool((weights[:, j] != 0).any()):
+                values[:, j] = torch.randn(n_samples, generator=generator)
+                continue
+            signal = values @ weights[:, j]
+            values[:, j] = signal
+            if snr_db is not None:
+                values[:, j] += signal.std() / math.sqrt(10 ** (snr_db / 10)) * torch.randn(n_samples,
+                                                                                             generator=generator)
+    return values
+
+
+def perturbed_dags(adjacency: torch.Tensor, num_flips: int, count: int,
+                   generator: torch.Generator) -> list[torch.Tensor]:
+    """Up to ``count`` distinct hypotheses at structural Hamming distance ``num_flips`` from ``adjacency`` (fewer
+    when the DAG has fewer): edges into non-root nodes toggled along the true order, so each stays a DAG and keeps
+    the truth's exogenous set."""
+    order = torch.cat([torch.tensor(level) for level in topological_levels(adjacency)])
+    roots = ~adjacency.bool().any(0)
+    candidates = [(int(order[a]), int(order[b])) for b in range(len(order)) for a in range(b)
+                  if not roots[order[b]]]
+    if num_flips > len(candidates):
+        raise ValueError(f"num_flips={num_flips}: this DAG has only {len(candidates)} togglable pairs")
+    found, seen = [], set()
+    for _ in range(50 * count):
+        picks = torch.randperm(len(candidates), generator=generator)[:num_flips].tolist()
+        key = tuple(sorted(picks))
+        if key in seen:
+            continue
+        seen.add(key)
+        hypothesis = adjacency.clone()
+        for pick in picks:
+            i, j = candidates[pick]
+            hypothesis[i, j] = 1 - hypothesis[i, j]
+        found.append(hypothesis)
+        if len(found) == count:
+            break
+    return found
