@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_robust import ImageClassifier, Unadversarial
-from lit_robust.functional.unadversarial import (apply_patch, apply_texture, best_images, conflicting_labels,
+from lit_robust.functional.unadversarial_patterns import (apply_patch, apply_texture, best_images, conflicting_labels,
                                                  corner_positions, stroke_mask, unadversarial_loss)
 
 
