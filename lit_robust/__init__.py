@@ -13,7 +13,8 @@ from importlib import import_module
 _MODULES = {"AdversarialClassifier": "adversarial", "BayesianVAE": "bayesian_vae", "CausalVAE": "causal_vae",
             "DDPM": "ddpm", "DeepCAMA": "deep_cama", "EBM": "ebm", "ImageClassifier": "classifier", "LAVAE": "lavae",
             "SmoothedClassifier": "smoothed_classifier", "SmoothedViT": "smoothed_vit",
-            "TransferClassifier": "transfer_classifier", "Unadversarial": "unadversarial"}  # class → its module in lit_robust.models
+            "TransferClassifier": "transfer_classifier", "Unadversarial": "unadversarial",
+            "LatentDiffusion": "latent_diffusion"}  # class → its module in lit_robust.models
 __all__ = sorted(_MODULES)
 
 

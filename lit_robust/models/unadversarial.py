@@ -34,7 +34,8 @@ class Unadversarial(L.LightningModule):
         seed: the random baseline's pattern, the patch positions and the noise draws of the test.
 
     Test metrics ``test/<variant>/<corruption>_s<severity>``, ``test/<variant>/clean``, the mean over corruptions
-    ``test/<variant>/corrupted_s<severity>`` and, for the patterned variants, ``test/<variant>/conflict_follows_pattern``
+    ``test/<variant>/corrupted_s<severity>`` and, for the patterned variants,
+    ``test/<variant>/conflict_follows_pattern``
     / ``conflict_follows_image`` (the pattern of another class on the object: which one the prediction follows).
     """
 
