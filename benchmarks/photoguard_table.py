@@ -18,7 +18,7 @@ import argparse
 import json
 
 import torch
-from records import ROOT, TableRecord, read_hydra_config, train_run
+from records import ROOT, TableRecord, recorded_runs
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from unadversarial_table import CLASSIFIER
 
@@ -53,13 +53,8 @@ def main() -> None:
     record = TableRecord("photoguard_digits", title="PhotoGuard immunisation of digits against latent SDEdit edits")
     runs = [(out / "editor", ["experiment=photoguard_digits", *extra], "test/recon_loss"),
             (out / "classifier", CLASSIFIER, "test/acc")]
-    for run_dir, overrides, done_key in runs:
-        metrics, provenance = train_run(run_dir, overrides, done_key=done_key)
-        if not metrics:
-            print(f"{run_dir} is not finished: no table written")
-            return
-        record.add_run(run_dir.name, run_dir=str(run_dir), **provenance)
-        record.add_config(run_dir.name, read_hydra_config(run_dir))
+    if recorded_runs(record, runs) is None:
+        return
     editor = LatentDiffusion.load_from_checkpoint(out / "editor" / "checkpoints" / "last.ckpt", map_location="cpu",
                                                   weights_only=True).eval().requires_grad_(False)
     classifier = ImageClassifier.load_from_checkpoint(out / "classifier" / "checkpoints" / "best.ckpt",

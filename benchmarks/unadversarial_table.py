@@ -18,7 +18,7 @@ import argparse
 import json
 import statistics
 
-from records import ROOT, TableRecord, read_hydra_config, train_run
+from records import ROOT, TableRecord, recorded_runs
 
 CARRIERS = ("texture", "patch")
 VARIANTS = {"none": "none", "random": "random", "best_image": "best training image", "unadversarial": "unadversarial"}
@@ -59,16 +59,11 @@ def main() -> None:
                                                   f"model.classifier_path={classifier / 'checkpoints' / 'best.ckpt'}",
                                                   f"seed={seed}", *extra], "test/unadversarial/clean")
                  for carrier in CARRIERS]
-        for run_dir, overrides, done_key in runs:
-            metrics, provenance = train_run(run_dir, overrides, done_key=done_key)
-            if not metrics:
-                print(f"{run_dir} is not finished: no table written")
-                return
-            record.add_run(run_dir.name, run_dir=str(run_dir), **provenance)
-            record.add_config(run_dir.name, read_hydra_config(run_dir))
-            carrier = run_dir.name.rsplit("_seed", 1)[0]
-            if carrier in results:
-                results[carrier].append(metrics)
+        finished = recorded_runs(record, runs)
+        if finished is None:
+            return
+        for carrier, metrics in zip(CARRIERS, finished[1:]):
+            results[carrier].append(metrics)
     rows = [row_of(carrier, variant, results[carrier], args.seeds) for carrier in CARRIERS for variant in VARIANTS]
     path = record.write(out, COLUMNS, rows)
     from render_results import render_table

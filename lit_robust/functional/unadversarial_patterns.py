@@ -73,12 +73,11 @@ def conflicting_labels(labels: torch.Tensor, num_classes: int, generator: torch.
     return (labels + shift) % num_classes
 
 
-def best_images(images: torch.Tensor, labels: torch.Tensor, losses: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per class, the training image of that class with the lowest loss (the thesis' "best training image" baseline,
-    §3.3): (K, C, H, W)."""
+def best_per_class(labels: torch.Tensor, losses: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per class, the index of its lowest-loss item (the thesis' "best training image" baseline, §3.3): (K,)."""
     missing = sorted(set(range(num_classes)) - set(labels.tolist()))
     if missing:
         raise ValueError(f"no image of classes {missing} to pick a best image from: pass more images")
     masked = torch.where(labels[None, :] == torch.arange(num_classes, device=labels.device)[:, None],
                          losses[None, :], torch.inf)
-    return images[masked.argmin(dim=1)]
+    return masked.argmin(dim=1)

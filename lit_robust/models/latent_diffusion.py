@@ -111,19 +111,12 @@ class LatentDiffusion(L.LightningModule):
         labels = torch.where(drop, torch.full_like(labels, self.hparams.num_classes), labels)
         return F.mse_loss(self.denoiser(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, labels), noise)
 
-    def _evaluate(self, batch, split: str) -> None:
+    def test_step(self, batch, batch_idx):
         images, labels = batch[0], batch[1]
         recon = self.autoencoder.decoder(self.autoencoder.encoder(images))
-        self.log(f"{split}/recon_loss", F.binary_cross_entropy_with_logits(recon, images), batch_size=len(images))
+        self.log("test/recon_loss", F.binary_cross_entropy_with_logits(recon, images), batch_size=len(images))
         if self.latent_scale > 0:
-            self.log(f"{split}/diffusion_loss", self.diffusion_loss(self.encode(images), labels),
-                     batch_size=len(images))
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test")
+            self.log("test/diffusion_loss", self.diffusion_loss(self.encode(images), labels), batch_size=len(images))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from lit_robust.functional.shifts import COMMON_CORRUPTIONS, corrupt
-from lit_robust.functional.unadversarial_patterns import (STROKE_THRESHOLD, apply_patch, apply_texture, best_images,
+from lit_robust.functional.unadversarial_patterns import (STROKE_THRESHOLD, apply_patch, apply_texture, best_per_class,
                                                  conflicting_labels, corner_positions, unadversarial_loss)
 from lit_robust.models.classifier import ImageClassifier
 
@@ -59,7 +59,7 @@ class Unadversarial(L.LightningModule):
         self.register_buffer("random_pattern", torch.rand(shape, generator=generator))
         # the best training image per class, found while training (each class's lowest clean loss seen so far)
         self.register_buffer("best_image", torch.zeros(num_classes, in_chans, img_size, img_size))
-        self.register_buffer("best_loss", torch.full((num_classes,), torch.inf))
+        self.register_buffer("best_loss", torch.full((num_classes,), torch.finfo(torch.float32).max))
 
     @override
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -92,13 +92,13 @@ class Unadversarial(L.LightningModule):
         return apply_patch(images, labels, contents, positions)
 
     def remember_best_images(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keep per class the lowest-loss image among the ones kept so far and this batch's."""
         with torch.no_grad():
             losses = unadversarial_loss(self(images), labels)
-            for c in labels.unique():
-                of_class = (labels == c).nonzero()[:, 0]
-                i = of_class[losses[of_class].argmin()]
-                if losses[i] < self.best_loss[c]:
-                    self.best_loss[c], self.best_image[c] = losses[i], images[i]
+            classes = torch.arange(self.hparams.num_classes, device=labels.device)
+            best = best_per_class(torch.cat([classes, labels]), torch.cat([self.best_loss, losses]), len(classes))
+            self.best_image.copy_(torch.cat([self.best_image, images])[best])
+            self.best_loss.copy_(torch.cat([self.best_loss, losses])[best])
 
     def training_step(self, batch, batch_idx):
         images, labels = batch[0], batch[1]
