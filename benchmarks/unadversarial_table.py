@@ -29,8 +29,10 @@ CELLS = {"clean": "clean", **{f"corrupted_s{s}": f"corrupted_s{s}" for s in rang
          "follows_pattern": "conflict_follows_pattern", "follows_image": "conflict_follows_image"}
 COLUMNS = [("carrier", "{carrier}"), ("pattern", "{pattern}"), ("clean (%)", "{clean:.1f}"),
            *[(f"corrupted s{s} (%)", f"{{corrupted_s{s}:.1f}}") for s in range(1, 6)],
-           ("noise s3 (%)", "{noise_s3:.1f}"), ("blur s5 (%)", "{blur_s5:.1f}"), ("contrast s5 (%)", "{contrast_s5:.1f}"),
-           ("conflict: follows pattern / image (%)", "{follows_pattern:.1f} / {follows_image:.1f}"), ("seeds", "{seeds}")]
+           ("noise s3 (%)", "{noise_s3:.1f}"), ("blur s5 (%)", "{blur_s5:.1f}"),
+           ("contrast s5 (%)", "{contrast_s5:.1f}"),
+           ("conflict: follows pattern / image (%)", "{follows_pattern:.1f} / {follows_image:.1f}"),
+           ("seeds", "{seeds}")]
 
 
 def row_of(carrier: str, variant: str, per_seed: list[dict], seeds: list[int]) -> dict:

@@ -8,8 +8,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_robust import ImageClassifier, Unadversarial
-from lit_robust.functional.unadversarial_patterns import (apply_patch, apply_texture, best_per_class, conflicting_labels,
-                                                 corner_positions, stroke_mask, unadversarial_loss)
+from lit_robust.functional.unadversarial_patterns import (apply_patch, apply_texture, best_per_class,
+                                                          conflicting_labels, corner_positions, stroke_mask,
+                                                          unadversarial_loss)
 
 
 def test_texture_replaces_exactly_the_stroke_pixels():

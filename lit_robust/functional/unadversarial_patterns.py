@@ -66,7 +66,8 @@ def unadversarial_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def conflicting_labels(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def conflicting_labels(labels: torch.Tensor, num_classes: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
     """A class other than ``labels[i]`` for each image, uniform over the other K − 1: the pattern of a different
     class put onto the object (the thesis' conflicting-patch test, §3.3)."""
     shift = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)

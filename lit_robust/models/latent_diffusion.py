@@ -24,8 +24,9 @@ class ConvAutoencoder(nn.Module):
 
     def __init__(self, in_chans: int = 1, latent_channels: int = 4, width: int = 32):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Conv2d(in_chans, width, 3, 2, 1), nn.SiLU(), nn.Conv2d(width, 2 * width, 3, 2, 1),
-                                     nn.SiLU(), nn.Conv2d(2 * width, latent_channels, 3, 1, 1), nn.Tanh())
+        self.encoder = nn.Sequential(nn.Conv2d(in_chans, width, 3, 2, 1), nn.SiLU(),
+                                     nn.Conv2d(width, 2 * width, 3, 2, 1), nn.SiLU(),
+                                     nn.Conv2d(2 * width, latent_channels, 3, 1, 1), nn.Tanh())
         self.decoder = nn.Sequential(nn.Conv2d(latent_channels, 2 * width, 3, 1, 1), nn.SiLU(),
                                      nn.ConvTranspose2d(2 * width, width, 4, 2, 1), nn.SiLU(),
                                      nn.ConvTranspose2d(width, in_chans, 4, 2, 1))
@@ -91,7 +92,8 @@ class LatentDiffusion(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, labels = batch[0], batch[1]
         if self.global_step < self.hparams.autoencoder_steps:
-            loss = F.binary_cross_entropy_with_logits(self.autoencoder.decoder(self.autoencoder.encoder(images)), images)
+            recon = self.autoencoder.decoder(self.autoencoder.encoder(images))
+            loss = F.binary_cross_entropy_with_logits(recon, images)
             self.log("train/recon_loss", loss, prog_bar=True)
             return loss
         with torch.no_grad():

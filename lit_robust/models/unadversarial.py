@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from typing_extensions import override
 
 from lit_robust.functional.shifts import COMMON_CORRUPTIONS, corrupt
-from lit_robust.functional.unadversarial_patterns import (STROKE_THRESHOLD, apply_patch, apply_texture, best_per_class,
-                                                 conflicting_labels, corner_positions, unadversarial_loss)
+from lit_robust.functional.unadversarial_patterns import (STROKE_THRESHOLD, apply_patch, apply_texture,
+                                                          best_per_class, conflicting_labels, corner_positions,
+                                                          unadversarial_loss)
 from lit_robust.models.classifier import ImageClassifier
 
 CARRIERS = ("texture", "patch")
