@@ -184,6 +184,21 @@ def train_run(run_dir: Path, overrides: list[str], done_key: str = "test/acc",
     return json.loads(metrics_path.read_text()), {"reused": False, **json.loads(provenance_path.read_text())}
 
 
+def recorded_runs(record: "TableRecord", runs: list[tuple[Path, list[str], str]]) -> list[dict] | None:
+    """:func:`train_run` each ``(run_dir, overrides, done_key)`` in turn, adding its provenance and resolved config to
+    ``record``; the runs' metrics, or None (after saying which) when one is not finished."""
+    results = []
+    for run_dir, overrides, done_key in runs:
+        metrics, provenance = train_run(run_dir, overrides, done_key=done_key)
+        if not metrics:
+            print(f"{run_dir} is not finished: no table written")
+            return None
+        record.add_run(run_dir.name, run_dir=str(run_dir), **provenance)
+        record.add_config(run_dir.name, read_hydra_config(run_dir))
+        results.append(metrics)
+    return results
+
+
 def read_hydra_config(run_dir: Path) -> dict:
     """A Hydra run's resolved config (``<run_dir>/.hydra/config.yaml``), ``{}`` when the run left none."""
     from importlib import import_module

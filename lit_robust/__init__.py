@@ -14,7 +14,8 @@ _MODULES = {"AdversarialClassifier": "adversarial", "BayesianVAE": "bayesian_vae
             "CSHTest": "cshtest", "CSVHTest": "cshtest", "DDPM": "ddpm", "DeepCAMA": "deep_cama", "EBM": "ebm",
             "ImageClassifier": "classifier", "LAVAE": "lavae", "SCNN": "scnn",
             "SmoothedClassifier": "smoothed_classifier", "SmoothedViT": "smoothed_vit",
-            "TransferClassifier": "transfer_classifier"}  # class → its module in lit_robust.models
+            "TransferClassifier": "transfer_classifier", "Unadversarial": "unadversarial",
+            "LatentDiffusion": "latent_diffusion"}  # class → its module in lit_robust.models
 __all__ = sorted(_MODULES)
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lit_robust.functional.shifts import contrast, gaussian_blur, gaussian_noise, rotate, translate
+from lit_robust.functional.shifts import (COMMON_CORRUPTIONS, contrast, corrupt, gaussian_blur, gaussian_noise, rotate,
+                                          translate)
 
 
 def test_rotate_quarter_turn_matches_rot90_and_zero_is_identity():
@@ -26,3 +27,23 @@ def test_blur_keeps_constant_images_and_translate_composes():
     assert torch.allclose(gaussian_blur(flat, 5), flat, atol=1e-6)
     x = torch.rand(1, 1, 8, 8)
     assert torch.equal(translate(translate(x, 1, 0), 1, 0)[..., 2:], translate(x, 2, 0)[..., 2:])
+
+
+@pytest.mark.parametrize("name", sorted(COMMON_CORRUPTIONS))
+def test_every_common_corruption_changes_more_with_severity_and_stays_in_range(name):
+    smooth = torch.nn.functional.interpolate(torch.rand(16, 1, 6, 6), size=(32, 32), mode="bilinear")
+    x = smooth * 0.8 + 0.1   # smooth enough that pixelating coarser loses more
+    changes = [(corrupt(x, name, s, torch.Generator().manual_seed(0)) - x).abs().mean().item() for s in range(1, 6)]
+    assert 0 < changes[0] < changes[-1], changes
+    if name != "pixelate":   # pixelate's error also depends on how the coarse grid aligns with the image's
+        assert all(a < b for a, b in zip(changes, changes[1:])), changes
+    assert 0 <= corrupt(x, name, 5, torch.Generator().manual_seed(0)).min() <= 1
+
+
+def test_noise_corruptions_follow_their_generator_and_unknown_names_are_refused():
+    x = torch.rand(4, 1, 8, 8)
+    for name in ("shot_noise", "impulse_noise"):
+        draw = lambda seed: corrupt(x, name, 3, torch.Generator().manual_seed(seed))  # noqa: E731
+        assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+    with pytest.raises(ValueError, match="'fog'"):
+        corrupt(x, "fog", 1)

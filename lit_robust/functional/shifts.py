@@ -33,6 +33,10 @@ def rotate(images: torch.Tensor, degrees: float = 0.0) -> torch.Tensor:
 NOISE_STD = (0.08, 0.12, 0.18, 0.26, 0.38)
 BLUR_SIGMA = (0.4, 0.6, 0.7, 0.8, 1.0)   # CIFAR-10-C's gaussian_blur: sized for 32×32 images, not ImageNet's
 CONTRAST_FACTOR = (0.4, 0.3, 0.2, 0.1, 0.05)
+SHOT_PHOTONS = (500, 250, 100, 75, 50)           # CIFAR-10-C's shot_noise
+IMPULSE_AMOUNT = (0.01, 0.02, 0.03, 0.05, 0.07)  # CIFAR-10-C's impulse_noise
+BRIGHTNESS_SHIFT = (0.05, 0.1, 0.15, 0.2, 0.3)   # CIFAR-10-C's brightness (added to the value channel)
+PIXELATE_SCALE = (0.95, 0.9, 0.85, 0.75, 0.65)   # CIFAR-10-C's pixelate
 
 
 def _severity(severity: int, table: tuple) -> float:
@@ -67,6 +71,53 @@ def contrast(images: torch.Tensor, severity: int = 1) -> torch.Tensor:
     factor = _severity(severity, CONTRAST_FACTOR)
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
     return ((images - mean) * factor + mean).clamp(0.0, 1.0)
+
+
+def shot_noise(images: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Poisson photon noise: Poisson(x·λ)/λ, λ photons at full intensity by severity."""
+    photons = _severity(severity, SHOT_PHOTONS)
+    counts = torch.poisson((images * photons).cpu(), generator=generator).to(images.device, images.dtype)
+    return (counts / photons).clamp(0.0, 1.0)
+
+
+def impulse_noise(images: torch.Tensor, severity: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Salt-and-pepper noise: a fraction of the pixels (by severity) set to 0 or 1, half each."""
+    amount = _severity(severity, IMPULSE_AMOUNT)
+    draw = torch.rand((2, *images.shape), generator=generator, dtype=images.dtype).to(images.device)
+    hit = draw[0] < amount
+    return torch.where(hit, (draw[1] < 0.5).to(images.dtype), images)
+
+
+def brightness(images: torch.Tensor, severity: int = 1) -> torch.Tensor:
+    """Brighter: every pixel raised by a constant (by severity), clipped; for grey images the value channel of
+    ImageNet-C's HSV brightness is the pixel itself, and for colour ones the same shift is applied per channel."""
+    return (images + _severity(severity, BRIGHTNESS_SHIFT)).clamp(0.0, 1.0)
+
+
+def pixelate(images: torch.Tensor, severity: int = 1) -> torch.Tensor:
+    """Downsample by a factor (by severity) with box averaging, then back up with nearest neighbours."""
+    scale = _severity(severity, PIXELATE_SCALE)
+    h, w = images.shape[-2:]
+    small = F.interpolate(images, size=(max(1, int(h * scale)), max(1, int(w * scale))), mode="area")
+    return F.interpolate(small, size=(h, w), mode="nearest")
+
+
+COMMON_CORRUPTIONS = {"gaussian_noise": gaussian_noise, "shot_noise": shot_noise, "impulse_noise": impulse_noise,
+                      "gaussian_blur": gaussian_blur, "contrast": contrast, "brightness": brightness,
+                      "pixelate": pixelate}
+"""The ImageNet-C families that make sense on small images (Hendrycks & Dietterich 2019, "Benchmarking neural
+network robustness to common corruptions and perturbations"), each ``fn(images, severity)`` with severities 1–5;
+the noises also take a ``generator``."""
+RANDOM_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise")
+
+
+def corrupt(images: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``images`` under the common corruption ``name`` at ``severity``."""
+    if name not in COMMON_CORRUPTIONS:
+        raise ValueError(f"corruption {name!r}: use one of {sorted(COMMON_CORRUPTIONS)}")
+    if name in RANDOM_CORRUPTIONS:
+        return COMMON_CORRUPTIONS[name](images, severity, generator=generator)
+    return COMMON_CORRUPTIONS[name](images, severity)
 
 
 IMAGE_SHIFTS = {"translate": translate, "rotate": rotate, "gaussian_noise": gaussian_noise,
