@@ -153,12 +153,19 @@ class TableRecord:
         """Per-run provenance (run dir, reused or run now, seconds, ...)."""
         self.runs[name] = info
 
+    def runs_span(self) -> list[str] | None:
+        """When the runs behind the table ran (first start, last end): a table of reused runs is written in seconds,
+        long after the runs themselves."""
+        started = [run["started"] for run in self.runs.values() if run.get("started")]
+        finished = [run["finished"] for run in self.runs.values() if run.get("finished")]
+        return [min(started), max(finished)] if started and finished else None
+
     def payload(self, columns: list[tuple[str, str]], rows: list[dict]) -> dict:
         check_per_seed(rows)
         return {"table": self.table, "title": self.title, "command": self.command, "git": self.git,
                 "depends_on": self.depends_on, "data_cache": self.data_cache,
                 "machine": {**machine(), "load_average_at_start": [round(x, 2) for x in self.load_at_start]},
-                "started": self.started, "finished": utc_now(), "config_hash": config_hash(self.configs),
+                "started": self.started, "finished": utc_now(), "runs_span": self.runs_span(), "config_hash": config_hash(self.configs),
                 "configs": self.configs, "runs": self.runs, "notes": self.notes,
                 "columns": [{"header": header, "format": fmt} for header, fmt in columns], "rows": rows}
 

@@ -59,6 +59,8 @@ def provenance(record: dict) -> str:
     commit = describe_commit(git)
     run_commits = sorted({describe_commit(run["git"]) for run in record.get("runs", {}).values() if run.get("git")})
     runs_at = f" Runs trained at commit {', '.join(run_commits)}." if run_commits and run_commits != [commit] else ""
+    span = record.get("runs_span")
+    runs_at += f" Runs ran {span[0]} – {span[1]}." if span and span != [record["started"], record["finished"]] else ""
     threads = f"OMP_NUM_THREADS={m.get('OMP_NUM_THREADS') or 'unset'}, torch threads {m.get('torch_threads')}"
     if "cpu_native_bf16" in m:
         threads += ", CPU with native bf16" if m["cpu_native_bf16"] else ", CPU without native bf16 (fp32 training)"

@@ -41,6 +41,8 @@ def write_toy(out, c_acc=98.5):
     record = records.TableRecord("toy", depends_on=["lit_robust/functional/ispl.py"],
                                  argv=["benchmarks/ispl_badnets_table.py", "--out", "x"])
     record.add_config("a", {"seed": 0, "model": {"lr": 0.002}})
+    record.add_run("a", reused=True, started="2026-01-01T00:00:00Z", finished="2026-01-01T01:00:00Z")
+    record.add_run("b", reused=True, started="2026-01-01T12:00:00Z", finished="2026-01-02T00:00:00Z")
     rows = [{"label": "no defence", "c_acc": c_acc, "asr_mean": 100.0, "asr_std": 0.0, "asr_per_seed": [100.0, 100.0]},
             {"label": "filter", "c_acc": 97.04}]  # no ASR: its cell shows "–"
     return record.write(out, COLUMNS, rows)
@@ -57,6 +59,7 @@ def test_record_holds_provenance_and_rows(tmp_path):
     assert payload["config_hash"] == records.config_hash({"a": {"model": {"lr": 0.002}, "seed": 0}})  # key order
     assert payload["config_hash"] != records.config_hash({"a": {"seed": 1, "model": {"lr": 0.002}}})
     assert payload["started"] <= payload["finished"] and payload["rows"][1]["c_acc"] == 97.04
+    assert payload["runs_span"] == ["2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z"]  # the reused runs' own times
 
 
 def test_render_round_trip_stale_block_and_changed_number(tmp_path):
@@ -67,6 +70,7 @@ def test_render_round_trip_stale_block_and_changed_number(tmp_path):
     assert table == ["| defence | C-Acc (%) | ASR (%) |", "|---|---|---|", "| no defence | 98.5 | 100.0 ± 0.0 |",
                      "| filter | 97.0 | – |"]
     assert "python benchmarks/ispl_badnets_table.py --out x" in text and "configs sha256" in text
+    assert "Runs ran 2026-01-01T00:00:00Z – 2026-01-02T00:00:00Z." in text
     assert render.render_results(text, tmp_path)[0] == text  # rendering is idempotent
     write_toy(tmp_path, c_acc=91.25)
     changed = render.render_results(text, tmp_path)[0]
