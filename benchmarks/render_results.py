@@ -220,11 +220,12 @@ def main() -> None:
         names |= rendered_records(text)
         problems += [f"{document.name}: {name} has no record (or row, or key) in {args.records}; left as it is"
                      for name in missing]
-        problems += [f"{document.name}: table row with numbers outside a rendered block: {row.strip()[:100]}"
-                     for row in hand_table_rows(text)]
-        if document == args.readme:
+        if document == args.readme:  # its method tables cite chapters; its measured numbers are the check
             problems += [f"{document.name}: {found!r} is not rendered from a record (use a value span)"
                          for found in hand_measurements(text)]
+        else:
+            problems += [f"{document.name}: table row with numbers outside a rendered block: {row.strip()[:100]}"
+                         for row in hand_table_rows(text)]
     try:
         problems += stale_records(names, args.records, GitHistory(args.records.resolve()))
     except RuntimeError as error:

@@ -218,5 +218,6 @@ def test_the_docs_and_readme_render_without_a_missing_record_or_hand_numbers():
     for document in [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]:
         text = document.read_text()
         assert render.render_results(text, ROOT / "docs" / "records")[1] == [], document
-        assert render.hand_table_rows(text) == [], document
+        if document.name != "README.md":  # the README's method tables cite chapters, not measurements
+            assert render.hand_table_rows(text) == [], document
     assert render.hand_measurements((ROOT / "README.md").read_text()) == []
