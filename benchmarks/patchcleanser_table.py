@@ -180,13 +180,15 @@ def main() -> None:
         cases = throughput_cases(classifier, images, targets, masks, args.pass_size)
         speed = interleaved(cases, repeats=args.repeats + 1)
     summary = print_table(speed, reference="bare loop (same stacked batches)", work=len(images), unit="images")
-    throughput = TableRecord("patchcleanser_throughput", depends_on=DEPENDS_ON,
+    # one record per pass size: the table of 1,024 masked images per pass keeps its name, others name their size
+    throughput_table = "patchcleanser_throughput" + ("" if args.pass_size == 1024 else f"_pass{args.pass_size}")
+    throughput = TableRecord(throughput_table, depends_on=DEPENDS_ON,
                              title=f"PatchCleanser certification throughput, m = 4, "
                              f"k = {k}, {len(images)} images, {args.pass_size} masked images per pass")
     throughput.write(out, THROUGHPUT_COLUMNS, [{"name": name, **row} for name, row in summary["cases"].items()])
 
     from render_results import render_table
-    for name in ("patchcleanser_digits", "patchcleanser_throughput"):
+    for name in ("patchcleanser_digits", throughput_table):
         print(render_table(json.loads((out / f"{name}.json").read_text())))
 
 
