@@ -70,10 +70,11 @@ def provenance(record: dict) -> str:
         if reused else ""
     chips = ", ".join(name for name in (m.get("cpu_model"), m.get("gpu_model")) if name)
     chips = f" ({chips})" if chips else ""
+    cache = f" Data cache {record['data_cache']['state']} at start." if record.get("data_cache") else ""
     return (f"Record `{record['table']}.json`: `{record['command']}` at commit {commit}; {m.get('cores')} cores{chips}, load "
             f"average {' / '.join(f'{x:g}' for x in load)} at start, Python {m.get('python')}, torch {m.get('torch')}, "
             f"{threads}; {record['started']} – {record['finished']}; configs sha256 {record['config_hash'][:12]}."
-            + runs + runs_at)
+            + cache + runs + runs_at)
 
 
 def render_table(record: dict) -> str:

@@ -70,6 +70,7 @@ def test_render_round_trip_stale_block_and_changed_number(tmp_path):
     assert table == ["| defence | C-Acc (%) | ASR (%) |", "|---|---|---|", "| no defence | 98.5 | 100.0 ± 0.0 |",
                      "| filter | 97.0 | – |"]
     assert "python benchmarks/ispl_badnets_table.py --out x" in text and "configs sha256" in text
+    assert " Data cache empty at start." in text or " Data cache reused at start." in text
     assert "Runs ran 2026-01-01T00:00:00Z – 2026-01-02T00:00:00Z." in text
     assert render.render_results(text, tmp_path)[0] == text  # rendering is idempotent
     write_toy(tmp_path, c_acc=91.25)
