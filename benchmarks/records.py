@@ -81,8 +81,9 @@ def data_cache_state(data_dir: str | Path | None = None) -> dict:
     (their time is in the timings), ``reused`` means cached ones were read."""
     folder = Path(data_dir or os.environ.get("LIT_ROBUST_DATA") or "data")
     folder = folder if folder.is_absolute() else ROOT / folder
-    files = sum(1 for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else 0
-    return {"path": str(folder), "state": "reused" if files else "empty", "files": files}
+    # the first file decides: a dataset folder can hold millions
+    held = folder.is_dir() and any(path.is_file() for path in folder.rglob("*"))
+    return {"path": str(folder), "state": "reused" if held else "empty"}
 
 
 def checked_dependencies(paths: list[str], script: str | None, root: Path = ROOT) -> list[str]:

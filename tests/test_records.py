@@ -113,7 +113,7 @@ def test_data_cache_state_says_empty_or_reused(tmp_path):
     (tmp_path / "digits").mkdir()
     assert records.data_cache_state(tmp_path)["state"] == "empty"
     (tmp_path / "digits" / "x.npz").write_bytes(b"1")
-    assert records.data_cache_state(tmp_path) == {"path": str(tmp_path), "state": "reused", "files": 1}
+    assert records.data_cache_state(tmp_path) == {"path": str(tmp_path), "state": "reused"}
 
 
 def git(repo, *args):
