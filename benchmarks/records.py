@@ -166,7 +166,8 @@ class TableRecord:
         return {"table": self.table, "title": self.title, "command": self.command, "git": self.git,
                 "depends_on": self.depends_on, "data_cache": self.data_cache,
                 "machine": {**machine(), "load_average_at_start": [round(x, 2) for x in self.load_at_start]},
-                "started": self.started, "finished": utc_now(), "runs_span": self.runs_span(), "config_hash": config_hash(self.configs),
+                "started": self.started, "finished": utc_now(), "runs_span": self.runs_span(),
+                "config_hash": config_hash(self.configs),
                 "configs": self.configs, "runs": self.runs, "notes": self.notes,
                 "columns": [{"header": header, "format": fmt} for header, fmt in columns], "rows": rows}
 

@@ -172,7 +172,8 @@ def test_no_commit_uncommitted_edits_unknown_paths_and_missing_provenance_are_st
         "depends on gone.py, which no commit holds"]
     assert render.staleness(stale_record(written, depends_on=[]), history) == [
         "lists no depends_on paths, so its age cannot be checked"]
-    assert render.staleness(stale_record("0" * 40), history) == ["its commit 0000000000 is not in this repository's history"]
+    assert render.staleness(stale_record("0" * 40), history) == [
+        "its commit 0000000000 is not in this repository's history"]
     bare = {"git": {"commit": written}, "depends_on": ["model.py"], "rows": [{"acc_mean": 1.0}]}
     assert render.staleness(bare, history) == [
         "lacks the CPU model; the data cache state; the per-seed values of acc_mean"]
