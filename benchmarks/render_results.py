@@ -12,6 +12,7 @@ Reported on stderr (exit status 1 with ``--strict``), each line naming the recor
 - a stale record: its commit is not a descendant of the last commit that changed one of its ``depends_on`` paths, it
   names no commit or no ``depends_on``, it was written with uncommitted changes to one of those paths, or it lacks the
   provenance every record carries (CPU model, data cache state, per-seed values beside a mean);
+- a record that no block or value span renders;
 - a hand-written number: a markdown table row with a digit outside a rendered block in ``docs/*.md``, or a percentage
   or time in README.md outside a block or value span.
 
@@ -207,6 +208,12 @@ def stale_records(names: set[str], records: Path, history: GitHistory) -> list[s
     return lines
 
 
+def unrendered_records(names: set[str], records: Path) -> list[str]:
+    """Records no document renders: one record per table, one table per record."""
+    return [f"{path.name} is rendered by no document: add its block or delete it"
+            for path in sorted(records.glob("*.json")) if path.stem not in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=Path, default=ROOT / "docs" / "records", help="folder of <table>.json")
@@ -227,6 +234,7 @@ def main() -> None:
         else:
             problems += [f"{document.name}: table row with numbers outside a rendered block: {row.strip()[:100]}"
                          for row in hand_table_rows(text)]
+    problems += unrendered_records(names, args.records)
     try:
         problems += stale_records(names, args.records, GitHistory(args.records.resolve()))
     except RuntimeError as error:

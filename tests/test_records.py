@@ -199,6 +199,13 @@ def test_stale_records_name_the_record_the_reason_and_the_command(repo):
         f"toy.json is stale: changed after its commit {written[:10]}: run.py (in {changed[:10]}). Rerun: python run.py"]
 
 
+def test_a_record_no_document_renders_is_reported(tmp_path):
+    (tmp_path / "shown.json").write_text("{}")
+    (tmp_path / "orphan.json").write_text("{}")
+    assert render.unrendered_records({"shown"}, tmp_path) == [
+        "orphan.json is rendered by no document: add its block or delete it"]
+
+
 HAND = """| run | acc |
 |---|---|
 | a | 91.5 |
