@@ -28,10 +28,20 @@ RUNS = {"1 process, seed 0": [*EVALUATION, *first_adversarial_recipe(), "seed=0"
 COLUMNS = [("run", "{name}"), ("test images", "{images}"), ("clean (%)", "{clean:.1f}"), ("PGD-20 (%)", "{pgd:.1f}"),
            ("APGD-CE+T (%)", "{apgd_both:.1f}"), ("all three (%)", "{robust:.1f}"), ("minutes", "{minutes:.1f}")]
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/models/adversarial.py",
+              "lit_robust/functional/attacks.py",
+              "callbacks/adversarial_evaluation.py",
+              "conf/experiment/adv_train_digits.yaml",
+              "conf/model/adversarial.yaml",
+              "conf/callbacks/adversarial.yaml",
+              "conf/trainer/ddp_cpu.yaml"]
+
 
 def main() -> None:
     args, extra, out = table_arguments(__doc__, "outputs/adversarial_ddp", RUNS)
-    record = TableRecord("adversarial_ddp", title="PGD-AT on digits in 1 and 2 DDP processes (ε = 0.3, test split)")
+    record = TableRecord("adversarial_ddp", depends_on=DEPENDS_ON,
+                         title="PGD-AT on digits in 1 and 2 DDP processes (ε = 0.3, test split)")
     rows = []
     for name in args.only:
         run_dir = out / name.replace(" ", "_").replace(",", "")

@@ -37,6 +37,17 @@ COLUMNS = [("model", "{label}"), ("ε", "{eps:g}"), ("clean (%)", "{clean:.1f}")
            ("APGD-CE (%)", "{apgd_ce:.1f}"), ("APGD-CE+T (%)", "{apgd_both:.1f}"), ("all three (%)", "{robust:.1f}"),
            ("Square-300 (%)", "{square:.1f}"), ("all + Square (%)", "{with_square:.1f}")]
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/models/adversarial.py",
+              "lit_robust/models/classifier.py",
+              "lit_robust/functional/attacks.py",
+              "callbacks/adversarial_evaluation.py",
+              "conf/experiment/digits_classifier.yaml",
+              "conf/experiment/adv_train_digits.yaml",
+              "conf/experiment/trades_digits.yaml",
+              "conf/model/adversarial.yaml",
+              "conf/callbacks/adversarial.yaml"]
+
 
 def table_rows(name: str, run_dir: Path) -> list[dict]:
     """One row per ε from the run's per-image records (``adversarial/test_records.json``)."""
@@ -85,7 +96,8 @@ def step_cost(config: dict, batch_size: int = 128, repeats: int = 5) -> dict:
 
 def main() -> None:
     args, extra, out = table_arguments(__doc__, "outputs/adversarial_digits_table", RUNS)
-    record = TableRecord("adversarial_digits", title="Adversarial training on digits, ℓ∞ ε = 0.3 (test images)")
+    record = TableRecord("adversarial_digits", depends_on=DEPENDS_ON,
+                         title="Adversarial training on digits, ℓ∞ ε = 0.3 (test images)")
     rows = []
     for name in args.only:
         metrics, provenance = train_run(out / name, [*RUNS[name], *extra])

@@ -88,6 +88,12 @@ class ArtWorker:
         self.process.stdin.close()
         self.process.wait()
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/models/smoothed_vit.py",
+              "lit_robust/functional/derandomized_smoothing.py",
+              "lit_robust/functional/vit_tokens.py",
+              "lit_robust/machine.py"]
+
 
 def ours_case(model, images: torch.Tensor, token_dropping: bool, bf16: bool):
     """A timing case: votes over the whole ablation set for ``images`` (the device synchronised)."""
@@ -193,7 +199,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the record certification_throughput.json here")
     args = parser.parse_args()
     bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
-    record = TableRecord("certification_throughput", title="Certification throughput vs ART 1.20.1 (issue 34)")
+    record = TableRecord("certification_throughput", depends_on=DEPENDS_ON,
+                         title="Certification throughput vs ART 1.20.1 (issue 34)")
 
     model = build_vit(args.model, args.width, args.max_batch, args.device)
     python = art_python(args.art_python)

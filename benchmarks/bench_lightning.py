@@ -27,6 +27,11 @@ from lit_robust.datamodules import DigitsDataModule
 
 RECIPE = dict(backbone="small_cnn", max_shift=2, lr=2e-3, scheduler="none")
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/models/classifier.py",
+              "lit_robust/models/nets.py",
+              "datamodules/digits.py"]
+
 
 def loader(images: torch.Tensor, labels: torch.Tensor, batch: int) -> DataLoader:
     return DataLoader(TensorDataset(images, labels), batch_size=batch, shuffle=True,
@@ -62,7 +67,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="whole comparisons back to back")
     parser.add_argument("--out", type=Path, default=None, help="write the record bench_lightning.json here")
     args = parser.parse_args()
-    record = TableRecord("bench_lightning", title="Lightning's overhead: Trainer.fit vs a bare loop (issue 34)")
+    record = TableRecord("bench_lightning", depends_on=DEPENDS_ON,
+                         title="Lightning's overhead: Trainer.fit vs a bare loop (issue 34)")
     datamodule = DigitsDataModule(source="mnist5k", seed=0)
     datamodule.setup("fit")
     images, labels = datamodule.train_dataset.images, datamodule.train_dataset.targets

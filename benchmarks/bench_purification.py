@@ -69,6 +69,12 @@ class OneProcess:
     def __init__(self, default_root_dir: str):
         self.default_root_dir = default_root_dir
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/models/ebm.py",
+              "lit_robust/functional/langevin.py",
+              "callbacks/purification.py",
+              "lit_robust/machine.py"]
+
 
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
@@ -152,7 +158,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the record bench_purification.json here")
     parser.add_argument("--other-chunks", type=int, nargs="*", default=[], help="bare loops at these chunk sizes too")
     args = parser.parse_args()
-    record = TableRecord("bench_purification", title="EBMPurification vs a bare Langevin loop (issue 34)")
+    record = TableRecord("bench_purification", depends_on=DEPENDS_ON,
+                         title="EBMPurification vs a bare Langevin loop (issue 34)")
     use_available_cores(1)
     ebm = EBM.pretrained("digits").to(args.device).eval()
     datamodule = DigitsDataModule()

@@ -39,6 +39,17 @@ CLASSIFIER_TABLE = "scores"  # OODDetection's table name for a module without a 
 CONVENTIONS = [("AUROC (%)", "auroc"), ("FPR95 (%)", "fpr95"), ("AUPR-In (%)", "aupr_in"),
                ("AUPR-Out (%)", "auprc"), ("FPR80 (%, thesis)", "fpr80")]
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/models/bayesian_vae.py",
+              "lit_robust/models/weight_posteriors.py",
+              "lit_robust/functional/ood_scores.py",
+              "lit_robust/functional/ood_adversarial.py",
+              "callbacks/ood_detection.py",
+              "datamodules/ood.py",
+              "conf/model/bayesian_vae.yaml",
+              "conf/callbacks/ood.yaml",
+              "conf/data/ood_pair.yaml"]
+
 
 def outlier_sets(metrics: dict, posterior: str) -> list[str]:
     """The outlier sets a posterior was scored on, in the order they first appear."""
@@ -149,7 +160,8 @@ def main() -> None:
     for direction in args.only:
         experiment = EXPERIMENTS[direction]
         if args.posteriors:
-            records = {kind: TableRecord(f"bvae_{direction}_{kind}") for kind in ("auroc", "openood")}
+            records = {kind: TableRecord(f"bvae_{direction}_{kind}", depends_on=[
+                *DEPENDS_ON, f"conf/experiment/{experiment}.yaml"]) for kind in ("auroc", "openood")}
             metrics = {}
             for posterior in args.posteriors:
                 run_dir = out / experiment / posterior
@@ -161,7 +173,8 @@ def main() -> None:
             print(records["auroc"].write(out, *auroc_table(metrics, args.posteriors)))
             print(records["openood"].write(out, *conventions_table(metrics, args.scores, args.posteriors)))
         if args.classifier_epochs and direction in LABELLED_INLIERS:
-            record = TableRecord(f"bvae_{direction}_posthoc")
+            record = TableRecord(f"bvae_{direction}_posthoc", depends_on=[
+                *DEPENDS_ON, "lit_robust/models/classifier.py", f"conf/experiment/{experiment}.yaml"])
             run_dir = out / experiment / "classifier"
             provenance, config = classifier_run(experiment, run_dir, extra, args.classifier_epochs)
             record.add_run("classifier", run_dir=str(run_dir), **provenance)

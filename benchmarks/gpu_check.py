@@ -41,6 +41,14 @@ SIZES = {
 CERT_SPEEDUP, CIFAR_SECONDS, CALLBACK_RATIO = 5.0, 40.0, 0.95
 ADV_STEP_SLACK = 1.3   # issue #32: an adversarial step costs <= (attack steps + 1.3) standard steps
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/models/ebm.py",
+              "lit_robust/functional/langevin.py",
+              "callbacks/purification.py",
+              "lit_robust/models/adversarial.py",
+              "lit_robust/functional/attacks.py",
+              "lit_robust/machine.py"]
+
 
 def machine(device: str) -> dict:
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu" and not args.tiny:
         parser.error("--device cpu runs only with --tiny (the full sizes take hours on a CPU)")
     size = SIZES[args.tiny]
-    record = TableRecord("gpu_check", title="GPU targets on one GPU") if args.record else None
+    record = TableRecord("gpu_check", depends_on=DEPENDS_ON, title="GPU targets on one GPU") if args.record else None
     report = {"machine": machine(device), "tiny": args.tiny}
     with tempfile.TemporaryDirectory() as tmp:
         for name, part in PARTS.items():

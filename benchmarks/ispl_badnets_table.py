@@ -38,6 +38,17 @@ COLUMNS = [("defence", "{label}"), ("C-Acc (%)", "{c_acc:.1f}"), ("ASR (%)", "{a
            ("DER (%)", "{der:.1f}"), ("removed", "{removed:.0f}"), ("precision (%)", "{precision:.1f}"),
            ("recall (%)", "{recall:.1f}"), ("clean kept (%)", "{clean_kept:.1f}")]
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/functional/ispl.py",
+              "lit_robust/functional/weak_learners.py",
+              "lit_robust/functional/backdoor_filters.py",
+              "callbacks/weak_learner_filter.py",
+              "callbacks/baseline_filters.py",
+              "datamodules/poisoned.py",
+              "lit_robust/poisons/badnets.py",
+              "conf/experiment/ispl_badnets_digits.yaml",
+              "conf/data_filter"]
+
 
 def table_rows(results: dict[str, dict]) -> list[dict]:
     """One row per run: percentages, and DER (%) of each filter against the no-defence run."""
@@ -61,7 +72,8 @@ def flat_keys(rows: list[dict]) -> dict[str, float]:
 
 def main() -> None:
     args, extra, out = table_arguments(__doc__, "outputs/ispl_badnets_table", RUNS)
-    record = TableRecord("ispl_badnets", title="Seed 003 Table 1 on digits: BadNets pixel trigger, 10 % of class 1")
+    record = TableRecord("ispl_badnets", depends_on=DEPENDS_ON,
+                         title="Seed 003 Table 1 on digits: BadNets pixel trigger, 10 % of class 1")
     results = {}
     for name in args.only:
         metrics, provenance = train_run(out / name, ["experiment=ispl_badnets_digits", *RUNS[name], *extra])

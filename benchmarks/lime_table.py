@@ -34,6 +34,15 @@ LIME = ["callbacks.missingness.lime_samples=100", "callbacks.missingness.lime_im
 CNN, VIT = "experiment=missingness_digits", "experiment=missingness_vit_digits"
 NO_COLOURS = "callbacks.missingness.lime_consistency=false"  # black-out LIME with black only, no colour consistency
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/functional/lime.py",
+              "lit_robust/functional/missingness_bias.py",
+              "callbacks/missingness.py",
+              "lit_robust/models/smoothed_vit.py",
+              "conf/experiment/missingness_digits.yaml",
+              "conf/experiment/missingness_vit_digits.yaml",
+              "conf/callbacks/missingness.yaml"]
+
 
 def explanations(out: Path, **runs: str) -> str:
     """The override giving MissingnessReport other runs' explanations, ``{name: <out>/<run>/.../test_lime.pt}``."""
@@ -73,7 +82,7 @@ CONSISTENCY_COLUMNS = [("model, missingness", "{label}"),
 
 def main() -> None:
     args, extra, out = table_arguments(__doc__, "outputs/lime_table", runs(Path("outputs/lime_table")))
-    metrics, records = {}, {name: TableRecord(name, title=title) for name, title in (
+    metrics, records = {}, {name: TableRecord(name, depends_on=DEPENDS_ON, title=title) for name, title in (
         ("lime_consistency_digits", "LIME consistency across baseline colours on digits (test split, 4×4 regions)"),
         ("lime_topk_digits", "Top-k ablation test of LIME explanations on digits (test split, 4×4 regions)"))}
     for name, (script, overrides) in runs(out).items():

@@ -28,10 +28,19 @@ COLUMNS = [("model, missingness", "{label}"), ("order", "{order}"), ("clean acc 
            ("unchanged at 25 % (%)", "{unchanged_f25:.1f}"), ("unchanged at 50 % (%)", "{unchanged_f50:.1f}"),
            ("entropy at 50 % (nats)", "{entropy_f50:.2f}")]
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/functional/missingness_bias.py",
+              "callbacks/missingness.py",
+              "lit_robust/models/smoothed_vit.py",
+              "conf/experiment/missingness_digits.yaml",
+              "conf/experiment/missingness_vit_digits.yaml",
+              "conf/callbacks/missingness.yaml"]
+
 
 def main() -> None:
     args, extra, out = table_arguments(__doc__, "outputs/missingness_table", RUNS)
-    record = TableRecord("missingness_digits", title="Missingness bias on digits (test split, 4×4 regions)")
+    record = TableRecord("missingness_digits", depends_on=DEPENDS_ON,
+                         title="Missingness bias on digits (test split, 4×4 regions)")
     saliency = f"callbacks.missingness.saliency_checkpoint={out / 'cnn' / 'checkpoints' / 'best.ckpt'}"
     metrics = {}
     for name in ["cnn", *[n for n in args.only if n != "cnn"]]:  # the others take the standard CNN's order

@@ -45,6 +45,16 @@ COLUMNS = [("defence", "{label}"), ("clean m=2 (%)", "{clean_m2:.1f}"), ("certif
 THROUGHPUT_COLUMNS = [("path", "{name}"), ("images/s", "{throughput:.2f}"), ("× bare loop", "{ratio_to_reference:.2f}"),
                       ("min s", "{wall_min:.2f}"), ("median s", "{wall_median:.2f}")]
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/functional/double_masking.py",
+              "lit_robust/functional/derandomized_smoothing.py",
+              "lit_robust/models/smoothed_classifier.py",
+              "callbacks/patchcleanser.py",
+              "lit_robust/machine.py",
+              "conf/experiment/patchcleanser_digits.yaml",
+              "conf/experiment/smoothed_vit_digits.yaml",
+              "conf/experiment/smoothed_cnn_digits.yaml"]
+
 
 def compose_experiment(experiment: str, part: str = "model"):
     """The experiment's model (untrained, eval mode) or data module, built from its config."""
@@ -157,7 +167,8 @@ def main() -> None:
              **{f"seconds_m{m}": per_image[f"patchcleanser_m{m}"] for m in PATCHES}}]
     rows += [{"name": name, **{key: value for key, value in spec.items() if key != "experiment"},
               **{f"seconds_m{m}": per_image[name] for m in PATCHES}} for name, spec in CITED.items()]
-    record = TableRecord("patchcleanser_digits", title="PatchCleanser vs derandomized smoothing, digits test split")
+    record = TableRecord("patchcleanser_digits", depends_on=DEPENDS_ON,
+                         title="PatchCleanser vs derandomized smoothing, digits test split")
     record.add_config("patchcleanser", config)
     record.add_run("patchcleanser", run_dir=str(run_dir), timings={n: t.as_dict() for n, t in timings.items()})
     record.notes.append("derandomized-smoothing accuracies cited from docs/results.md (Smoothed ViT, digits table); "
@@ -169,12 +180,16 @@ def main() -> None:
         cases = throughput_cases(classifier, images, targets, masks, args.pass_size)
         speed = interleaved(cases, repeats=args.repeats + 1)
     summary = print_table(speed, reference="bare loop (same stacked batches)", work=len(images), unit="images")
-    throughput = TableRecord("patchcleanser_throughput", title=f"PatchCleanser certification throughput, m = 4, "
+    # one record per pass size: the table of 1,024 masked images per pass keeps its name, others name their size
+    throughput_table = "patchcleanser_throughput" + ("" if args.pass_size == 1024 else f"_pass{args.pass_size}")
+    throughput = TableRecord(throughput_table, depends_on=DEPENDS_ON,
+                             title=f"PatchCleanser certification throughput, m = 4, "
                              f"k = {k}, {len(images)} images, {args.pass_size} masked images per pass")
+    throughput.add_config("patchcleanser", config)  # the timed classifier's run, so the record's hash is not of {}
     throughput.write(out, THROUGHPUT_COLUMNS, [{"name": name, **row} for name, row in summary["cases"].items()])
 
     from render_results import render_table
-    for name in ("patchcleanser_digits", "patchcleanser_throughput"):
+    for name in ("patchcleanser_digits", throughput_table):
         print(render_table(json.loads((out / f"{name}.json").read_text())))
 
 

@@ -34,6 +34,18 @@ MAX_ASR_FRACTION, MAX_ACC_DROP = 0.25, 0.05
 HEADERS = {"asr_x1": "attack success ×1 (%)", "asr_x3": "×3 (%)", "target_success": "targeted success (%)",
            "natural_acc": "natural accuracy (%)"}
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/models/ebm.py",
+              "lit_robust/models/ddpm.py",
+              "lit_robust/functional/langevin.py",
+              "callbacks/purification.py",
+              "callbacks/poison_metrics.py",
+              "datamodules/poisoned.py",
+              "lit_robust/poisons",
+              "lit_robust/models/classifier.py",
+              "lit_robust/weights/ebm_digits.pt",
+              "conf/data/poisoned_digits.yaml"]
+
 
 def parse_run(spec: str) -> tuple[str, str, list[str]]:
     name, _, rest = spec.partition("=")
@@ -108,6 +120,9 @@ def table_rows(per_seed: dict[str, dict[int, dict]], summary: dict[str, float]
             for stat in ("mean", "std", "max"):
                 if f"table/{name}/{metric}/{stat}" in summary:
                     row[f"{metric}_{stat}"] = 100.0 * summary[f"table/{name}/{metric}/{stat}"]
+            per_seed_keys = [f"table/{name}/{metric}/seed{seed}" for seed in sorted(seeds)]
+            if f"table/{name}/{metric}/mean" in summary:
+                row[f"{metric}_per_seed"] = [100.0 * summary[key] for key in per_seed_keys if key in summary]
         rows.append(row)
     return columns, rows
 
@@ -125,7 +140,8 @@ def main() -> None:
     parser.add_argument("--table", help="name of the table record (<out>/<table>.json); default: the --out folder's")
     args = parser.parse_args()
     runs = [parse_run(spec) for spec in args.run]
-    record = TableRecord(args.table or args.out.name)
+    record = TableRecord(args.table or args.out.name, depends_on=[
+        *DEPENDS_ON, *sorted({f"conf/experiment/{experiment}.yaml" for _, experiment, _ in runs})])
     for seed in args.seeds:
         for name, experiment, overrides in runs:
             run_dir = args.out / name / f"seed{seed}"

@@ -3,10 +3,14 @@ and ``benchmarks/render_results.py`` turns those JSONs into the tables of ``docs
 numbers cannot drift).
 
 A record holds the command line, the resolved config of each run and one hash over them, ``git rev-parse HEAD`` with a
-dirty flag, the machine (cores, load average, Python/torch versions, OMP threads), start and end time, the columns
-(a header and a format string applied to each row with ``str.format_map``) and the rows (plain numbers, strings).
+dirty flag (untracked files count), the paths the numbers depend on (``depends_on``: modules, configs and the script,
+which ``render_results.py --strict`` compares with the git history to find stale records), the machine (CPU model,
+cores, load average, Python/torch versions, OMP threads), whether the data cache was empty or reused, start and end
+time, the columns (a header and a format string applied to each row with ``str.format_map``) and the rows (plain
+numbers, strings; a row's ``<x>_mean`` comes with ``<x>_per_seed``, the values it averages).
 
-    record = TableRecord("ispl_badnets", title="Seed 003 Table 1 on digits")
+    record = TableRecord("ispl_badnets", depends_on=["lit_robust/functional/ispl.py",
+                                                     "conf/experiment/ispl_badnets_digits.yaml"], title="...")
     record.add_config("none", resolved_config_dict)
     record.write(out, columns=[("defence", "{name}"), ("C-Acc (%)", "{c_acc:.1f}")], rows=[{...}, ...])
 """
@@ -31,13 +35,16 @@ def utc_now() -> str:
 
 
 def git_state(root: Path = ROOT) -> dict:
-    """HEAD's commit, whether tracked files differ from it (untracked files do not count) and which ones, so a
-    reader can see whether the uncommitted edits could have touched the numbers (docs, tests) or not."""
+    """HEAD's commit, whether the tree differs from it (tracked edits and untracked files that git does not ignore:
+    either could have changed the numbers) and which paths, so a reader can see whether the uncommitted edits could
+    have touched the numbers (docs, tests) or not."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
     try:
-        changed = git("diff", "HEAD", "--name-only").splitlines()
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed), "changed": changed}
+        # porcelain lines are "XY path" (a rename: "XY old -> new"): the path is after the two status letters
+        status = git("status", "--porcelain", "--untracked-files=all").splitlines()
+        changed = [line[3:].split(" -> ")[-1] for line in status]
+        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed), "changed": changed}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
 
@@ -68,29 +75,73 @@ def machine() -> dict:
             **{name: os.environ.get(name) for name in ENV_SHOWN}}
 
 
+def data_cache_state(data_dir: str | Path | None = None) -> dict:
+    """The data folder (``$LIT_ROBUST_DATA``, else ``data/`` in the repository, as the configs resolve it) and whether
+    it held files when the table started: ``empty`` means datasets were downloaded and poisons crafted during the runs
+    (their time is in the timings), ``reused`` means cached ones were read."""
+    folder = Path(data_dir or os.environ.get("LIT_ROBUST_DATA") or "data")
+    folder = folder if folder.is_absolute() else ROOT / folder
+    # the first file decides: a dataset folder can hold millions
+    held = folder.is_dir() and any(path.is_file() for path in folder.rglob("*"))
+    return {"path": str(folder), "state": "reused" if held else "empty"}
+
+
+def checked_dependencies(paths: list[str], script: str | None, root: Path = ROOT) -> list[str]:
+    """``paths`` (relative to the repository) and the script, each checked to exist, so that a typo cannot hide a
+    stale record: ``render_results.py --strict`` compares the last commit that changed any of them with the record's."""
+    if not paths:
+        raise ValueError("depends_on is empty: list the modules and configs the table measures "
+                         "(e.g. ['lit_robust/models/ebm.py', 'conf/experiment/ebm_digits.yaml'])")
+    listed = [*paths, *([script] if script and script not in paths else [])]
+    missing = [path for path in listed if not (root / path).exists()]
+    if missing:
+        raise ValueError(f"depends_on names {missing}, which do not exist under {root}: give paths relative to the "
+                         "repository root")
+    return listed
+
+
+def check_per_seed(rows: list[dict]) -> None:
+    """Every ``<x>_mean`` in a row comes with ``<x>_per_seed``, the values it averages, so the spread can be checked."""
+    for index, row in enumerate(rows):
+        lacking = [key for key in row if key.endswith("_mean") and not row.get(key[:-len("_mean")] + "_per_seed")]
+        if lacking:
+            raise ValueError(f"row {index} ({row.get('name', '')}) has {lacking} without the per-seed values: add "
+                             f"{[key[:-len('_mean')] + '_per_seed' for key in lacking]} (a list)")
+
+
 def config_hash(configs: dict) -> str:
     """sha256 of the resolved configs as canonical JSON (sorted keys), so equal configs hash equal."""
     return hashlib.sha256(json.dumps(configs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def script_path(argv: list[str]) -> str:
+    """The script as a path relative to the repository when it lies inside it, else as invoked."""
+    script = Path(argv[0]).resolve()
+    return str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else argv[0]
 
 
 def command_line(argv: list[str] | None = None) -> str:
     """The invocation as one shell line, prefixed with the thread variables that were set."""
     env = [f"{name}={os.environ[name]}" for name in ENV_SHOWN[:2] if name in os.environ]
     argv = argv if argv is not None else sys.argv
-    script = Path(argv[0]).resolve()
-    shown = str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else argv[0]
+    shown = script_path(argv)
     return shlex.join(["python", shown, *argv[1:]]) if not env else " ".join(env) + " " + shlex.join(
         ["python", shown, *argv[1:]])
 
 
 class TableRecord:
-    """One table's provenance: started when constructed, written with its rows by :meth:`write`."""
+    """One table's provenance: started when constructed, written with its rows by :meth:`write`. ``depends_on``: the
+    modules and configs whose change makes the numbers stale (the script is added)."""
 
-    def __init__(self, table: str, title: str = "", argv: list[str] | None = None):
+    def __init__(self, table: str, depends_on: list[str], title: str = "", argv: list[str] | None = None):
+        argv = argv if argv is not None else sys.argv
         self.table, self.title = table, title
+        script = script_path(argv)
+        self.depends_on = checked_dependencies(depends_on, script if (ROOT / script).is_file() else None)
         self.command = command_line(argv)
         self.started = utc_now()
         self.git = git_state()
+        self.data_cache = data_cache_state()
         self.load_at_start = list(os.getloadavg())
         self.configs: dict[str, dict] = {}
         self.runs: dict[str, dict] = {}
@@ -103,15 +154,26 @@ class TableRecord:
         """Per-run provenance (run dir, reused or run now, seconds, ...)."""
         self.runs[name] = info
 
+    def runs_span(self) -> list[str] | None:
+        """When the runs behind the table ran (first start, last end): a table of reused runs is written in seconds,
+        long after the runs themselves."""
+        started = [run["started"] for run in self.runs.values() if run.get("started")]
+        finished = [run["finished"] for run in self.runs.values() if run.get("finished")]
+        return [min(started), max(finished)] if started and finished else None
+
     def payload(self, columns: list[tuple[str, str]], rows: list[dict]) -> dict:
+        check_per_seed(rows)
         return {"table": self.table, "title": self.title, "command": self.command, "git": self.git,
+                "depends_on": self.depends_on, "data_cache": self.data_cache,
                 "machine": {**machine(), "load_average_at_start": [round(x, 2) for x in self.load_at_start]},
-                "started": self.started, "finished": utc_now(), "config_hash": config_hash(self.configs),
+                "started": self.started, "finished": utc_now(), "runs_span": self.runs_span(),
+                "config_hash": config_hash(self.configs),
                 "configs": self.configs, "runs": self.runs, "notes": self.notes,
                 "columns": [{"header": header, "format": fmt} for header, fmt in columns], "rows": rows}
 
     def write(self, out: Path, columns: list[tuple[str, str]], rows: list[dict]) -> Path:
-        """Write ``<out>/<table>.json`` atomically and return its path."""
+        """Write ``<out>/<table>.json`` atomically and return its path; a ``<x>_mean`` without ``<x>_per_seed`` is
+        refused before anything is written."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.table}.json"

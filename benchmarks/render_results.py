@@ -1,4 +1,4 @@
-"""Render table records (``benchmarks/records.py``) into ``docs/results.md``.
+"""Render table records (``benchmarks/records.py``) into every ``docs/*.md`` and ``README.md``, and check them.
 
 Every block between ``<!-- table:<name> begin -->`` and ``<!-- table:<name> end -->`` is replaced by the markdown
 table of ``<records>/<name>.json`` and a provenance line under it (command, commit, machine, time, config hash), so
@@ -6,17 +6,24 @@ the numbers in the text are the numbers in the record. A cell whose format names
 A number inside a sentence (here or in README.md) is rendered the same way from one row of a record:
 ``<!-- value:flagship_seeds/PureEBM/asr_x1_mean|.1f -->0.1<!-- /value -->``.
 
-A block whose record is missing is left as it is and reported as stale on stderr (exit status 1 with ``--strict``):
-the tables measured before the records existed keep their numbers, with a line inside their block naming the command
-that regenerates them.
+Reported on stderr (exit status 1 with ``--strict``), each line naming the record or document and why:
 
-    python benchmarks/render_results.py [--records docs/records] [--results docs/results.md] [--strict]
+- a block or value whose record (or row, or key) is missing: left as it is;
+- a stale record: its commit is not a descendant of the last commit that changed one of its ``depends_on`` paths, it
+  names no commit or no ``depends_on``, it was written with uncommitted changes to one of those paths, or it lacks the
+  provenance every record carries (CPU model, data cache state, per-seed values beside a mean);
+- a record that no block or value span renders;
+- a hand-written number: a markdown table row with a digit outside a rendered block in ``docs/*.md``, or a percentage
+  or time in README.md outside a block or value span.
+
+    python benchmarks/render_results.py [--records docs/records] [--docs docs] [--readme README.md] [--strict]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +32,10 @@ BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) begin -->\n)(?P<body>.*?)(<!-
 # One number in a sentence: <!-- value:RECORD/ROW/KEY|FORMAT -->12.3<!-- /value --> (ROW: the row's "name", or its index)
 VALUE = re.compile(r"(<!-- value:(?P<name>[\w.-]+)/(?P<row>[^/]+)/(?P<key>\w+)\|(?P<fmt>[^>]*?) -->)(?P<body>.*?)"
                    r"(?P<close><!-- /value -->)", re.S)
+
+
+# A measured percentage or time in prose: "71 %", "3.5 min", "12 s", "≈ 7 minutes", "40 ms", "2 h"
+MEASURED = re.compile(r"\d(?:[\d,.]*\d)?\s?(?:%|ms\b|s\b|sec\b|seconds?\b|min\b|minutes?\b|h\b|hours?\b)")
 
 
 def cell(fmt: str, row: dict) -> str:
@@ -49,6 +60,8 @@ def provenance(record: dict) -> str:
     commit = describe_commit(git)
     run_commits = sorted({describe_commit(run["git"]) for run in record.get("runs", {}).values() if run.get("git")})
     runs_at = f" Runs trained at commit {', '.join(run_commits)}." if run_commits and run_commits != [commit] else ""
+    span = record.get("runs_span")
+    runs_at += f" Runs ran {span[0]} – {span[1]}." if span and span != [record["started"], record["finished"]] else ""
     threads = f"OMP_NUM_THREADS={m.get('OMP_NUM_THREADS') or 'unset'}, torch threads {m.get('torch_threads')}"
     if "cpu_native_bf16" in m:
         threads += ", CPU with native bf16" if m["cpu_native_bf16"] else ", CPU without native bf16 (fp32 training)"
@@ -58,10 +71,11 @@ def provenance(record: dict) -> str:
         if reused else ""
     chips = ", ".join(name for name in (m.get("cpu_model"), m.get("gpu_model")) if name)
     chips = f" ({chips})" if chips else ""
+    cache = f" Data cache {record['data_cache']['state']} at start." if record.get("data_cache") else ""
     return (f"Record `{record['table']}.json`: `{record['command']}` at commit {commit}; {m.get('cores')} cores{chips}, load "
             f"average {' / '.join(f'{x:g}' for x in load)} at start, Python {m.get('python')}, torch {m.get('torch')}, "
             f"{threads}; {record['started']} – {record['finished']}; configs sha256 {record['config_hash'][:12]}."
-            + runs + runs_at)
+            + cache + runs + runs_at)
 
 
 def render_table(record: dict) -> str:
@@ -95,22 +109,139 @@ def render_results(text: str, records: Path) -> tuple[str, list[str]]:
     return VALUE.sub(replace_value, BLOCK.sub(replace, text)), stale
 
 
+def outside_rendered(text: str) -> str:
+    """``text`` without its rendered blocks and value spans: what a person wrote by hand."""
+    return VALUE.sub("", BLOCK.sub("", text))
+
+
+def hand_table_rows(text: str) -> list[str]:
+    """Markdown table rows holding a digit outside any rendered block: numbers no record backs."""
+    return [line for line in outside_rendered(text).splitlines()
+            if line.lstrip().startswith("|") and re.search(r"\d", line)]
+
+
+def hand_measurements(text: str) -> list[str]:
+    """Percentages and times in ``text`` outside any rendered block or value span (README.md must render them)."""
+    return [match.group(0) for match in MEASURED.finditer(outside_rendered(text))]
+
+
+def rendered_records(text: str) -> set[str]:
+    """The names of the records a document's blocks and value spans render."""
+    return {match["name"] for match in BLOCK.finditer(text)} | {match["name"] for match in VALUE.finditer(text)}
+
+
+class GitHistory:
+    """The repository's history, asked which commit last changed a path and whether one commit descends from another;
+    refuses a shallow clone or a folder outside git with an error that says how to get the history."""
+
+    def __init__(self, folder: Path):
+        self.root = folder
+        try:
+            self.root = Path(self.git("rev-parse", "--show-toplevel"))  # depends_on paths are relative to it
+            shallow = self.git("rev-parse", "--is-shallow-repository")
+        except (OSError, subprocess.CalledProcessError) as error:
+            raise RuntimeError(f"{folder} is not in a git checkout: the staleness of the records is read from the "
+                               "history; run this in a clone of the repository") from error
+        if shallow == "true":
+            raise RuntimeError(f"{self.root} is a shallow clone: the commits that changed the records' dependencies "
+                               "are missing; run `git fetch --unshallow` and render again")
+
+    def git(self, *args: str) -> str:
+        return subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True, check=True).stdout.strip()
+
+    def has_commit(self, commit: str) -> bool:
+        try:
+            return self.git("cat-file", "-t", commit) == "commit"
+        except subprocess.CalledProcessError:
+            return False
+
+    def last_change(self, path: str) -> str:
+        """The last commit that changed ``path`` (a file or folder), "" when no commit has."""
+        return self.git("log", "-1", "--format=%H", "--", path)
+
+    def descends(self, commit: str, ancestor: str) -> bool:
+        return subprocess.run(["git", "merge-base", "--is-ancestor", ancestor, commit], cwd=self.root,
+                              capture_output=True).returncode == 0
+
+
+def missing_provenance(record: dict) -> list[str]:
+    """What a record lacks of the provenance every table carries."""
+    lacking = [] if record.get("machine", {}).get("cpu_model") else ["the CPU model"]
+    lacking += [] if record.get("data_cache") else ["the data cache state"]
+    no_seeds = sorted({key for row in record.get("rows", []) for key in row
+                       if key.endswith("_mean") and not row.get(key[:-len("_mean")] + "_per_seed")})
+    return lacking + ([f"the per-seed values of {', '.join(no_seeds)}"] if no_seeds else [])
+
+
+def staleness(record: dict, history: GitHistory) -> list[str]:
+    """Why the record no longer measures the code it names ([] when current): the commit it was written at must
+    descend from the last commit that changed each path in its ``depends_on``, with none of them edited uncommitted."""
+    depends_on, git = record.get("depends_on") or [], record.get("git") or {}
+    commit = git.get("commit")
+    reasons = [] if depends_on else ["lists no depends_on paths, so its age cannot be checked"]
+    if not commit:
+        return reasons + ["names no commit"]
+    if not history.has_commit(commit):
+        return reasons + [f"its commit {commit[:10]} is not in this repository's history"]
+    edited = [path for path in git.get("changed") or [] for dep in depends_on
+              if path == dep or path.startswith(dep.rstrip("/") + "/")]
+    reasons += [f"was written with uncommitted changes to {', '.join(edited)}"] if edited else []
+    last_changes = {path: history.last_change(path) for path in depends_on}
+    unknown = [path for path, last in last_changes.items() if not last]
+    reasons += [f"depends on {', '.join(unknown)}, which no commit holds"] if unknown else []
+    newer = [f"{path} (in {last[:10]})" for path, last in last_changes.items()
+             if last and not history.descends(commit, last)]
+    reasons += [f"changed after its commit {commit[:10]}: {', '.join(newer)}"] if newer else []
+    lacking = missing_provenance(record)
+    return reasons + ([f"lacks {'; '.join(lacking)}"] if lacking else [])
+
+
+def stale_records(names: set[str], records: Path, history: GitHistory) -> list[str]:
+    """One line per stale record among ``names`` that exist: the record, why, and the command that reruns it."""
+    lines = []
+    for name in sorted(names):
+        path = records / f"{name}.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            reasons = staleness(record, history)
+            lines += [f"{path.name} is stale: {'; '.join(reasons)}. Rerun: {record.get('command')}"] if reasons else []
+    return lines
+
+
+def unrendered_records(names: set[str], records: Path) -> list[str]:
+    """Records no document renders: one record per table, one table per record."""
+    return [f"{path.name} is rendered by no document: add its block or delete it"
+            for path in sorted(records.glob("*.json")) if path.stem not in names]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=Path, default=ROOT / "docs" / "records", help="folder of <table>.json")
-    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="also rendered: its value spans")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a block or value has no record")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="every *.md in it is rendered and checked")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md", help="also rendered and checked")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when anything below is reported")
     args = parser.parse_args()
-    stale = []
-    for document in (args.results, args.readme):
+    problems, names = [], set()
+    for document in [*sorted(args.docs.glob("*.md")), args.readme]:
         text, missing = render_results(document.read_text(), args.records)
         document.write_text(text)
-        stale += missing
-    for name in stale:
-        print(f"{name} is stale: {args.records} has no record (or row, or key) for it; left as it is",
-              file=sys.stderr)
-    sys.exit(1 if stale and args.strict else 0)
+        names |= rendered_records(text)
+        problems += [f"{document.name}: {name} has no record (or row, or key) in {args.records}; left as it is"
+                     for name in missing]
+        if document == args.readme:  # its method tables cite chapters; its measured numbers are the check
+            problems += [f"{document.name}: {found!r} is not rendered from a record (use a value span)"
+                         for found in hand_measurements(text)]
+        else:
+            problems += [f"{document.name}: table row with numbers outside a rendered block: {row.strip()[:100]}"
+                         for row in hand_table_rows(text)]
+    problems += unrendered_records(names, args.records)
+    try:
+        problems += stale_records(names, args.records, GitHistory(args.records.resolve()))
+    except RuntimeError as error:
+        problems.append(f"staleness not checked: {error}")
+    for line in problems:
+        print(line, file=sys.stderr)
+    sys.exit(1 if problems and args.strict else 0)
 
 
 if __name__ == "__main__":

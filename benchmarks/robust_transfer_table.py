@@ -32,6 +32,14 @@ COLUMNS = [("source ε (ℓ∞)", "{eps:g}"), ("source clean (%)", "{source_acc_
            ("fixed-feature transfer (%)", "{linear_mean:.1f} ± {linear_std:.1f}"),
            ("full-network transfer (%)", "{finetune_mean:.1f} ± {finetune_std:.1f}"), ("seeds", "{seeds}")]
 
+# what the numbers measure: a commit changing one of these makes the record stale (render_results.py --strict)
+DEPENDS_ON = ["lit_robust/models/adversarial.py",
+              "lit_robust/models/transfer_classifier.py",
+              "lit_robust/functional/attacks.py",
+              "conf/experiment/robust_transfer_digits.yaml",
+              "conf/experiment/adv_train_digits.yaml",
+              "conf/experiment/digits_classifier.yaml"]
+
 
 def source_overrides(eps: float) -> list[str]:
     if eps == 0:
@@ -52,7 +60,8 @@ def main() -> None:
     parser.add_argument("--eps", type=float, nargs="+", default=[0.0, 0.1, 0.3])
     args, extra = parser.parse_known_args()
     out = (ROOT / args.out).resolve()
-    record = TableRecord("robust_transfer_digits", title="Robust-feature transfer, MNIST digits → 8×8 digits")
+    record = TableRecord("robust_transfer_digits", depends_on=DEPENDS_ON,
+                         title="Robust-feature transfer, MNIST digits → 8×8 digits")
     rows = []
     for eps in args.eps:
         results = {"source": [], "pgd": [], "linear": [], "finetune": []}
@@ -82,7 +91,8 @@ def main() -> None:
                "source_pgd": "–" if eps == 0 else "{:.1f} ± {:.1f}".format(*mean_std(results["pgd"]))}
         for key, name in (("source", "source_acc"), ("linear", "linear"), ("finetune", "finetune")):
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std(results[key])
-        row.update({f"{key}_per_seed": values for key, values in results.items()})
+            row[f"{name}_per_seed"] = results[key]
+        row["source_pgd_per_seed"] = results["pgd"]
         rows.append(row)
     path = record.write(out, COLUMNS, rows)
     from render_results import render_table

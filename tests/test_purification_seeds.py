@@ -27,6 +27,15 @@ def test_summary_means_std_and_bounds():
     assert not any(key.startswith("bounds/undefended") for key in s)
 
 
+def test_table_rows_carry_the_per_seed_values_of_each_mean():
+    """A record's mean comes with the values it averages, in seed order (records.TableRecord refuses it otherwise)."""
+    per_seed = {"undefended": {1: metrics(0.8, 0.9, 0.96), 0: metrics(0.6, 1.0, 0.98)}}
+    _, rows = purification_seeds.table_rows(per_seed, purification_seeds.summarise(per_seed))
+    assert rows[0]["asr_x1_per_seed"] == pytest.approx([60.0, 80.0])
+    assert rows[0]["natural_acc_per_seed"] == pytest.approx([98.0, 96.0])
+    assert rows[0]["asr_x1_mean"] == pytest.approx(70.0)
+
+
 def test_run_spec_with_overrides():
     assert purification_seeds.parse_run("P=pureebm_narcissus_digits:a.b=1:c=x") == (
         "P", "pureebm_narcissus_digits", ["a.b=1", "c=x"])
