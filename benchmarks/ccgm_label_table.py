@@ -19,6 +19,9 @@ from records import TableRecord, table_arguments
 
 from lit_robust.datamodules.pendulum import FACTORS, intervene
 
+DEPENDS_ON = ["lit_robust/models/cshtest.py", "lit_robust/models/node_nets.py", "lit_robust/functional/causal_structure.py",
+              "datamodules/tabular.py", "datamodules/pendulum.py", "conf/experiment/cshtest_pendulum.yaml",
+              "benchmarks/causal_fits.py"]
 SWEEPS = {"theta": "sun", "sun": "theta"}   # the factor swept → the other exogenous factor, which must not move
 W, X = FACTORS.index("shadow_length"), FACTORS.index("shadow_position")
 
@@ -55,9 +58,8 @@ def spread(curves: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     args, extra, out = table_arguments(__doc__, "docs/records", {"pendulum": None})
-    record = TableRecord("ccgm_label_to_label", title="Label-to-label do() sweeps and edge cuts on the pendulum")
-    record.notes.append("depends_on: conf/experiment/cshtest_pendulum.yaml, lit_robust/models/cshtest.py, "
-                        "datamodules/pendulum.py")
+    record = TableRecord("ccgm_label_to_label", depends_on=DEPENDS_ON,
+                         title="Label-to-label do() sweeps and edge cuts on the pendulum")
     config = composed("cshtest_pendulum", ["data.split=random", "model.replicas=5", *extra])
     config["model"]["hypotheses"] = {"truth": config["model"]["hypotheses"]["truth"]}
     data, model, seconds = fit(config)

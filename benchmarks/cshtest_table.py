@@ -32,6 +32,11 @@ from lit_robust.functional.structural_equations import perturbed_dags, random_da
 PENDULUM_SPLITS = {"sun 75 %": ["data.split=deliberate", "data.split_column=sun"],
                    "shadow x 75 %": ["data.split=deliberate", "data.split_column=shadow_position"],
                    "random": ["data.split=random"]}
+CAUSAL = ["lit_robust/models/cshtest.py", "lit_robust/models/node_nets.py", "lit_robust/functional/causal_structure.py",
+          "lit_robust/functional/structural_equations.py", "datamodules/tabular.py", "benchmarks/causal_fits.py"]
+PENDULUM_DEPENDS_ON = [*CAUSAL, "datamodules/pendulum.py", "conf/experiment/cshtest_pendulum.yaml",
+                       "conf/experiment/csvhtest_pendulum.yaml"]
+DAGS_DEPENDS_ON = [*CAUSAL, "conf/experiment/cshtest_dags.yaml"]
 RUNS = {"pendulum": None, "dags44": (4, 4), "dags55": (5, 5)}
 NUM_DAGS, PER_DISTANCE, DISTANCES, SNRS = 10, 5, (1, 2, 3, 4), (None, 5.0)
 
@@ -131,18 +136,16 @@ def dag_rows(size: tuple[int, int], record: TableRecord, extra: list[str]) -> li
 def main() -> None:
     args, extra, out = table_arguments(__doc__, "docs/records", RUNS)
     if "pendulum" in args.only:
-        record = TableRecord("cshtest_pendulum", title="CSHTEST / CSVHTEST on the tabular pendulum (Table B.1)")
-        record.notes.append("depends_on: conf/experiment/cshtest_pendulum.yaml, conf/experiment/csvhtest_pendulum.yaml,"
-                            " lit_robust/models/cshtest.py, datamodules/tabular.py")
+        record = TableRecord("cshtest_pendulum", depends_on=PENDULUM_DEPENDS_ON,
+                             title="CSHTEST / CSVHTEST on the tabular pendulum (Table B.1)")
         columns = [("method", "{method}"), ("hypothesis", "{hypothesis}"), ("H", "{H}"), ("H⁺", "{H+}"),
                    ("H⁻", "{H-}")] + [(f"{title} test loss (× truth)", f"{{{key}:.3f}} ± {{{key}_std:.3f}} "
                                        f"({{{key}_ratio:.2f}})") for title, key in
                                       (("sun 75 %", "sun"), ("shadow x 75 %", "shadow"), ("random", "random"))]
         print(record.write(out, columns, pendulum_rows(record, extra)))
     for name in [name for name in args.only if name.startswith("dags")]:
-        record = TableRecord(f"cshtest_{name}", title=f"CSHTEST pair wins on random {RUNS[name]} linear DAGs (Eq. 4.6)")
-        record.notes.append("depends_on: conf/experiment/cshtest_dags.yaml, lit_robust/models/cshtest.py, "
-                            "lit_robust/functional/structural_equations.py")
+        record = TableRecord(f"cshtest_{name}", depends_on=DAGS_DEPENDS_ON,
+                             title=f"CSHTEST pair wins on random {RUNS[name]} linear DAGs (Eq. 4.6)")
         columns = [("DAG", "{dag}"), ("SNR", "{snr}"), ("pair", "{pair}"), ("Pr(closer wins)", "{p_win:.2f}"),
                    ("pairs", "{n}")]
         print(record.write(out, columns, dag_rows(RUNS[name], record, extra)))

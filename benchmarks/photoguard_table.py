@@ -22,6 +22,9 @@ from records import ROOT, TableRecord, recorded_runs
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from unadversarial_table import CLASSIFIER
 
+DEPENDS_ON = ["lit_robust/models/latent_diffusion.py", "lit_robust/functional/photoguard.py",
+              "lit_robust/models/classifier.py", "datamodules/digits.py", "conf/experiment/photoguard_digits.yaml",
+              "conf/experiment/digits_classifier.yaml", "benchmarks/unadversarial_table.py"]
 COLUMNS = [("strength", "{strength:g}"), ("ε", "{eps_255:g}/255"), ("immunisation", "{method}"),
            ("SSIM to clean edit", "{ssim:.3f}"), ("PSNR to clean edit (dB)", "{psnr:.1f}"),
            ("MSE to target", "{mse_target:.4f}"), ("edit is the requested class (%)", "{agreement:.1f}")]
@@ -50,7 +53,8 @@ def main() -> None:
     parser.add_argument("--diffusion-steps", type=int, default=60)
     args, extra = parser.parse_known_args()
     out = (ROOT / args.out).resolve()
-    record = TableRecord("photoguard_digits", title="PhotoGuard immunisation of digits against latent SDEdit edits")
+    record = TableRecord("photoguard_digits", depends_on=DEPENDS_ON,
+                         title="PhotoGuard immunisation of digits against latent SDEdit edits")
     runs = [(out / "editor", ["experiment=photoguard_digits", *extra], "test/recon_loss"),
             (out / "classifier", CLASSIFIER, "test/acc")]
     if recorded_runs(record, runs) is None:

@@ -15,6 +15,9 @@ import torch
 from causal_fits import composed, fit, split_rows
 from records import TableRecord, table_arguments
 
+DEPENDS_ON = ["lit_robust/models/scnn.py", "lit_robust/models/node_nets.py", "lit_robust/functional/causal_structure.py",
+              "lit_robust/functional/structural_equations.py", "datamodules/tabular.py", "conf/experiment/scnn_linear.yaml",
+              "conf/experiment/scnn_nonlinear.yaml", "benchmarks/causal_fits.py"]
 REPLICAS = 5
 ETAS = [0.0, 0.01, 0.1, 0.33, 0.7, 1.0]
 CONVERGED_BELOW = {"linear": 0.7, "nonlinear": 2.0}   # the thesis' convergence check on validation MSE
@@ -46,9 +49,8 @@ def rows_of(sem: str, kind: str, data, model) -> list[dict]:
 
 def main() -> None:
     args, extra, out = table_arguments(__doc__, "docs/records", RUNS)
-    record = TableRecord("scnn_exam", title="SCNN vs FCNN and η sweep on the exam SEMs (thesis 000 Tables 2.1–2.2)")
-    record.notes.append("depends_on: conf/experiment/scnn_linear.yaml, conf/experiment/scnn_nonlinear.yaml, "
-                        "lit_robust/models/scnn.py, datamodules/tabular.py")
+    record = TableRecord("scnn_exam", depends_on=DEPENDS_ON,
+                         title="SCNN vs FCNN and η sweep on the exam SEMs (thesis 000 Tables 2.1–2.2)")
     rows = []
     for name in args.only:
         sem, kind = RUNS[name]

@@ -20,6 +20,9 @@ import statistics
 
 from records import ROOT, TableRecord, recorded_runs
 
+DEPENDS_ON = ["lit_robust/models/unadversarial.py", "lit_robust/functional/unadversarial_patterns.py",
+              "lit_robust/functional/shifts.py", "lit_robust/models/classifier.py", "datamodules/digits.py",
+              "conf/experiment/unadversarial_digits.yaml", "conf/experiment/digits_classifier.yaml"]
 CARRIERS = ("texture", "patch")
 VARIANTS = {"none": "none", "random": "random", "best_image": "best training image", "unadversarial": "unadversarial"}
 CLASSIFIER = ["experiment=digits_classifier", "trainer.max_epochs=4", "model.max_shift=0", "trainer.precision=32-true"]
@@ -52,7 +55,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args, extra = parser.parse_known_args()
     out = (ROOT / args.out).resolve()
-    record = TableRecord("unadversarial_digits", title="Unadversarial textures and patches, MNIST digits")
+    record = TableRecord("unadversarial_digits", depends_on=DEPENDS_ON,
+                         title="Unadversarial textures and patches, MNIST digits")
     results = {carrier: [] for carrier in CARRIERS}
     for seed in args.seeds:
         classifier = out / f"classifier_seed{seed}"
