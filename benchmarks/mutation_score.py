@@ -85,7 +85,20 @@ MODULES = {
 # exact_resume.py and last_checkpoint.py are left out: their tests (tests/test_resume.py) run train.py in a
 # subprocess, which mutmut's per-test function map cannot see.
 # module → {mutant name: why no test can tell it from the original}; only these leave the score's denominator.
-EQUIVALENT: dict[str, dict[str, str]] = {}
+EQUIVALENT: dict[str, dict[str, str]] = {
+    "callbacks/shift_sweep": {
+        "lit_robust.callbacks.shift_sweep.xǁShiftSweepǁ__init____mutmut_3":
+            "default batch_size 257 for 256: images per forward pass, the accuracy is the same",
+        "lit_robust.callbacks.shift_sweep.xǁShiftSweepǁevaluate__mutmut_21":
+            "batch_size not passed to run_metric, whose default is the same 256",
+        "lit_robust.callbacks.shift_sweep.xǁShiftSweepǁevaluate__mutmut_3":
+            "MulticlassAccuracy(None, average='micro'): micro accuracy needs no class count",
+        "lit_robust.callbacks.shift_sweep.xǁShiftSweepǁevaluate__mutmut_5":
+            "MulticlassAccuracy without the class count: micro accuracy needs none",
+        "lit_robust.callbacks.shift_sweep.xǁShiftSweepǁevaluate__mutmut_7":
+            "sync_on_compute dropped: syncing the gathered whole again doubles correct and total alike",
+    },
+}
 # the top-level folders the wheel installs inside the package (pyproject's package-dir), nested so in the copy
 NESTED = ("callbacks", "datamodules", "conf")
 THREADS = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
