@@ -9,7 +9,9 @@ each module, mutmut 3 (``pip install -e ".[dev]"``) runs in a fresh copy of the 
 under a temporary folder, so the checkout is never written (the suite's ``conftest.py`` fails a run that writes into
 it, and mutmut 3 writes a ``mutants/`` tree beside its config). The copy nests ``callbacks/``, ``datamodules/`` and
 ``conf/`` inside ``lit_robust/`` as the wheel installs them, so ``lit_robust.callbacks.<module>`` imports the mutated
-copy. Every mutant runs only the selected tests that call the mutated function.
+copy; its ``@override`` markers are dropped there (``MARKERS``), since mutmut 3 does not mutate decorated functions
+(those it still leaves, e.g. under ``@torch.no_grad()``, are listed in the row as ``not_mutated``). Every mutant runs
+only the selected tests that call the mutated function.
 
 Score = (killed + timeout) / (mutants − equivalent), as Stryker counts it: a mutant that hangs the tests is detected,
 and a survivor leaves the denominator only when ``EQUIVALENT`` lists it with the reason no test can tell it apart.
@@ -57,8 +59,7 @@ MODULES = {
                            "tests/test_purification.py"],
     "callbacks/counterfactual_report": ["tests/test_causal_vae.py"],
     "callbacks/latent_grid": ["tests/test_contract_plain_project.py"],
-    "callbacks/metric_eval": ["tests/test_shift_sweep.py", "tests/test_poison_metrics_callback.py"],
-    "callbacks/metrics_file": ["tests/test_contract_plain_project.py"],
+    "callbacks/metrics_file": ["tests/test_metrics_file.py", "tests/test_contract_plain_project.py"],
     "callbacks/missingness": ["tests/test_missingness.py"],
     "callbacks/ood_detection": ["tests/test_ood_detection.py", "tests/test_ood_plain_project.py"],
     "callbacks/patchcleanser": ["tests/test_patchcleanser.py"],
@@ -83,7 +84,7 @@ MODULES = {
     "lit_robust/poisons/victims": ["tests/test_transfer_classifier.py"],
 }
 # exact_resume.py and last_checkpoint.py are left out: their tests (tests/test_resume.py) run train.py in a
-# subprocess, which mutmut's per-test function map cannot see.
+# subprocess, which mutmut's per-test function map cannot see; so is metric_eval.py, whose one function is decorated.
 # module → {mutant name: why no test can tell it from the original}; only these leave the score's denominator.
 EQUIVALENT: dict[str, dict[str, str]] = {
     "callbacks/shift_sweep": {
@@ -101,6 +102,9 @@ EQUIVALENT: dict[str, dict[str, str]] = {
 }
 # the top-level folders the wheel installs inside the package (pyproject's package-dir), nested so in the copy
 NESTED = ("callbacks", "datamodules", "conf")
+# typing_extensions' @override only marks a hook as overriding; mutmut 3 leaves every decorated function but static
+# and class methods unmutated, so the copy of the mutated module drops this marker and its hooks are mutated too.
+MARKERS = ("@override",)
 THREADS = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 COLUMNS = [("module", "`{name}.py`"), ("mutants", "{mutants}"), ("killed", "{killed}"), ("timeout", "{timeout}"),
            ("survived", "{survived}"), ("no tests", "{no_tests}"), ("equivalent", "{equivalent}"),
@@ -117,7 +121,7 @@ def mutmut_config(module: str, tests: list[str]) -> str:
     """The ``[tool.mutmut]`` section of the copy: mutate one module, select its tests."""
     return (f'\n[tool.mutmut]\nsource_paths = ["lit_robust"]\nonly_mutate = ["{copy_path(module)}"]\n'
             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
-            f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\n')
+            f'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]\nalso_copy = ["examples"]\n')
 
 
 def prepare_copy(work: Path, module: str, tests: list[str]) -> None:
@@ -128,7 +132,21 @@ def prepare_copy(work: Path, module: str, tests: list[str]) -> None:
     for folder in NESTED:
         shutil.copytree(ROOT / folder, work / "lit_robust" / folder, ignore=ignore)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
+    shutil.copytree(ROOT / "examples", work / "examples", ignore=ignore)  # the plain-Lightning project tests import
+    mutated = work / copy_path(module)
+    mutated.write_text("".join(line for line in mutated.read_text().splitlines(keepends=True)
+                               if line.strip() not in MARKERS))
     (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + mutmut_config(module, tests))
+
+
+def decorated_functions(path: Path) -> list[str]:
+    """Functions mutmut 3 leaves unmutated: those with a decorator other than ``staticmethod``/``classmethod``."""
+    import ast
+
+    kept = {"staticmethod", "classmethod"}
+    return sorted(node.name for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  and {ast.unparse(d) for d in node.decorator_list} - kept)
 
 
 def mutmut(work: Path, *args: str, log=None) -> subprocess.CompletedProcess:
@@ -183,7 +201,8 @@ def score_module(module: str, tests: list[str], scratch: Path, max_children: int
     return {"name": module, "mutants": len(statuses), "killed": count["killed"], "timeout": count["timeout"],
             "no_tests": count["no tests"], "survived": len(statuses) - detected - count["no tests"],
             "equivalent": equivalent, "score": 100 * detected / max(len(statuses) - equivalent, 1),
-            "seconds": round(seconds, 1), "survivors": survivors}
+            "seconds": round(seconds, 1), "not_mutated": decorated_functions(work / copy_path(module)),
+            "survivors": survivors}
 
 
 def merged_rows(previous: Path | None, rows: list[dict]) -> tuple[list[dict], dict, dict]:
