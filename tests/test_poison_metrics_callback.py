@@ -1,4 +1,7 @@
+from types import SimpleNamespace
+
 import lightning as L
+import pytest
 
 from lit_robust import ImageClassifier
 from lit_robust.callbacks import PoisonMetrics
@@ -15,11 +18,28 @@ def test_callback_logs_asr_equal_to_direct_count(tmp_path):
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[PoisonMetrics(multipliers=(1, 3))], default_root_dir=str(tmp_path))
     trainer.fit(model, datamodule=dm)
+    multipliers, triggered_test_dataset = [], dm.triggered_test_dataset
+    dm.triggered_test_dataset = lambda k: multipliers.append(k) or triggered_test_dataset(k)
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
+    assert multipliers == [1.0, 3.0]   # each logged ×k is measured on the images triggered ×k
     triggered = dm.triggered_test_dataset(1.0)
     predictions = predict(model, triggered.images)
     assert abs(metrics["poison/asr_x1"] - (predictions == 7).float().mean().item()) < 1e-6
     # RA: the triggered images still given their true label (BackdoorBench)
     assert abs(metrics["poison/ra_x1"] - (predictions == triggered.targets).float().mean().item()) < 1e-6
-    assert "poison/asr_x3" in metrics and abs(metrics["poison/natural_acc"] - metrics["test/acc"]) < 1e-6
+    assert abs(metrics["poison/natural_acc"] - metrics["test/acc"]) < 1e-6
     assert "poison/target_success" not in metrics
+    stronger = dm.triggered_test_dataset(3.0)
+    predictions = predict(model, stronger.images)
+    assert abs(metrics["poison/asr_x3"] - (predictions == 7).float().mean().item()) < 1e-6
+    assert abs(metrics["poison/ra_x3"] - (predictions == stronger.targets).float().mean().item()) < 1e-6
+
+
+def test_a_datamodule_without_poison_views_is_refused_at_test_setup_naming_them():
+    """Testing on a clean DataModule is refused before any batch, naming the missing views and the wrapper to use;
+    fitting with it is not (the views are needed at test time only)."""
+    trainer = SimpleNamespace(datamodule=DigitsDataModule(source="sklearn8x8"))
+    PoisonMetrics().setup(trainer, None, "fit")
+    with pytest.raises(RuntimeError, match="DigitsDataModule has no poisons, triggered_test_dataset, target_dataset: "
+                                           "wrap the data in lit_robust.datamodules.PoisonedDataModule"):
+        PoisonMetrics().setup(trainer, None, "test")
