@@ -1,6 +1,7 @@
 """``MetricsFile``: one run's numbers in ``metrics.json`` — an earlier run's file removed at the run's start, fit-end,
 validate and test numbers merged, keys merged by another writer kept."""
 import json
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -68,3 +69,22 @@ def test_one_run_merges_fit_validate_and_test_and_drops_an_earlier_runs_file(tmp
     assert set(written) == {"train/loss", "val/loss", "report/score", "test/loss"}
     assert written["test/loss"] == pytest.approx(test.callback_metrics["test/loss"].item())
     assert written["train/loss"] == after_fit["train/loss"] and written["report/score"] == 0.25
+
+
+def test_only_global_rank_zero_writes_and_never_during_fits_validation_or_sanity_check(tmp_path):
+    """Another rank, the sanity check and the validation inside fit (fit-end writes its final numbers) write nothing;
+    rank zero writes after a stand-alone validation. Catches writes from every rank (two writers of one file) and
+    per-epoch writes."""
+    callback = MetricsFile(str(tmp_path))
+
+    def trainer(fn="validate", is_global_zero=True, sanity_checking=False):
+        return SimpleNamespace(state=SimpleNamespace(fn=fn), is_global_zero=is_global_zero,
+                               sanity_checking=sanity_checking, callback_metrics={"val/loss": torch.tensor(0.5)})
+
+    callback.on_validation_end(trainer(is_global_zero=False), None)
+    callback.on_test_end(trainer(is_global_zero=False), None)
+    callback.on_validation_end(trainer(sanity_checking=True), None)
+    callback.on_validation_end(trainer(fn="fit"), None)
+    assert not (tmp_path / "metrics.json").exists()
+    callback.on_validation_end(trainer(), None)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"val/loss": 0.5}

@@ -1,5 +1,7 @@
 """Behaviour of the ``ShiftSweep`` callback (issue #29): what it logs is the accuracy on each shifted test set, and
 on a trained model a stronger shift gives a lower accuracy."""
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -98,3 +100,13 @@ def test_dict_items_are_read_under_the_given_item_keys():
                         enable_model_summary=False, callbacks=[ShiftSweep()])
     with pytest.raises(KeyError, match="item_keys"):
         trainer.test(model, datamodule=datamodule, verbose=False)
+
+
+def test_a_datamodule_without_a_sweep_is_refused_at_test_setup_naming_the_wrapper():
+    """Testing without ``shifted_test_datasets()`` is refused before any batch, naming the DataModule and the fix;
+    fitting with it is not."""
+    trainer = SimpleNamespace(datamodule=DigitsDataModule(source="sklearn8x8"))
+    ShiftSweep().setup(trainer, None, "fit")
+    with pytest.raises(RuntimeError, match=r"got DigitsDataModule: wrap the data in lit_robust\.datamodules\."
+                                           r"ShiftedDataModule\(base, sweep=\[\.\.\.\]\) or add that method"):
+        ShiftSweep().setup(trainer, None, "test")

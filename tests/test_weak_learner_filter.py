@@ -199,3 +199,7 @@ def test_baseline_filters_hand_their_settings_and_seed_to_the_functional_core(mo
     assert (trimmed.keep_fraction, trimmed.rounds, trimmed.first_epochs, trimmed.epochs, trimmed.hidden) == (
         0.96, 3, 10, 5, 256)
     assert spectral.cache_dir is clustering.cache_dir is trimmed.cache_dir is None
+    assert spectral.seed == clustering.seed == trimmed.seed == 0
+    for cls in (SpectralSignatureFilter, ActivationClusteringFilter, TrimmedLossFilter):
+        configured = cls(cache_dir="masks", item_keys=("pixels", "digit"))  # handed on to TrainingSetFilter
+        assert configured.cache_dir == "masks" and configured.item_format.item_keys == ("pixels", "digit"), cls
