@@ -58,7 +58,7 @@ MODULES = {
     "callbacks/contract": ["tests/test_shard_map.py", "tests/test_contract_plain_project.py",
                            "tests/test_purification.py"],
     "callbacks/counterfactual_report": ["tests/test_causal_vae.py"],
-    "callbacks/latent_grid": ["tests/test_contract_plain_project.py"],
+    "callbacks/latent_grid": ["tests/test_latent_grid.py"],
     "callbacks/metrics_file": ["tests/test_metrics_file.py", "tests/test_contract_plain_project.py"],
     "callbacks/missingness": ["tests/test_missingness.py"],
     "callbacks/ood_detection": ["tests/test_ood_detection.py", "tests/test_ood_plain_project.py"],

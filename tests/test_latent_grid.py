@@ -1,0 +1,62 @@
+"""``LatentAugmentationGrid``: the PNG's rows are LAVAE's pixel augmentations beside their latent stand-ins (Eqs.
+5.6–5.9) for test images spread over the split."""
+from types import SimpleNamespace
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_robust.callbacks import LatentAugmentationGrid
+from lit_robust.models.lavae import LAVAE
+
+ROWS = ["input", "reconstruction (5.6)", "rot90(x)", "latent rot90 (5.7)", "hflip(x)", "latent hflip (5.7)",
+        "composition", "latent L1·L2 (5.8)", "latent L2·L1 (5.9)"]
+
+
+def test_grid_rows_are_the_models_augmentations_of_images_spread_over_the_split(tmp_path, monkeypatch):
+    """Every tile of the grid equals, clamped to [0, 1], the row's image computed here from the model (random latent
+    maps, so that no two latent rows coincide) for the test images 0, 3, 6, 9 of 10; rows are labelled as the paper
+    numbers them; another rank draws nothing. Catches rows swapped or mislabelled, the maps' order in Eq. 5.9, the
+    first images instead of a spread, and a grid written from every rank."""
+    torch.manual_seed(0)
+    model = LAVAE(img_size=8, latent_dim=4, hidden=32).eval()
+    with torch.no_grad():
+        model.latent_maps.copy_(torch.randn_like(model.latent_maps))
+    images = torch.rand(10, 1, 8, 8)
+    loader = DataLoader(TensorDataset(images, torch.arange(10)), batch_size=4)
+    figures = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *args, **kwargs: figures.append(subplots(*args, **kwargs))
+                        or figures[-1])
+
+    def trainer(rank: int) -> SimpleNamespace:
+        return SimpleNamespace(world_size=2, global_rank=rank, is_global_zero=rank == 0, val_dataloaders=None,
+                               test_dataloaders=loader, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+
+    callback = LatentAugmentationGrid(output_dir=str(tmp_path), num_images=4)
+    callback.on_test_end(trainer(1), model)
+    assert not figures and not (tmp_path / "latent_augmentation_grid.png").exists()
+    callback.on_test_end(trainer(0), model)
+    assert (tmp_path / "latent_augmentation_grid.png").stat().st_size > 1000
+    _, axes = figures[0]
+    x0 = images[[0, 3, 6, 9]]
+    with torch.no_grad():
+        expected = [x0, model.reconstruct(x0), torch.rot90(x0, 1, (-2, -1)), model.latent_augment(x0, 0),
+                    torch.flip(x0, (-1,)), model.latent_augment(x0, 1), torch.flip(torch.rot90(x0, 1, (-2, -1)), (-1,)),
+                    model.latent_compose(x0), model.latent_compose(x0, reverse=True)]
+    assert axes.shape == (len(ROWS), 4)
+    assert [axes[r, 0].get_ylabel() for r in range(len(ROWS))] == ROWS
+    for r, batch in enumerate(expected):
+        for c in range(4):
+            tile = torch.as_tensor(axes[r, c].images[0].get_array().data)
+            assert torch.allclose(tile, batch[c, 0].clamp(0, 1), atol=1e-6), (ROWS[r], c)
+    assert not torch.allclose(expected[7], expected[8], atol=1e-3)   # Eq. 5.9's order is told apart
+
+
+def test_a_model_without_latent_augmentations_is_refused_at_test_setup_naming_them():
+    """A classifier is refused when testing starts (not when fitting), naming what it lacks and the model to use."""
+    with pytest.raises(TypeError, match="Linear has no augmented_set, reconstruct, latent_augment, latent_compose: "
+                                        "use lit_robust.LAVAE"):
+        LatentAugmentationGrid().setup(None, torch.nn.Linear(2, 2), "test")
+    LatentAugmentationGrid().setup(None, torch.nn.Linear(2, 2), "fit")
