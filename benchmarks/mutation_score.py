@@ -102,6 +102,20 @@ EQUIVALENT: dict[str, dict[str, str]] = {
            "log_dict's sync_dist None, dropped or True: the gathered numbers are equal on every rank, so a mean over"
            " ranks is the same number" for n in (2, 4, 9)},
     },
+    "callbacks/poison_metrics": {
+        "lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁ__init____mutmut_3":
+            "default batch_size 257 for 256: images per forward pass, the numbers are the same",
+        "lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁevaluate__mutmut_22":
+            "batch_size not passed to run_metric, whose default is the same 256",
+        **{f"lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁevaluate__mutmut_{n}":
+           "MulticlassAccuracy without the class count (micro accuracy needs none) or without sync_on_compute=False"
+           " (syncing the gathered whole again doubles correct and total alike)" for n in (4, 6, 8)},
+        "lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁevaluate__mutmut_52":
+            "AttackSuccessRate without sync_on_compute=False: a second sync doubles hits and total alike",
+        **{f"lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁon_test_epoch_end__mutmut_{n}":
+           "log_dict's sync_dist None, dropped or True: the gathered numbers are equal on every rank, so a mean over"
+           " ranks is the same number" for n in (2, 4, 9)},
+    },
     "callbacks/metrics_file": {
         "lit_robust.callbacks.metrics_file.xǁMetricsFileǁ__init____mutmut_6": "started None for False: both falsy",
     },
