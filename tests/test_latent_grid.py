@@ -14,17 +14,29 @@ ROWS = ["input", "reconstruction (5.6)", "rot90(x)", "latent rot90 (5.7)", "hfli
         "composition", "latent L1·L2 (5.8)", "latent L2·L1 (5.9)"]
 
 
+class DictItems(TensorDataset):
+    """Items as dicts under names the contract does not guess."""
+
+    def __getitem__(self, i):
+        image, label = super().__getitem__(i)
+        return {"pixels": image, "digit": label}
+
+
 def test_grid_rows_are_the_models_augmentations_of_images_spread_over_the_split(tmp_path, monkeypatch):
     """Every tile of the grid equals, clamped to [0, 1], the row's image computed here from the model (random latent
-    maps, so that no two latent rows coincide) for the test images 0, 3, 6, 9 of 10; rows are labelled as the paper
-    numbers them; another rank draws nothing. Catches rows swapped or mislabelled, the maps' order in Eq. 5.9, the
-    first images instead of a spread, and a grid written from every rank."""
+    maps, so that no two latent rows coincide) for the images 0, 3, 6, 9 of the 10 of the split given (dict items,
+    normalised in the loader: the tiles are in [0, 1] pixels), in grey; rows are labelled as the paper numbers them;
+    another rank draws nothing. Catches rows swapped or mislabelled, the maps' order in Eq. 5.9, the first images
+    instead of a spread, the loop's split, item keys or normalisation ignored, and a grid written
+    from every rank."""
     torch.manual_seed(0)
     model = LAVAE(img_size=8, latent_dim=4, hidden=32).eval()
     with torch.no_grad():
         model.latent_maps.copy_(torch.randn_like(model.latent_maps))
     images = torch.rand(10, 1, 8, 8)
-    loader = DataLoader(TensorDataset(images, torch.arange(10)), batch_size=4)
+    held_out = DictItems(images * 2 - 1, torch.arange(10))   # the loader's space: normalised with mean = std = 0.5
+    datamodule = SimpleNamespace(held_out=held_out)
+    loader = DataLoader(TensorDataset(torch.zeros(3, 1, 8, 8), torch.zeros(3)), batch_size=4)  # not the split used
     figures = []
     subplots = plt.subplots
     monkeypatch.setattr(plt, "subplots", lambda *args, **kwargs: figures.append(subplots(*args, **kwargs))
@@ -32,13 +44,16 @@ def test_grid_rows_are_the_models_augmentations_of_images_spread_over_the_split(
 
     def trainer(rank: int) -> SimpleNamespace:
         return SimpleNamespace(world_size=2, global_rank=rank, is_global_zero=rank == 0, val_dataloaders=None,
-                               test_dataloaders=loader, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+                               test_dataloaders=loader, strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                               datamodule=datamodule,
+                               test_loop=SimpleNamespace(_data_source=SimpleNamespace(instance=datamodule)))
 
-    callback = LatentAugmentationGrid(output_dir=str(tmp_path), num_images=4)
+    callback = LatentAugmentationGrid(output_dir=str(tmp_path / "run" / "grid"), num_images=4, split=lambda dm: dm.held_out,
+                                      item_keys=("pixels", "digit"), normalization=((0.5,), (0.5,)))
     callback.on_test_end(trainer(1), model)
-    assert not figures and not (tmp_path / "latent_augmentation_grid.png").exists()
+    assert not figures and not (tmp_path / "run" / "grid").exists()
     callback.on_test_end(trainer(0), model)
-    assert (tmp_path / "latent_augmentation_grid.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "grid" / "latent_augmentation_grid.png").stat().st_size > 1000
     _, axes = figures[0]
     x0 = images[[0, 3, 6, 9]]
     with torch.no_grad():
@@ -51,6 +66,7 @@ def test_grid_rows_are_the_models_augmentations_of_images_spread_over_the_split(
         for c in range(4):
             tile = torch.as_tensor(axes[r, c].images[0].get_array().data)
             assert torch.allclose(tile, batch[c, 0].clamp(0, 1), atol=1e-6), (ROWS[r], c)
+            assert axes[r, c].images[0].get_cmap().name == "gray"
     assert not torch.allclose(expected[7], expected[8], atol=1e-3)   # Eq. 5.9's order is told apart
 
 
