@@ -238,26 +238,34 @@ def score_module(module: str, tests: list[str], scratch: Path, max_children: int
             "survivors": survivors}
 
 
-def merged_rows(previous: Path | None, rows: list[dict]) -> tuple[list[dict], dict, dict]:
-    """The earlier record's rows, configs and runs, with the modules run now replacing theirs, in ``MODULES`` order."""
-    old = json.loads(previous.read_text()) if previous else {"rows": [], "configs": {}, "runs": {}}
-    by_name = {row["name"]: row for row in old["rows"]} | {row["name"]: row for row in rows}
+def merged_rows(previous: list[Path], rows: list[dict]) -> tuple[list[dict], dict, dict]:
+    """The earlier records' rows, configs and runs (a later record's module replacing an earlier one's), with the
+    modules run now replacing theirs, in ``MODULES`` order."""
+    by_name, configs, runs = {}, {}, {}
+    for path in previous:
+        old = json.loads(path.read_text())
+        by_name |= {row["name"]: row for row in old["rows"]}
+        configs |= old["configs"]
+        runs |= old["runs"]
+    by_name |= {row["name"]: row for row in rows}
     order = [name for name in MODULES if name in by_name] + sorted(set(by_name) - set(MODULES))
-    return [by_name[name] for name in order], old["configs"], old["runs"]
+    return [by_name[name] for name in order], configs, runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modules", nargs="+", choices=list(MODULES), default=list(MODULES), metavar="MODULE",
-                        help="repository paths without .py (default: all of MODULES)")
+    parser.add_argument("--modules", nargs="*", choices=list(MODULES), default=list(MODULES), metavar="MODULE",
+                        help="repository paths without .py (default: all of MODULES; none: only merge --merge)")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "mutation",
                         help="folder for mutation_score.json (outside the repo or in the ignored outputs/)")
-    parser.add_argument("--merge", type=Path, help="an earlier mutation_score.json whose other modules are kept")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[],
+                        help="earlier mutation_score.json files whose other modules are kept (later files win)")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2, help="parallel mutant workers")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copies and logs, and print where")
     args = parser.parse_args()
-    if args.merge and not args.merge.is_file():
-        parser.error(f"--merge {args.merge} is not a file; pass an earlier <out>/mutation_score.json or leave it out")
+    for path in args.merge:
+        if not path.is_file():
+            parser.error(f"--merge {path} is not a file; pass earlier <out>/mutation_score.json files or leave it out")
 
     record = TableRecord("mutation_score", title="Mutation score per module (mutmut 3)")
     scratch = Path(tempfile.mkdtemp(prefix="lit-robust-mutation-"))

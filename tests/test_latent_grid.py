@@ -48,8 +48,9 @@ def test_grid_rows_are_the_models_augmentations_of_images_spread_over_the_split(
                                datamodule=datamodule,
                                test_loop=SimpleNamespace(_data_source=SimpleNamespace(instance=datamodule)))
 
-    callback = LatentAugmentationGrid(output_dir=str(tmp_path / "run" / "grid"), num_images=4, split=lambda dm: dm.held_out,
-                                      item_keys=("pixels", "digit"), normalization=((0.5,), (0.5,)))
+    callback = LatentAugmentationGrid(output_dir=str(tmp_path / "run" / "grid"), num_images=4,
+                                      split=lambda dm: dm.held_out, item_keys=("pixels", "digit"),
+                                      normalization=((0.5,), (0.5,)))
     callback.on_test_end(trainer(1), model)
     assert not figures and not (tmp_path / "run" / "grid").exists()
     callback.on_test_end(trainer(0), model)
