@@ -69,11 +69,21 @@ def test_grid_rows_are_the_models_augmentations_of_images_spread_over_the_split(
             assert torch.allclose(tile, batch[c, 0].clamp(0, 1), atol=1e-6), (ROWS[r], c)
             assert axes[r, c].images[0].get_cmap().name == "gray"
     assert not torch.allclose(expected[7], expected[8], atol=1e-3)   # Eq. 5.9's order is told apart
+    figure = figures[0][0]
+    assert tuple(figure.get_size_inches()) == pytest.approx((1.1 * 4, 1.1 * len(ROWS)))
+    label = axes[0, 0].yaxis.label
+    assert (label.get_fontsize(), label.get_rotation(), label.get_horizontalalignment()) == (6, 0, "right")
+    png = plt.imread(tmp_path / "run" / "grid" / "latent_augmentation_grid.png")
+    assert png.shape[:2] == (round(1.1 * len(ROWS) * 110), round(1.1 * 4 * 110))   # 110 dpi
+    callback.num_images = 1   # one column: still a (rows, 1) grid, drawn again into the existing folder
+    callback.on_test_end(trainer(0), model)
+    assert figures[1][1].shape == (len(ROWS), 1) and LatentAugmentationGrid().num_images == 8
 
 
 def test_a_model_without_latent_augmentations_is_refused_at_test_setup_naming_them():
     """A classifier is refused when testing starts (not when fitting), naming what it lacks and the model to use."""
     with pytest.raises(TypeError, match="Linear has no augmented_set, reconstruct, latent_augment, latent_compose: "
-                                        "use lit_robust.LAVAE"):
+                                        "use lit_robust.LAVAE or leave this callback out"):
         LatentAugmentationGrid().setup(None, torch.nn.Linear(2, 2), "test")
     LatentAugmentationGrid().setup(None, torch.nn.Linear(2, 2), "fit")
+    LatentAugmentationGrid().setup(None, LAVAE(img_size=8, latent_dim=4, hidden=32), "test")
