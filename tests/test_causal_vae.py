@@ -214,3 +214,37 @@ def test_per_concept_decoders_add_one_picture_per_block():
     joint = ConvDecoder(16, 3, 16, width=8)
     assert not torch.allclose(joint(torch.cat([a, rest], 1)) - joint(torch.cat([a2, rest], 1)),
                               joint(torch.cat([a, rest2], 1)) - joint(torch.cat([a2, rest2], 1)), atol=1e-5)
+
+
+def test_factor_regressor_reads_factors_in_their_units_and_is_cached_by_its_settings(tmp_path, monkeypatch):
+    """The report's factor regressor, trained on images whose planes carry their factors (shifted and scaled far from 0
+    and 1),
+    reads held-out factors back in their own units better than their mean does; with ``cache_dir`` a second
+    report with the same data and settings loads it (same outputs, no training) and other settings train anew.
+    Catches a regressor fitted or read back in standardised units, a sign flip, and a cache that is never read or
+    keyed without the settings."""
+    from lit_robust.callbacks import CounterfactualReport, counterfactual_report
+
+    generator = torch.Generator().manual_seed(0)
+    factors = torch.rand(192, 4, generator=generator) * torch.tensor([40.0, 2.0, 9.0, 0.5]) + torch.tensor(
+        [-20.0, 5.0, 30.0, -3.0])
+    images = ((factors - factors.mean(0)) / factors.std(0))[:, :, None, None].expand(-1, -1, 8, 8).clone()
+    train, held_out = slice(0, 160), slice(160, None)
+    fits = []
+    fit = counterfactual_report.fit_factor_regressor
+    monkeypatch.setattr(counterfactual_report, "fit_factor_regressor", lambda *a, **k: fits.append(1) or fit(*a, **k))
+    report = CounterfactualReport(regressor_epochs=30, regressor_widths=[8], cache_dir=str(tmp_path))
+    regressor = report._regressor(images[train], factors[train])
+    with torch.no_grad():
+        read = regressor(images[held_out])
+    error = (read - factors[held_out]).abs().mean(0)
+    baseline = (factors[train].mean(0) - factors[held_out]).abs().mean(0)
+    assert (error < 0.8 * baseline).all(), (error, baseline)
+    again = CounterfactualReport(regressor_epochs=30, regressor_widths=[8], cache_dir=str(tmp_path))._regressor(
+        images[train], factors[train])
+    with torch.no_grad():
+        assert torch.equal(again(images[held_out]), read) and len(fits) == 1
+    for other in ({"regressor_epochs": 29}, {"regressor_widths": [6]}, {"seed": 1}):
+        CounterfactualReport(**{"regressor_epochs": 30, "regressor_widths": [8], **other},
+                             cache_dir=str(tmp_path))._regressor(images[train], factors[train])
+    assert len(fits) == 4 and len(list(tmp_path.glob("factor_regressor-*.pt"))) == 4

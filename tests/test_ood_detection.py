@@ -38,6 +38,7 @@ def test_ood_detection_end_to_end(tmp_path):
     assert metrics["adv/victim_clean_acc"] > metrics["adv/victim_adv_acc"]
     assert (tmp_path / "ood_bbb_noise.png").stat().st_size > 1000
     assert "| std_ll |" in (tmp_path / "ood_bbb.md").read_text()
+    assert_scores_equal_the_draws_by_hand(metrics, callback, model, dm)
 
     # thresholds are fitted at the 95 % quantile of validation inliers and survive a state round trip
     restored = OODDetection()
@@ -50,6 +51,37 @@ def test_ood_detection_end_to_end(tmp_path):
     _, accepted_noise = filtered(noise)
     assert 0.9 <= accepted_val.float().mean().item() <= 0.99
     assert accepted_noise.float().mean().item() < 0.1
+
+
+def assert_scores_equal_the_draws_by_hand(metrics: dict, callback: OODDetection, model, dm) -> None:
+    """The logged metrics of ``std_ll`` (Eq. 3.19) and ``expected_ll`` (Eq. 3.14) equal ``detection_metrics`` of the
+    scores written out here from the model's per-draw log-likelihoods (batches of the callback's size, as it scores
+    them), their thresholds the 95 % quantile of the validation inliers' and the rejected share the noise above it;
+    and the draws' spread separates the noise from digits. Catches a constant or sign-flipped score, a biased std, a
+    threshold from another split or quantile, and metrics of other images."""
+    import math
+
+    from lit_robust.functional.ood_scores import detection_metrics
+
+    def by_hand(dataset) -> dict[str, torch.Tensor]:
+        images = callback.unit_images(dataset)
+        with torch.no_grad():
+            log_liks = torch.cat([model.ensemble_log_likelihoods(chunk)[0]
+                                  for chunk in images.split(callback.batch_size)], dim=1)
+        n = log_liks.shape[0]
+        spread = ((log_liks - log_liks.mean(0)) ** 2).sum(0).div(n - 1).sqrt()
+        return {"std_ll": spread, "expected_ll": math.log(n) - torch.logsumexp(log_liks, 0)}
+
+    inliers, noise, val = by_hand(dm.test_dataset), by_hand(dm.ood_test_dataset), by_hand(dm.val_dataset)
+    for score in ("std_ll", "expected_ll"):
+        threshold = torch.quantile(val[score], 0.95).item()
+        assert metrics[f"ood/bbb/threshold/{score}"] == pytest.approx(threshold, rel=1e-4)
+        expected = detection_metrics(inliers[score], noise[score])
+        for metric in ("auroc", "auprc", "fpr80"):
+            assert metrics[f"ood/bbb/noise/{score}/{metric}"] == pytest.approx(expected[metric], abs=1e-4)
+        assert metrics[f"ood/bbb/noise/{score}/rejected"] == pytest.approx(
+            (noise[score] > threshold).float().mean().item(), abs=1e-6)
+    assert metrics["ood/bbb/noise/std_ll/auroc"] > 0.6
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 two rules do what Algorithm 1 and Theorem 1 say, the batched table equals a per-mask loop, certified images survive an
 exhaustive patch attack, and two DDP ranks give one process's records."""
 import json
+import math
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -177,18 +179,30 @@ def test_certified_images_survive_every_patch():
 
 def certify_records(tmp_path, model, **trainer_kwargs) -> dict:
     data = DigitsDataModule(source="sklearn8x8", img_size=16, test_fraction=0.029, batch_size=8, seed=0)
-    callback = PatchCleanserCertification(str(tmp_path), patch_sizes=[2, 3], k=2, batch_size=8)
+    callback = PatchCleanserCertification(str(tmp_path / "run"), patch_sizes=[2, 3], k=2, batch_size=8)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[callback], **trainer_kwargs)
     trainer.test(model, datamodule=data, verbose=False)
-    return json.loads((tmp_path / "test_records.json").read_text())
+    return json.loads((tmp_path / "run" / "test_records.json").read_text())
 
 
-def test_callback_logs_and_writes_records(tmp_path):
-    """The callback's metrics are its records' counts (clean = Algorithm 1 correct, certified ⊆ correct)."""
+def test_callback_logs_and_writes_records(tmp_path, monkeypatch):
+    """The callback's metrics are its records' counts (clean = Algorithm 1 correct, certified ⊆ correct); the records
+    name the certifier, k, the cases and each image's fields, and the seconds per image are the time of every batch
+    (a clock advancing 1 s a reading: 1 s a batch and patch size) over the images."""
+    from lit_robust.callbacks import patchcleanser as module
+    from lit_robust.functional.double_masking import CASES
+
+    clock = iter(range(10**6))
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
     records = certify_records(tmp_path, small_cnn())
     rows = records["modes"]["model"]["images"]
     assert records["masks"] == {"2": 4, "3": 4} and [r["index"] for r in rows] == list(range(len(rows)))
+    assert (records["certifier"], records["k"], records["cases"]) == ("patchcleanser", 2, list(CASES))
+    assert all(set(r["m2"]) == set(r["m3"]) == {"prediction", "certified", "case"} for r in rows)
+    batches = math.ceil(len(rows) / 8)
+    assert records["modes"]["model"]["seconds_per_image"] == {"2": pytest.approx(batches / len(rows)),
+                                                              "3": pytest.approx(batches / len(rows))}
     for m in (2, 3):
         clean = sum(r[f"m{m}"]["prediction"] == r["target"] for r in rows) / len(rows)
         cert = sum(r[f"m{m}"]["certified"] for r in rows) / len(rows)
@@ -241,3 +255,47 @@ def test_smoothed_vit_is_certified_with_and_without_token_dropping(tmp_path):
     trainer.test(model, datamodule=data, verbose=False)
     assert {"cert/test/drop/acc_m2", "cert/test/full/clean_m2"} <= set(trainer.callback_metrics)
     assert set(json.loads((tmp_path / "test_records.json").read_text())["modes"]) == {"token_dropping", "all_tokens"}
+
+
+def test_callback_settings_reach_the_contract_and_the_certifier(monkeypatch):
+    """The constructor hands every setting to ``Certification``'s contract (and keeps the paper's k = 6), refuses
+    k < 1 naming it; each evaluation call adds its images to the shared count and its time per patch size (the
+    records' seconds per image), and returns ``patchcleanser_outcomes`` with the class count and ``max_images`` given
+    (no masked batch larger). Catches a setting dropped for its default, an overwritten count or time, and
+    outcomes computed with other arguments."""
+    from lit_robust.callbacks import patchcleanser as module
+
+    normalization = ((0.5,), (0.25,))
+    callback = PatchCleanserCertification("out", patch_sizes=[2], k=3, token_dropping=[True], splits=("val",),
+                                          batch_size=5, split="holdout", item_keys=("pixels", "digit"),
+                                          normalization=normalization, max_images=7)
+    assert (callback.output_dir, callback.patch_sizes, callback.k, callback.token_dropping, callback.splits,
+            callback.batch_size, callback.split, callback.item_format.item_keys, callback.normalization,
+            callback.max_images) == ("out", [2], 3, [True], ["val"], 5, "holdout", ("pixels", "digit"),
+                                     normalization, 7)
+    default = PatchCleanserCertification()
+    assert (default.k, default.max_images, default.batch_size, default.patch_sizes) == (6, 4096, 64, [1, 2, 3, 4])
+    assert PatchCleanserCertification(k=1).k == 1
+    with pytest.raises(ValueError, match="k=0: use k ≥ 1"):
+        PatchCleanserCertification(k=0)
+
+    clock = iter([0.0, 2.0, 10.0, 13.0])
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    model, masks = small_cnn(), mask_set((8, 8), 2, 3)
+    batches = []
+
+    def classify(images, mask_batch):
+        batches.append(len(images) * len(mask_batch))
+        with torch.no_grad():
+            masked = (images[:, None] * mask_batch[None, :, None]).flatten(0, 1)
+            return model(masked).view(len(images), len(mask_batch), -1)
+
+    images, targets = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    seconds, shared = {2: 0.0}, [0]
+    evaluate = callback._outcomes({2: masks}, seconds, shared)
+    first = evaluate(classify, images, targets, 10)
+    evaluate(classify, images[:2], targets[:2], 10)
+    assert shared == [6] and seconds == {2: 5.0}
+    assert max(batches) <= 7
+    expected = patchcleanser_outcomes(classify, images, targets, masks, 10, 7)
+    assert first.shape == (4, 1, 3) and torch.equal(first[:, 0], expected)

@@ -1,4 +1,7 @@
+from types import SimpleNamespace
+
 import lightning as L
+import pytest
 
 from lit_robust import ImageClassifier
 from lit_robust.callbacks import PoisonMetrics
@@ -15,11 +18,72 @@ def test_callback_logs_asr_equal_to_direct_count(tmp_path):
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[PoisonMetrics(multipliers=(1, 3))], default_root_dir=str(tmp_path))
     trainer.fit(model, datamodule=dm)
+    multipliers, triggered_test_dataset = [], dm.triggered_test_dataset
+    dm.triggered_test_dataset = lambda k: multipliers.append(k) or triggered_test_dataset(k)
     metrics = trainer.test(model, datamodule=dm, verbose=False)[0]
+    assert multipliers == [1.0, 3.0]   # each logged ×k is measured on the images triggered ×k
     triggered = dm.triggered_test_dataset(1.0)
     predictions = predict(model, triggered.images)
     assert abs(metrics["poison/asr_x1"] - (predictions == 7).float().mean().item()) < 1e-6
     # RA: the triggered images still given their true label (BackdoorBench)
     assert abs(metrics["poison/ra_x1"] - (predictions == triggered.targets).float().mean().item()) < 1e-6
-    assert "poison/asr_x3" in metrics and abs(metrics["poison/natural_acc"] - metrics["test/acc"]) < 1e-6
+    assert abs(metrics["poison/natural_acc"] - metrics["test/acc"]) < 1e-6
     assert "poison/target_success" not in metrics
+    stronger = dm.triggered_test_dataset(3.0)
+    predictions = predict(model, stronger.images)
+    assert abs(metrics["poison/asr_x3"] - (predictions == 7).float().mean().item()) < 1e-6
+    assert abs(metrics["poison/ra_x3"] - (predictions == stronger.targets).float().mean().item()) < 1e-6
+
+
+def test_a_datamodule_without_poison_views_is_refused_at_test_setup_naming_them():
+    """Testing on a clean DataModule is refused before any batch, naming the missing views and the wrapper to use;
+    fitting with it is not (the views are needed at test time only)."""
+    trainer = SimpleNamespace(datamodule=DigitsDataModule(source="sklearn8x8"))
+    PoisonMetrics().setup(trainer, None, "fit")
+    with pytest.raises(RuntimeError, match="DigitsDataModule has no poisons, triggered_test_dataset, target_dataset: "
+                                           "wrap the data in lit_robust.datamodules.PoisonedDataModule"):
+        PoisonMetrics().setup(trainer, None, "test")
+
+
+def test_targeted_success_and_the_split_and_item_keys_given(tmp_path):
+    """A targeted poison (a target index, no trigger): ``target_success`` is the share of target images predicted as
+    their adversarial label, natural accuracy is read from the ``split`` given (not the loop's loader) in the
+    ``item_keys`` given, and no ASR is logged. Catches a targeted success left out or constant, and ``split`` or
+    ``item_keys`` not handed to the contract."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lit_robust.datasets import TensorImageDataset
+
+    class DictItems(TensorImageDataset):
+        def __getitem__(self, i):
+            image, label = super().__getitem__(i)
+            return {"pixels": image, "digit": label}
+
+    class Linear(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+
+        def forward(self, images):
+            return self.net(images)
+
+    torch.manual_seed(0)
+    module = net = Linear()
+    clean = DictItems(torch.randn(20, 1, 4, 4), torch.randint(4, (20,)))
+    targets = DictItems(torch.randn(5, 1, 4, 4), torch.tensor([0, 1, 2, 3, 0]))
+    datamodule = SimpleNamespace(poisons=SimpleNamespace(trigger=None, target_index=3, target_class=None),
+                                 target_dataset=lambda: targets, held_out=clean)
+    trainer = SimpleNamespace(world_size=1, global_rank=0, is_global_zero=True, datamodule=datamodule,
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")), val_dataloaders=None,
+                              test_loop=SimpleNamespace(_data_source=SimpleNamespace(instance=datamodule)),
+                              test_dataloaders=DataLoader(TensorImageDataset(torch.randn(3, 1, 4, 4),
+                                                                             torch.zeros(3, dtype=torch.long))))
+    callback = PoisonMetrics(split=lambda dm: dm.held_out, item_keys=("pixels", "digit"), batch_size=3)
+    results = callback.evaluate(trainer, module)
+    with torch.no_grad():
+        natural = (net(clean.images).argmax(-1) == clean.targets).float().mean().item()
+        success = (net(targets.images).argmax(-1) == targets.targets).float().mean().item()
+    assert set(results) == {"poison/natural_acc", "poison/target_success"}
+    assert results["poison/natural_acc"].item() == pytest.approx(natural)
+    assert results["poison/target_success"].item() == pytest.approx(success)

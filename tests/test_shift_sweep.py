@@ -1,5 +1,7 @@
 """Behaviour of the ``ShiftSweep`` callback (issue #29): what it logs is the accuracy on each shifted test set, and
 on a trained model a stronger shift gives a lower accuracy."""
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -40,3 +42,71 @@ def test_logged_accuracies_are_those_of_the_shifted_sets_and_fall_with_severity(
         assert logged[f"shift/{name}/acc"] == pytest.approx(accuracy, abs=1e-6), name
     assert direct["gaussian_noise_severity5"] < direct["gaussian_noise_severity1"]
     assert direct["rotate_90"] < direct["rotate_10"]
+
+
+class DictItems(torch.utils.data.Dataset):
+    """Items as dicts under names the contract does not guess (``pixels``, ``digit``)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixels": self.images[i], "digit": self.labels[i]}
+
+
+class DictShifts(L.LightningDataModule):
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.sets = {name: DictItems(torch.randn(40, 1, 4, 4, generator=generator), torch.randint(3, (40,)))
+                     for name in ("mild", "strong")}
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader(self.sets["mild"], batch_size=16)
+
+    def shifted_test_datasets(self) -> dict:
+        return self.sets
+
+
+class LinearNet(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+
+def test_dict_items_are_read_under_the_given_item_keys():
+    """A DataModule whose items are dicts under ``pixels``/``digit``: with ``item_keys`` the sweep logs each set's
+    accuracy computed here; without it the callback refuses the items naming ``item_keys``. Catches a ShiftSweep that
+    drops ``item_keys`` before the contract's item format."""
+    torch.manual_seed(0)
+    model, datamodule = LinearNet(), DictShifts()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[ShiftSweep(item_keys=("pixels", "digit"), batch_size=7)])
+    logged = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    with torch.no_grad():
+        for name, items in datamodule.sets.items():
+            accuracy = (model(items.images).argmax(-1) == items.labels).float().mean().item()
+            assert logged[f"shift/{name}/acc"] == pytest.approx(accuracy, abs=1e-6), name
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[ShiftSweep()])
+    with pytest.raises(KeyError, match="item_keys"):
+        trainer.test(model, datamodule=datamodule, verbose=False)
+
+
+def test_a_datamodule_without_a_sweep_is_refused_at_test_setup_naming_the_wrapper():
+    """Testing without ``shifted_test_datasets()`` is refused before any batch, naming the DataModule and the fix;
+    fitting with it is not."""
+    trainer = SimpleNamespace(datamodule=DigitsDataModule(source="sklearn8x8"))
+    ShiftSweep().setup(trainer, None, "fit")
+    with pytest.raises(RuntimeError, match=r"got DigitsDataModule: wrap the data in lit_robust\.datamodules\."
+                                           r"ShiftedDataModule\(base, sweep=\[\.\.\.\]\) or add that method"):
+        ShiftSweep().setup(trainer, None, "test")

@@ -153,3 +153,53 @@ def test_ddp_cpu_end_to_end(tmp_path):
     removal[:removed] = True  # only the counts matter for the unstratified bound
     assert_beats_random_removal(metrics, removal, is_poison)
     assert "test/acc" in metrics and "poison/asr_x1" in metrics
+
+
+def test_baseline_filters_hand_their_settings_and_seed_to_the_functional_core(monkeypatch):
+    """Each baseline's ``select`` calls its functions of ``lit_robust.functional.backdoor_filters`` with the filter's
+    own settings, a generator seeded with its seed and the features the feature learner returned, and returns their
+    keep mask; the defaults are App. B's (ε = 10 %) and ART's. Catches a setting dropped (the function's default used
+    instead), swapped, or a seed other than the filter's."""
+    from lit_robust.callbacks import baseline_filters
+
+    calls = {}
+    features, keep = torch.randn(6, 3), torch.tensor([True, False, True, True, False, True])
+
+    def record(name, result):
+        def function(*args, **kwargs):
+            kwargs = {k: v.initial_seed() if isinstance(v, torch.Generator) else v for k, v in kwargs.items()}
+            calls[name] = (args, kwargs)
+            return result
+        return function
+
+    for name, result in (("poisoned_model_features", features), ("spectral_signature_scores", torch.arange(6.0)),
+                         ("keep_below_top_fraction", keep), ("activation_clustering_keep", keep),
+                         ("trimmed_loss_keep", keep)):
+        monkeypatch.setattr(baseline_filters, name, record(name, result))
+    inputs, labels = torch.rand(6, 64), torch.tensor([0, 0, 1, 1, 2, 2])
+
+    assert SpectralSignatureFilter(removal_fraction=0.3, feature_epochs=4, hidden=16, seed=5).select(
+        inputs, labels, 3, None) is keep
+    assert calls["poisoned_model_features"] == ((inputs, labels, 3, 4, 16), {"generator": 5})
+    assert calls["spectral_signature_scores"][0] == (features, labels)
+    scores, fraction = calls["keep_below_top_fraction"][0][0], calls["keep_below_top_fraction"][0][2]
+    assert torch.equal(scores, torch.arange(6.0)) and fraction == 0.3
+    assert ActivationClusteringFilter(dims=4, size_threshold=0.25, feature_epochs=3, hidden=8, seed=2).select(
+        inputs, labels, 3, None) is keep
+    assert calls["poisoned_model_features"] == ((inputs, labels, 3, 3, 8), {"generator": 2})
+    assert calls["activation_clustering_keep"] == ((features, labels, 4, 0.25, 2), {})
+    assert TrimmedLossFilter(keep_fraction=0.8, rounds=2, first_epochs=6, epochs=1, hidden=12, seed=3).select(
+        inputs, labels, 3, None) is keep
+    assert calls["trimmed_loss_keep"] == ((inputs, labels, 3, 0.8, 2, 6, 1, 12), {"generator": 3})
+
+    spectral, clustering, trimmed = SpectralSignatureFilter(), ActivationClusteringFilter(), TrimmedLossFilter()
+    assert (spectral.removal_fraction, spectral.feature_epochs, spectral.hidden, spectral.seed) == (0.2, 10, 256, 0)
+    assert (clustering.dims, clustering.size_threshold, clustering.feature_epochs, clustering.hidden) == (10, 0.35, 10,
+                                                                                                          256)
+    assert (trimmed.keep_fraction, trimmed.rounds, trimmed.first_epochs, trimmed.epochs, trimmed.hidden) == (
+        0.96, 3, 10, 5, 256)
+    assert spectral.cache_dir is clustering.cache_dir is trimmed.cache_dir is None
+    assert spectral.seed == clustering.seed == trimmed.seed == 0
+    for cls in (SpectralSignatureFilter, ActivationClusteringFilter, TrimmedLossFilter):
+        configured = cls(cache_dir="masks", item_keys=("pixels", "digit"))  # handed on to TrainingSetFilter
+        assert configured.cache_dir == "masks" and configured.item_format.item_keys == ("pixels", "digit"), cls
