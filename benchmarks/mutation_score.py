@@ -32,8 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from records import ROOT, TableRecord, git_state, machine, utc_now  # noqa: E402
+from records import ROOT, TableRecord, git_state, machine, utc_now
 
 # module (repository path without .py) → the fast tests that exercise it (pytest files or node ids, seconds each).
 MODULES = {
@@ -261,6 +260,14 @@ def merged_rows(previous: list[Path], rows: list[dict]) -> tuple[list[dict], dic
     return [by_name[name] for name in order], configs, runs
 
 
+def measured_paths(modules) -> list[str]:
+    """What the scores depend on: each measured module's file and the test files that score it."""
+    paths = []
+    for module in modules:
+        paths += [f"{module}.py", *(test.split("::")[0] for test in MODULES.get(module, []))]
+    return sorted(set(paths))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modules", nargs="*", choices=list(MODULES), default=list(MODULES), metavar="MODULE",
@@ -276,7 +283,6 @@ def main() -> None:
         if not path.is_file():
             parser.error(f"--merge {path} is not a file; pass earlier <out>/mutation_score.json files or leave it out")
 
-    record = TableRecord("mutation_score", title="Mutation score per module (mutmut 3)")
     scratch = Path(tempfile.mkdtemp(prefix="lit-robust-mutation-"))
     rows, runs = [], {}
     try:
@@ -294,6 +300,8 @@ def main() -> None:
         else:
             shutil.rmtree(scratch, ignore_errors=True)
     rows, configs, old_runs = merged_rows(args.merge, rows)
+    record = TableRecord("mutation_score", depends_on=measured_paths(row["name"] for row in rows),
+                         title="Mutation score per module (mutmut 3)")
     record.configs = {**configs, **{m: {"tests": MODULES[m], "max_children": args.max_children} for m in runs}}
     record.runs = {**old_runs, **runs}
     import mutmut
