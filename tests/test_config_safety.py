@@ -206,8 +206,9 @@ def test_every_shipped_experiment_is_inside_the_domains(tmp_path):
     """No false refusal: every experiment as shipped, and shrunk by ``smoke=true``, passes the domain checks."""
     for experiment in shipped_experiments():
         cfg = runner.compose_experiment(experiment, [], tmp_path)
-        if "weights_path" in cfg.model:  # a ${required:...} in some: any path will do here
-            cfg.model.weights_path = "/models/w.pt"
+        for key in ("weights_path", "classifier_path"):  # a ${required:...} in some: any path will do here
+            if key in cfg.model:
+                cfg.model[key] = "/models/w.pt"
         runner.check_domains(cfg)
         runner.shrink_for_smoke(cfg)
         runner.check_domains(cfg)
