@@ -76,7 +76,7 @@ class AdversarialEvaluation(SplitEvaluation):
     def _results(self, trainer, pl_module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split in order (:func:`shard_map`): (targets, correct (n, columns) bool)."""
         device = trainer.strategy.root_device
-        logits_fn = lambda unit: pl_module(self.pixel_space.from_unit(unit))  # noqa: E731
+        logits_fn = self.pixel_space.on_unit(pl_module)
 
         def compute(rows, images, labels):
             x, y = self.pixel_space.to_unit(images.to(device)), labels.to(device)

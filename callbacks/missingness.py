@@ -101,7 +101,7 @@ class MissingnessReport(SplitEvaluation):
 
     def _models(self, pl_module: L.LightningModule) -> tuple[dict, Callable, Callable]:
         """The masked forward of each mode on [0, 1] images, the saliency model and the model on [0, 1] images."""
-        unit_model = lambda unit: pl_module(self.pixel_space.from_unit(unit))  # noqa: E731
+        unit_model = self.pixel_space.on_unit(pl_module)
         logits = {}
         for mode in self.modes:
             if mode == "blackout":
@@ -109,8 +109,7 @@ class MissingnessReport(SplitEvaluation):
             else:
                 own = ((lambda x: (x - pl_module.mean) / pl_module.std) if hasattr(pl_module, "mean") else
                        (lambda x: x))
-                logits[mode] = dropped_token_logits(module_vit(pl_module),
-                                                    lambda unit: own(self.pixel_space.from_unit(unit)))
+                logits[mode] = dropped_token_logits(module_vit(pl_module), self.pixel_space.on_unit(own))
         if self.saliency_checkpoint is None:
             return logits, unit_model, unit_model
         from lit_robust.models.classifier import ImageClassifier

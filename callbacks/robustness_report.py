@@ -132,10 +132,6 @@ class RobustnessReport(RankZeroReport):
                             "baselines={}")
         return self.item_format.stack(dataset)
 
-    def in_loader_space(self, predict: Predictor) -> Predictor:
-        """``predict`` (a model of the loader's images) as a predictor of [0, 1] images."""
-        return lambda unit: predict(self.pixel_space.from_unit(unit))
-
     @override
     def run_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         images, labels = self.item_format.stack(evaluated_split(trainer, "test", self.split, type(self).__name__))
@@ -202,7 +198,7 @@ class ShiftRobustnessReport(RobustnessReport):
         train_x, train_y = train
         n_ft = int(self.ft_fraction * len(images))
         ft_pool, eval_x, eval_y = images[:n_ft], images[n_ft:][:self.eval_size], labels[n_ft:][:self.eval_size]
-        predictors = {name: self.in_loader_space(b) for name, b in (baselines | {self.model_name: model}).items()}
+        predictors = {name: self.pixel_space.on_unit(b) for name, b in (baselines | {self.model_name: model}).items()}
         metrics, curves = {}, {}
         for direction in self.directions:
             lines = {name: {} for name in [*predictors, f"{self.model_name}_ft"]}
@@ -216,8 +212,8 @@ class ShiftRobustnessReport(RobustnessReport):
             for group in groups:
                 chunks = ft_pool.chunk(len(group))
                 x_ft = torch.cat([shifted(chunk, direction, s) for chunk, s in zip(chunks, group)])
-                tuned = self.in_loader_space(model.fine_tuned_copy(self.pixel_space.from_unit(x_ft.to(model.device)),
-                                                                   train_x, train_y))
+                x_ft = self.pixel_space.from_unit(x_ft.to(model.device))
+                tuned = self.pixel_space.on_unit(model.fine_tuned_copy(x_ft, train_x, train_y))
                 for s in group:
                     x = shifted(eval_x, direction, s).to(model.device)
                     lines[f"{self.model_name}_ft"][s] = accuracy(tuned, x, eval_y, self.batch_size)
@@ -281,10 +277,10 @@ class AdversarialRobustnessReport(RobustnessReport):
         ft_x = images[self.eval_size:self.eval_size + self.ft_size].to(model.device)
         ft_y = labels[self.eval_size:self.eval_size + self.ft_size].to(model.device)
         train = train if self.ft_size else None
-        predictors = {name: self.in_loader_space(b) for name, b in (baselines | {self.model_name: model}).items()}
+        predictors = {name: self.pixel_space.on_unit(b) for name, b in (baselines | {self.model_name: model}).items()}
         losses = {name: (lambda b: lambda x, y: F.cross_entropy(b(x), y, reduction="none"))(predictors[name])
                   for name in baselines}
-        log_probs = self.in_loader_space(lambda x: model.predict_log_probs(x, self.attack_samples))
+        log_probs = self.pixel_space.on_unit(lambda x: model.predict_log_probs(x, self.attack_samples))
         losses[self.model_name] = lambda x, y: F.nll_loss(log_probs(x), y, reduction="none")
         metrics, curves = {}, {a: {name: {} for name in predictors} for a in self.attacks}
         for name, predict in predictors.items():
@@ -297,7 +293,7 @@ class AdversarialRobustnessReport(RobustnessReport):
                     metrics[f"adv/{attack}_eps{eps:g}/{name}"] = curves[attack][name][eps]
                     if name == self.model_name and self.ft_size:
                         attacked_ft = self.pixel_space.from_unit(self._attacked(attack, losses[name], ft_x, ft_y, eps))
-                        tuned = self.in_loader_space(model.fine_tuned_copy(attacked_ft, *train))
+                        tuned = self.pixel_space.on_unit(model.fine_tuned_copy(attacked_ft, *train))
                         tuned_acc = accuracy(tuned, adv, y_all, self.batch_size)
                         curves[attack].setdefault(f"{name}_ft", {0.0: clean})[eps] = tuned_acc
                         metrics[f"adv/{attack}_eps{eps:g}/{name}_ft"] = tuned_acc

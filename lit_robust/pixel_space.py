@@ -1,6 +1,8 @@
 """The pixel space a loader yields and the way back to [0, 1], where every defence and generative model works."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -42,6 +44,10 @@ class PixelSpace:
         if self.mean is not None:
             return (images - self.mean.to(images.device)) / self.std.to(images.device)
         return self.from_unit_fn(images) if self.from_unit_fn is not None else images
+
+    def on_unit(self, function: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``function`` of the loader's images (a model, a normaliser) as a function of [0, 1] images."""
+        return lambda unit: function(self.from_unit(unit))
 
     def check_unit(self, images: torch.Tensor, tolerance: float = 1e-3) -> None:
         if not torch.isfinite(images).all():
