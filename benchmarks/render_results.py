@@ -4,7 +4,8 @@ Every block between ``<!-- table:<name> begin -->`` and ``<!-- table:<name> end 
 table of ``<records>/<name>.json`` and a provenance line under it (command, commit, machine, time, config hash), so
 the numbers in the text are the numbers in the record. A cell whose format names a value the row lacks shows "–".
 A number inside a sentence (here or in README.md) is rendered the same way from one row of a record:
-``<!-- value:flagship_seeds/PureEBM/asr_x1_mean|.1f -->0.1<!-- /value -->``.
+``<!-- value:flagship_seeds/PureEBM/asr_x1_mean|.1f -->0.1<!-- /value -->``; a ratio of two numbers of one record
+as ``<!-- value:cshtest_pendulum/lossy/loss÷truth/loss|.1f -->7.0<!-- /value -->``.
 
 Reported on stderr (exit status 1 with ``--strict``), each line naming the record or document and why:
 
@@ -29,8 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- table:(?P<name>[\w.-]+) begin -->\n)(?P<body>.*?)(<!-- table:(?P=name) end -->)", re.S)
-# One number in a sentence: <!-- value:RECORD/ROW/KEY|FORMAT -->12.3<!-- /value --> (ROW: the row's "name", or its index)
-VALUE = re.compile(r"(<!-- value:(?P<name>[\w.-]+)/(?P<row>[^/]+)/(?P<key>\w+)\|(?P<fmt>[^>]*?) -->)(?P<body>.*?)"
+# One number in a sentence: <!-- value:RECORD/ROW/KEY|FORMAT -->12.3<!-- /value --> (ROW: the row's "name", or its index),
+# or the ratio of two numbers of the record: <!-- value:RECORD/ROW/KEY÷ROW2/KEY2|FORMAT -->
+VALUE = re.compile(r"(<!-- value:(?P<name>[\w.-]+)/(?P<row>[^/÷]+)/(?P<key>\w+)(?:÷(?P<row2>[^/]+)/(?P<key2>\w+))?"
+                   r"\|(?P<fmt>[^>]*?) -->)(?P<body>.*?)"
                    r"(?P<close><!-- /value -->)", re.S)
 
 
@@ -97,14 +100,21 @@ def render_results(text: str, records: Path) -> tuple[str, list[str]]:
             return match.group(0)
         return match.group(1) + render_table(json.loads(path.read_text())) + match.group(4)
 
+    def number(rows: list[dict], name: str, key: str) -> float | None:
+        row = next((r for i, r in enumerate(rows) if r.get("name") == name or str(i) == name), None)
+        return None if row is None else row.get(key)
+
     def replace_value(match: re.Match) -> str:
         path = records / f"{match['name']}.json"
         rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-        row = next((r for i, r in enumerate(rows) if r.get("name") == match["row"] or str(i) == match["row"]), None)
-        if row is None or match["key"] not in row:
-            stale.append(f"{match['name']}/{match['row']}/{match['key']}")
+        value = number(rows, match["row"], match["key"])
+        if match["row2"] is not None and value is not None:
+            denominator = number(rows, match["row2"], match["key2"])
+            value = None if not denominator else value / denominator
+        if value is None:
+            stale.append(match.group(1)[len("<!-- value:"):-len(" -->")].split("|")[0])
             return match.group(0)
-        return match.group(1) + format(row[match["key"]], match["fmt"]) + match["close"]
+        return match.group(1) + format(value, match["fmt"]) + match["close"]
 
     return VALUE.sub(replace_value, BLOCK.sub(replace, text)), stale
 

@@ -97,6 +97,14 @@ def test_a_value_in_a_sentence_is_rendered_from_its_row(tmp_path):
     assert render.render_results(text, tmp_path)[0] == text
 
 
+def test_a_ratio_in_a_sentence_divides_two_numbers_of_one_record(tmp_path):
+    write_toy(tmp_path, c_acc=48.52)
+    sentence = "<!-- value:toy/1/c_acc÷0/c_acc|.2f -->?<!-- /value -->× and <!-- value:toy/1/c_acc÷1/asr_mean|.1f -->?<!-- /value -->"
+    text, stale = render.render_results(sentence, tmp_path)
+    assert text.startswith("<!-- value:toy/1/c_acc÷0/c_acc|.2f -->2.00<!-- /value -->×")  # 97.04 / 48.52
+    assert stale == ["toy/1/c_acc÷1/asr_mean"]  # the denominator is missing: left as it is, reported
+
+
 def test_a_record_refuses_missing_dependencies_and_a_mean_without_its_seeds(tmp_path):
     with pytest.raises(ValueError, match="depends_on is empty"):
         records.TableRecord("toy", depends_on=[], argv=["x.py"])
