@@ -12,7 +12,8 @@ Reported on stderr (exit status 1 with ``--strict``), each line naming the recor
 - a block or value whose record (or row, or key) is missing: left as it is;
 - a stale record: its commit is not a descendant of the last commit that changed one of its ``depends_on`` paths, it
   names no commit or no ``depends_on``, it was written with uncommitted changes to one of those paths, or it lacks the
-  provenance every record carries (CPU model, data cache state, per-seed values beside a mean);
+  provenance every record carries (CPU model, data cache state, per-seed values beside a mean), or it reused a run
+  trained before such a change (or at a commit it does not name);
 - a record that no block or value span renders;
 - a hand-written number: a markdown table row with a digit outside a rendered block in ``docs/*.md``, or a percentage
   or time in README.md outside a block or value span.
@@ -202,8 +203,28 @@ def staleness(record: dict, history: GitHistory) -> list[str]:
     newer = [f"{path} (in {last[:10]})" for path, last in last_changes.items()
              if last and not history.descends(commit, last)]
     reasons += [f"changed after its commit {commit[:10]}: {', '.join(newer)}"] if newer else []
+    reasons += [f"its run {name} {why}" for name, why in stale_runs(record, last_changes, history)]
     lacking = missing_provenance(record)
     return reasons + ([f"lacks {'; '.join(lacking)}"] if lacking else [])
+
+
+def stale_runs(record: dict, last_changes: dict[str, str], history: GitHistory) -> list[tuple[str, str]]:
+    """Runs a record reused from an earlier invocation that no longer measure its dependencies: trained at a commit
+    older than a dependency's last change, or at an unknown commit."""
+    stale = []
+    for name, run in (record.get("runs") or {}).items():
+        commit = (run.get("git") or {}).get("commit")
+        if not commit:
+            if run.get("reused"):
+                stale.append((name, "was reused without the commit it was trained at"))
+            continue
+        if not history.has_commit(commit):
+            stale.append((name, f"was trained at {commit[:10]}, not in this repository's history"))
+            continue
+        newer = [path for path, last in last_changes.items() if last and not history.descends(commit, last)]
+        if newer:
+            stale.append((name, f"was trained at {commit[:10]}, before {', '.join(newer)} changed"))
+    return stale
 
 
 def stale_records(names: set[str], records: Path, history: GitHistory) -> list[str]:

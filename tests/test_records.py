@@ -170,6 +170,19 @@ def test_a_record_is_stale_once_a_dependency_changes_after_its_commit(repo):
     assert render.staleness(stale_record(changed), history) == []  # rewritten after the change: current
 
 
+def test_a_record_reusing_runs_from_before_a_change_is_stale(repo):
+    trained = commit_files(repo, **{"model.py": "a", "run.py": "b"})
+    changed = commit_files(repo, **{"model.py": "a2"})
+    history = render.GitHistory(repo)
+    record = stale_record(changed)
+    record["runs"] = {"fresh": {"git": {"commit": changed}}, "old": {"git": {"commit": trained}, "reused": True}}
+    assert render.staleness(record, history) == [f"its run old was trained at {trained[:10]}, before model.py changed"]
+    record["runs"]["old"] = {"reused": True}  # reused, no commit: its age is unknown
+    assert render.staleness(record, history) == ["its run old was reused without the commit it was trained at"]
+    record["runs"]["old"] = {"git": {"commit": changed}, "reused": True}
+    assert render.staleness(record, history) == []
+
+
 def test_no_commit_uncommitted_edits_unknown_paths_and_missing_provenance_are_stale(repo):
     written = commit_files(repo, **{"model.py": "a", "run.py": "b"})
     history = render.GitHistory(repo)
