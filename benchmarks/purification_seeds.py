@@ -41,7 +41,10 @@ DEPENDS_ON = ["lit_robust/models/ebm.py",
               "callbacks/purification.py",
               "callbacks/poison_metrics.py",
               "datamodules/poisoned.py",
-              "lit_robust/poisons",
+              # the modules that craft Narcissus; the package's __init__ only registers attack names
+              "lit_robust/poisons/narcissus.py",
+              "lit_robust/poisons/crafted.py",
+              "lit_robust/poisons/surrogate.py",
               "lit_robust/models/classifier.py",
               "lit_robust/weights/ebm_digits.pt",
               "conf/data/poisoned_digits.yaml"]
