@@ -22,6 +22,19 @@ from lit_robust.datasets import stack_dataset
 from lit_robust.functional.transfer_influence import classes_never_varied, random_class_subsets
 
 
+def subset_masks(subsets: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
+    """(len(subsets), num_classes) bool from lists of class indices; an empty subset or a class outside
+    0..num_classes − 1 is refused, naming it."""
+    bad = [c for subset in subsets for c in subset if not 0 <= c < num_classes]
+    if bad or any(len(subset) == 0 for subset in subsets):
+        raise ValueError(f"data.subsets={[list(s) for s in subsets]}: give each subset at least one class index "
+                         f"in 0..{num_classes - 1}" + (f" ({bad} are not)" if bad else ""))
+    masks = torch.zeros(len(subsets), num_classes, dtype=torch.bool)
+    for row, subset in zip(masks, subsets):
+        row[list(subset)] = True
+    return masks
+
+
 class ClassSubsetsDataset(Dataset):
     """Item j: ``(images (M, C, H, W), labels (M,))``, model m's j-th example among the images of its classes (in a
     fixed random order; models with fewer examples than the longest wrap round). A shuffled loader thus shows each
@@ -77,14 +90,7 @@ class ClassSubsetsDataModule(WrappedDataModule):
         if len(subsets) != num_subsets:
             raise ValueError(f"data.subsets lists {len(subsets)} subsets but data.num_subsets={num_subsets}: set "
                              f"data.num_subsets={len(subsets)}")
-        bad = [c for subset in subsets for c in subset if not 0 <= c < classes]
-        if bad or any(len(subset) == 0 for subset in subsets):
-            raise ValueError(f"data.subsets={[list(s) for s in subsets]}: give each subset at least one class index "
-                             f"in 0..{classes - 1}" + (f" ({bad} are not)" if bad else ""))
-        masks = torch.zeros(len(subsets), classes, dtype=torch.bool)
-        for row, subset in zip(masks, subsets):
-            row[list(subset)] = True
-        return masks
+        return subset_masks(subsets, classes)
 
     @property
     def source_dataset(self) -> str:

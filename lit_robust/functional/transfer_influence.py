@@ -90,10 +90,14 @@ def fit_linear_probes(features: torch.Tensor, labels: torch.Tensor, num_classes:
     on each model's features (M, N, D) of the target training images, fitted to its optimum with L-BFGS. The problem
     is convex and separable across models, so each probe is that of its extractor alone, with no noise of its own to
     blur the influences. Returns weights (M, D, C) and biases (M, C) for ``features @ weight + bias``."""
-    features = features.detach()
-    weight = torch.zeros(features.shape[0], features.shape[2], num_classes, device=features.device, requires_grad=True)
-    bias = torch.zeros(features.shape[0], 1, num_classes, device=features.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+    dtype = features.dtype
+    features = features.detach().double()  # in float32 the summed loss hides the small changes of well-fitted probes
+    weight = torch.zeros(features.shape[0], features.shape[2], num_classes, dtype=features.dtype,
+                         device=features.device, requires_grad=True)
+    bias = torch.zeros(features.shape[0], 1, num_classes, dtype=features.dtype, device=features.device,
+                       requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
@@ -105,4 +109,4 @@ def fit_linear_probes(features: torch.Tensor, labels: torch.Tensor, num_classes:
 
     with torch.enable_grad():
         optimizer.step(closure)
-    return weight.detach(), bias.detach().squeeze(1)
+    return weight.detach().to(dtype), bias.detach().squeeze(1).to(dtype)
