@@ -150,3 +150,43 @@ def test_explicit_subsets_must_match_num_subsets_and_name_real_classes():
         ClassSubsetsDataModule(PatternDigits(), PatternDigits(), num_subsets=2, subsets=[[0, 7], [2]])
     with pytest.raises(ValueError, match="raise data.num_subsets"):
         ClassSubsetsDataModule(PatternDigits(), PatternDigits(), num_subsets=1, subset_size=2)
+
+
+def test_table_script_removes_each_seeds_most_harmful_classes_and_writes_both_records(tmp_path, monkeypatch):
+    """The benchmark at toy size, its runs in this process (``runner.run_experiment`` in place of a ``train.py``
+    subprocess): per seed an influence run and a removal run whose second source lacks exactly the classes of most
+    negative influence, and the two records with per-seed values."""
+    import json
+    import sys
+
+    import transfer_influence_table as table
+
+    from lit_robust.run import runner
+
+    def in_process(run_dir, overrides, done_key="test/acc"):
+        experiment = overrides[0].split("=", 1)[1]
+        return runner.run_experiment(experiment, overrides[1:], run_dir), {"reused": False}
+
+    monkeypatch.setattr(table, "train_run", in_process)
+    toy = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+           "data.base.num_images=100", "data.target.num_images=200", "model.backbone_kwargs={widths:[4,8]}",
+           "callbacks.rich_progress_bar=null"]
+    monkeypatch.setattr(sys, "argv", ["transfer_influence_table.py", "--out", str(tmp_path), "--seeds", "0", "1",
+                                      "--models", "10", "--remove", "2", "--random-draws", "2", *toy])
+    table.main()
+    removal = json.loads((tmp_path / "transfer_influence_removal.json").read_text())
+    assert [row["name"] for row in removal["rows"]] == ["all ten", "all but the 2 most harmful",
+                                                       "all but 2 random (2 draws)"]
+    for seed in (0, 1):
+        influence = torch.load(tmp_path / f"influence_seed{seed}" / "transfer_influence.pt", weights_only=True)
+        run = torch.load(tmp_path / f"removal_seed{seed}" / "transfer_influence.pt", weights_only=True)
+        harmful = most_harmful_classes(influence["influence"], 2)
+        assert influence["included"].shape == (10, 10) and run["included"].shape == (4, 10)
+        assert run["included"][0].all() and sorted(torch.nonzero(~run["included"][1]).flatten().tolist()) == \
+            sorted(harmful.tolist())
+        assert (run["included"][2:].sum(1) == 8).all()
+        assert removal["rows"][1]["acc_per_seed"][seed] == pytest.approx(float(run["target_acc"][1]))
+        assert removal["rows"][2]["acc_per_seed"][seed] == pytest.approx(float(run["target_acc"][2:].mean()))
+    influence_record = json.loads((tmp_path / "transfer_influence_digits.json").read_text())
+    assert [row["name"] for row in influence_record["rows"]] == [str(c) for c in range(10)]
+    assert all(len(row["own_per_seed"]) == 2 for row in influence_record["rows"])
