@@ -190,3 +190,24 @@ def test_table_script_removes_each_seeds_most_harmful_classes_and_writes_both_re
     influence_record = json.loads((tmp_path / "transfer_influence_digits.json").read_text())
     assert [row["name"] for row in influence_record["rows"]] == [str(c) for c in range(10)]
     assert all(len(row["own_per_seed"]) == 2 for row in influence_record["rows"])
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_train_the_ensemble_and_gather_the_single_process_outcomes(tmp_path):
+    """The trainer's strategy runs the many-subset training: two gloo ranks (ddp_spawn) share every model's data and
+    fit the ensemble; their test phase shares the target split, gathers it back in order, and writes the outcomes and
+    influences one process computes from the same weights. Slow: spawning two ranks takes a minute on the shared CPU."""
+    data = ClassSubsetsDataModule(PatternDigits(batch_size=8, seed=1), PatternDigits(per_class=30, seed=2),
+                                  num_subsets=6, subset_size=2, seed=0)
+    model = ClassSubsetEnsemble(num_models=6, num_classes=4, backbone_kwargs={"widths": [4, 8]}, max_shift=0)
+    options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False)
+    ddp = L.Trainer(max_epochs=1, devices=2, strategy="ddp_spawn", default_root_dir=tmp_path / "ddp", **options)
+    ddp.fit(model, datamodule=data)
+    ddp.test(model, datamodule=data, verbose=False)
+    L.Trainer(devices=1, default_root_dir=tmp_path / "single", **options).test(model, datamodule=data, verbose=False)
+    single, gathered = (torch.load(tmp_path / name / "transfer_influence.pt", weights_only=True)
+                        for name in ("single", "ddp"))
+    assert torch.equal(gathered["target_labels"], single["target_labels"])
+    assert torch.allclose(gathered["outcomes"], single["outcomes"], atol=1e-5)
+    assert torch.allclose(gathered["influence"], single["influence"], atol=1e-5)
