@@ -86,7 +86,8 @@ def influence_rows(by_class: list[torch.Tensor]) -> list[dict]:
     rows = []
     for source in range(NUM_CLASSES):
         own = [float(matrix[source, source]) for matrix in by_class]
-        others = [float(torch.cat([matrix[source, :source], matrix[source, source + 1:]]).mean()) for matrix in by_class]
+        others = [float(torch.cat([matrix[source, :source], matrix[source, source + 1:]]).mean())
+                  for matrix in by_class]
         overall = [float(matrix[source].mean()) for matrix in by_class]
         row = {"name": str(source), "most_helped": ", ".join(str(int(m[source].argmax())) for m in by_class)}
         for key, values in (("own", own), ("others", others), ("overall", overall)):

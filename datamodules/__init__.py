@@ -12,6 +12,7 @@ from lit_robust.datamodules.tabular import (ExamSEMDataModule, PendulumTableData
 from lit_robust.datamodules.torchvision_sets import TorchvisionDataModule
 from lit_robust.datasets import TensorImageDataset, stack_dataset
 
-__all__ = ["ClassSubsetsDataModule", "ClassSubsetsDataset", "DigitsDataModule", "ExamSEMDataModule", "ImageDataModule", "OODPairDataModule", "PendulumDataModule",
+__all__ = ["ClassSubsetsDataModule", "ClassSubsetsDataset", "DigitsDataModule",
+           "ExamSEMDataModule", "ImageDataModule", "OODPairDataModule", "PendulumDataModule",
            "PendulumTableDataModule", "PoisonedDataModule", "RandomDAGDataModule", "ShiftedDataModule",
            "TabularDataModule", "TensorImageDataset", "TorchvisionDataModule", "stack_dataset"]

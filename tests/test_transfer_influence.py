@@ -59,7 +59,8 @@ def test_outcomes_are_the_true_class_probability_correctness_and_margin():
     logits = torch.tensor([[[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]]])  # one model, two examples
     labels = torch.tensor([0, 2])
     probability = logits.softmax(-1)
-    assert torch.allclose(transfer_outcome(logits, labels), torch.stack([probability[0, 0, 0], probability[0, 1, 2]])[None])
+    true_class = torch.stack([probability[0, 0, 0], probability[0, 1, 2]])[None]
+    assert torch.allclose(transfer_outcome(logits, labels), true_class)
     assert transfer_outcome(logits, labels, "correct").tolist() == [[1.0, 0.0]]
     assert transfer_outcome(logits, labels, "margin").tolist() == [[1.0, -2.0]]
 

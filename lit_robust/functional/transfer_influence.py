@@ -33,8 +33,8 @@ def classes_never_varied(included: torch.Tensor) -> list[int]:
 
 
 def transfer_influence(included: torch.Tensor, outcomes: torch.Tensor) -> torch.Tensor:
-    """Infl[C_k → t] = E[f(t; S) | C_k ⊂ S] − E[f(t; S) | C_k ⊄ S] (Eq. 8.1), the means taken over the models whose
-    source held class k and over those whose source did not (Algorithm 1, line 7). Returns (K, T); positive: the
+    """Infl[C_k → t] = E[f(t; S) | C_k ⊂ S] − E[f(t; S) | C_k ⊄ S] (Eq. 8.1), the means taken over the models
+    whose source held class k and over those whose source did not (Algorithm 1, line 7). Returns (K, T); positive: the
     class helps the transferred model on t."""
     if included.dim() != 2 or outcomes.dim() != 2 or included.shape[0] != outcomes.shape[0]:
         raise ValueError(f"included {tuple(included.shape)} and outcomes {tuple(outcomes.shape)}: pass (models, "

@@ -3,10 +3,10 @@
 
 One process trains all M small source networks at every step, each on its own classes (the datamodule's
 ``ClassSubsetsDataModule`` stacks one example per model), so a run is one Lightning fit whatever M: under DDP the
-trainer shares every model's data across the ranks and averages the gradients, as for any model, and the result is
-that of one process with the global batch. At test time each frozen extractor gets a linear probe fitted on the
-target's training images (fixed-feature transfer), the probes are scored on the target's test images, and the
-influence of every source class on every target example is computed from the (model × example) outcomes.
+trainer shares every model's data across the ranks and averages the gradients, as for any data-parallel model. At
+test time each frozen extractor gets a linear probe fitted on the target's training images (fixed-feature
+transfer), the probes are scored on the target's test images, and the influence of every source class on every
+target example is computed from the (model × example) outcomes.
 """
 from __future__ import annotations
 
@@ -179,8 +179,8 @@ class ClassSubsetEnsemble(L.LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         epochs = max(int(self.trainer.max_epochs or 1), 1)
-        return {"optimizer": optimizer,
-                "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=self.hparams.lr * 1e-3)}
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=self.hparams.lr * 1e-3)
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
 
 def influence_summary(by_class: torch.Tensor) -> dict[str, float]:
