@@ -74,7 +74,6 @@ class ClassSubsetsDataModule(WrappedDataModule):
                             f"lit_robust.datamodules.DigitsDataModule); got {type(target).__name__}")
         self.target, self.target_num_classes = target, target.num_classes
         self.subset_masks = self._masks(num_subsets, subset_size, subsets)
-        self.random_subsets = subsets is None
         self.target_train_dataset: Dataset | None = None
 
     def _masks(self, num_subsets: int, subset_size: int, subsets: Sequence[Sequence[int]] | None) -> torch.Tensor:

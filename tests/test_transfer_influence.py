@@ -153,6 +153,16 @@ def test_explicit_subsets_must_match_num_subsets_and_name_real_classes():
         ClassSubsetsDataModule(PatternDigits(), PatternDigits(), num_subsets=1, subset_size=2)
 
 
+def test_a_model_count_other_than_the_datas_subsets_stops_the_fit_before_training():
+    data = ClassSubsetsDataModule(PatternDigits(), PatternDigits(), num_subsets=2, subsets=[[0, 1], [2, 3]])
+    model = ClassSubsetEnsemble(num_models=3, num_classes=4, backbone_kwargs={"widths": [4]})
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"model.num_models=3.*set model.num_models=\$\{data.num_subsets\}"):
+        trainer.fit(model, datamodule=data)
+    assert model.global_step == 0
+
+
 def test_table_script_removes_each_seeds_most_harmful_classes_and_writes_both_records(tmp_path, monkeypatch):
     """The benchmark at toy size, its runs in this process (``runner.run_experiment`` in place of a ``train.py``
     subprocess): per seed an influence run and a removal run whose second source lacks exactly the classes of most
