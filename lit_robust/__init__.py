@@ -11,6 +11,7 @@ points checking their arguments — does not pay the seconds Lightning takes to 
 from importlib import import_module
 
 _MODULES = {"AdversarialClassifier": "adversarial", "BayesianVAE": "bayesian_vae", "CausalVAE": "causal_vae",
+            "ClassSubsetEnsemble": "class_subset_ensemble",
             "CSHTest": "cshtest", "CSVHTest": "cshtest", "DDPM": "ddpm", "DeepCAMA": "deep_cama", "EBM": "ebm",
             "ImageClassifier": "classifier", "LAVAE": "lavae", "SCNN": "scnn",
             "SmoothedClassifier": "smoothed_classifier", "SmoothedViT": "smoothed_vit",
