@@ -1,6 +1,7 @@
-"""The victim of Bullseye Polytope's transfer threat models (BP §4; thesis 000 App. D.3.3 "Transfer Linear" and
-"Transfer Fine-Tune"): start from a pretrained feature extractor, re-initialise the linear layer, then train only that
-layer on the (poisoned) data (``mode="linear"``) or fine-tune everything (``mode="finetune"``)."""
+"""Transfer from a pretrained feature extractor: re-initialise the linear layer, then train only that layer
+(``mode="linear"``, fixed-feature transfer) or fine-tune everything (``mode="finetune"``, full-network transfer).
+The victim of Bullseye Polytope's transfer threat models (BP §4; thesis 000 App. D.3.3 "Transfer Linear" and
+"Transfer Fine-Tune"), the robust-feature transfer of Salman 2023 ch. 2 and the bias transfer of its ch. 7."""
 from __future__ import annotations
 
 import torch
@@ -13,9 +14,14 @@ MODES = ("linear", "finetune")
 class TransferClassifier(ImageClassifier):
     """``ImageClassifier`` whose extractor comes from ``weights_path`` or, when that is null, from the datamodule's
     crafting extractor (``PoisonedDataModule.poisons.tensors["extractor_state"]``), so the victim sees the features
-    the poisons were crafted against. In linear mode the extractor is frozen and its BatchNorm statistics fixed."""
+    the poisons were crafted against. In linear mode the extractor's weights are frozen; its BatchNorm statistics are
+    too with ``freeze_bn_stats`` (the default: BP's victim, a fixed extractor in eval mode), or they follow the target
+    data with ``freeze_bn_stats=False`` (Salman 2023 App. G.1.2, note 1: "we do not freeze the batch norm statistics,
+    but only the weights", after Salman et al. 2020). Full fine-tuning always updates them. The optimiser and its
+    ``weight_decay`` (``ImageClassifier``'s ``optimizer``: ``sgd``, ℓ2 added to the gradient as in Eq. G.1, or
+    ``adamw``, decoupled) act on the trained parameters only."""
 
-    def __init__(self, mode: str = "linear", **kwargs):
+    def __init__(self, mode: str = "linear", freeze_bn_stats: bool = True, **kwargs):
         if mode not in MODES:
             raise ValueError(f"model.mode={mode!r}: use one of {MODES}")
         super().__init__(**kwargs)
@@ -44,7 +50,7 @@ class TransferClassifier(ImageClassifier):
                 p.requires_grad_(id(p) in head_params)
 
     def on_train_epoch_start(self) -> None:
-        if self.hparams.mode == "linear":  # a frozen extractor keeps its BatchNorm statistics
+        if self.hparams.mode == "linear" and self.hparams.freeze_bn_stats:
             for module in self.net.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()
