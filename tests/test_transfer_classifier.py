@@ -81,7 +81,7 @@ def test_a_source_models_lightning_checkpoint_gives_its_features(tmp_path):
     torch.manual_seed(1)
     target = TransferClassifier(mode="linear", weights_path=str(tmp_path / "src.ckpt"), **kwargs)
     for key, value in source.net.state_dict().items():
-        assert torch.equal(target.net.state_dict()[key], value), key
+        assert key.startswith("head.") or torch.equal(target.net.state_dict()[key], value), key
     images = torch.rand(4, 1, 28, 28)
     source.eval(), target.eval()
     with torch.no_grad():
@@ -120,3 +120,23 @@ def test_fixed_feature_transfer_freezes_the_weights_and_moves_the_bn_statistics_
     (group,) = trainer.optimizers[0].param_groups
     assert isinstance(trainer.optimizers[0], torch.optim.SGD) and group["weight_decay"] == 0.05
     assert {id(p) for p in group["params"]} == {id(p) for p in model.head().parameters()}
+
+
+def test_a_source_with_another_number_of_classes_gives_its_extractor_and_a_new_head(tmp_path):
+    """Bias transfer's target (the digits mod 5) starts from a 10-class source: every extractor tensor is the
+    source's, the head has 5 outputs and its own initial values. Loading the whole source network strictly fails on
+    the head's shape; ignoring the file leaves other features."""
+    torch.manual_seed(0)
+    source = ImageClassifier(backbone_kwargs={"widths": (4, 8)}, num_classes=10)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
+    torch.manual_seed(1)
+    fresh_head = TransferClassifier(backbone_kwargs={"widths": (4, 8)}, num_classes=5).net.head.state_dict()
+    torch.manual_seed(1)
+    target = TransferClassifier(weights_path=str(tmp_path / "source.ckpt"), backbone_kwargs={"widths": (4, 8)},
+                                num_classes=5)
+    assert target.head_keys() == ["head.1.weight", "head.1.bias"]
+    for key, value in source.net.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(target.net.state_dict()[key], value), key
+    assert all(torch.equal(target.net.head.state_dict()[k], v) for k, v in fresh_head.items())
+    assert target.net.head[1].out_features == 5 and target.hparams.weights_path == str(tmp_path / "source.ckpt")

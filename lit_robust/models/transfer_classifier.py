@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from lit_robust.models.classifier import ImageClassifier
+from lit_robust.models.nets import load_weights
 
 MODES = ("linear", "finetune")
 
@@ -21,15 +22,23 @@ class TransferClassifier(ImageClassifier):
     ``weight_decay`` (``ImageClassifier``'s ``optimizer``: ``sgd``, ℓ2 added to the gradient as in Eq. G.1, or
     ``adamw``, decoupled) act on the trained parameters only."""
 
-    def __init__(self, mode: str = "linear", freeze_bn_stats: bool = True, **kwargs):
+    def __init__(self, mode: str = "linear", freeze_bn_stats: bool = True, weights_path: str | None = None,
+                 **kwargs):
         if mode not in MODES:
             raise ValueError(f"model.mode={mode!r}: use one of {MODES}")
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        if weights_path:  # the extractor only: the source's head may have another number of classes
+            load_weights(self.net, weights_path, keep=self.head_keys())
 
     def head(self) -> torch.nn.Module:
         net = self.net
         return net.get_classifier() if hasattr(net, "get_classifier") else net.head
+
+    def head_keys(self) -> list[str]:
+        """The keys of ``net.state_dict()`` that belong to the head."""
+        name = next(name for name, module in self.net.named_modules() if module is self.head())
+        return [key for key in self.net.state_dict() if key.startswith(f"{name}.")]
 
     def setup(self, stage: str) -> None:
         if stage != "fit":
