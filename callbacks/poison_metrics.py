@@ -1,7 +1,8 @@
 """Log poison success for any classifier trained on a poisoned DataModule (``PoisonedDataModule``): attack success at
-each trigger multiplier (Eq. D.5, triggered attacks; BackdoorBench's ASR), the robust accuracy on the same triggered
-images (BackdoorBench's RA: still given their true label), targeted success (Eq. D.4, GM/BP) and natural accuracy on
-the test split the loop iterates (BackdoorBench's C-Acc). Every rank predicts its batches and logs the
+each trigger multiplier (Eq. D.5, triggered attacks with a target class; BackdoorBench's ASR), the robust accuracy on
+the same triggered images (BackdoorBench's RA: still given their true label), the bias-transfer ASR (Salman 2023,
+Eq. 7.1: correctly classified test images the trigger makes wrong, any class), targeted success (Eq. D.4, GM/BP) and
+natural accuracy on the test split the loop iterates (BackdoorBench's C-Acc). Every rank predicts its batches and logs the
 single-process numbers through ``log_dict`` (every logger, and ``metrics.json`` through ``MetricsFile``)."""
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lit_robust.callbacks.contract import ContractCallback, evaluated_split
-from lit_robust.callbacks.metric_eval import run_metric
+from lit_robust.callbacks.metric_eval import run_bias_asr, run_metric
 from lit_robust.functional.poison_success import AttackSuccessRate, TargetedPoisonSuccess
+from lit_robust.poisons import Poisons, apply_trigger
 
 POISON_VIEWS = ("poisons", "triggered_test_dataset", "target_dataset")  # what the DataModule must provide
 
 
 class PoisonMetrics(ContractCallback):
     """At the end of every test epoch, evaluate the model on the DataModule's triggered/target views and log
-    ``poison/asr_x{k}`` and ``poison/ra_x{k}`` for each multiplier k, ``poison/target_success`` and
+    ``poison/asr_x{k}`` (a trigger with a target class), ``poison/ra_x{k}`` and ``poison/bias_asr_x{k}`` (a
+    ``Poisons`` trigger, applied to the clean test split) for each multiplier k, ``poison/target_success`` and
     ``poison/natural_acc``.
 
     Needs a DataModule with ``poisons``, ``triggered_test_dataset(k)`` and ``target_dataset()``
@@ -50,14 +53,21 @@ class PoisonMetrics(ContractCallback):
         def metric(dataset, build) -> torch.Tensor:
             return run_metric(trainer, pl_module, dataset, build, self.item_format, self.batch_size)
 
-        results = {f"{self.prefix}/natural_acc": metric(
-            evaluated_split(trainer, "test", self.split, "PoisonMetrics"), accuracy)}
+        clean = evaluated_split(trainer, "test", self.split, "PoisonMetrics")
+        results = {f"{self.prefix}/natural_acc": metric(clean, accuracy)}
         if poisons.trigger is not None:
+            # Eq. 7.1 triggers the clean split itself: only a trigger this package stores (PoisonedDataModule)
+            trigger = poisons.to(pl_module.device).trigger if isinstance(poisons, Poisons) else None
             for k in self.multipliers:
                 triggered = datamodule.triggered_test_dataset(k)
-                results[f"{self.prefix}/asr_x{k:g}"] = metric(
-                    triggered, lambda _, **options: AttackSuccessRate(poisons.target_class, **options))
+                if poisons.target_class is not None:
+                    results[f"{self.prefix}/asr_x{k:g}"] = metric(
+                        triggered, lambda _, **options: AttackSuccessRate(poisons.target_class, **options))
                 results[f"{self.prefix}/ra_x{k:g}"] = metric(triggered, accuracy)
+                if trigger is not None:
+                    results[f"{self.prefix}/bias_asr_x{k:g}"] = run_bias_asr(
+                        trainer, pl_module, clean, lambda images, k=k: apply_trigger(images, trigger, k),
+                        self.item_format, self.batch_size)
         if poisons.target_index is not None:
             results[f"{self.prefix}/target_success"] = metric(
                 datamodule.target_dataset(), lambda _, **options: TargetedPoisonSuccess(**options))

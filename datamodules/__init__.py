@@ -6,13 +6,14 @@ from lit_robust.datamodules.digits import DigitsDataModule
 from lit_robust.datamodules.ood import OODPairDataModule
 from lit_robust.datamodules.pendulum import PendulumDataModule
 from lit_robust.datamodules.poisoned import PoisonedDataModule
+from lit_robust.datamodules.relabelled import RelabelledDataModule
 from lit_robust.datamodules.shifted import ShiftedDataModule
 from lit_robust.datamodules.tabular import (ExamSEMDataModule, PendulumTableDataModule, RandomDAGDataModule,
                                            TabularDataModule)
 from lit_robust.datamodules.torchvision_sets import TorchvisionDataModule
 from lit_robust.datasets import TensorImageDataset, stack_dataset
 
-__all__ = ["ClassSubsetsDataModule", "ClassSubsetsDataset", "DigitsDataModule",
-           "ExamSEMDataModule", "ImageDataModule", "OODPairDataModule", "PendulumDataModule",
-           "PendulumTableDataModule", "PoisonedDataModule", "RandomDAGDataModule", "ShiftedDataModule",
-           "TabularDataModule", "TensorImageDataset", "TorchvisionDataModule", "stack_dataset"]
+__all__ = ["ClassSubsetsDataModule", "ClassSubsetsDataset", "DigitsDataModule", "ExamSEMDataModule", "ImageDataModule",
+           "OODPairDataModule", "PendulumDataModule", "PendulumTableDataModule", "PoisonedDataModule",
+           "RandomDAGDataModule", "RelabelledDataModule", "ShiftedDataModule", "TabularDataModule",
+           "TensorImageDataset", "TorchvisionDataModule", "stack_dataset"]

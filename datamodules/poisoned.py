@@ -68,7 +68,7 @@ def _describes(manifest_path: Path, manifest: dict) -> bool:
 
 class PoisonedDataModule(WrappedDataModule):
     """Wrap ``base`` (never edited) and poison its training split with ``attack`` (``badnets``, ``narcissus``,
-    ``gradient_matching``, ``bullseye_polytope``; see ``lit_robust.poisons``).
+    ``gradient_matching``, ``bullseye_polytope``, ``planted``; see ``lit_robust.poisons``).
 
     After ``setup()``:
       - ``train_dataset``: a replaceable ``TensorImageDataset`` of (image, label), the base's train split with the
@@ -191,7 +191,8 @@ class PoisonedDataModule(WrappedDataModule):
         return {"attack": self.attack, "params": _jsonable(self.params), "seed": int(self.seed),
                 "base": type(self.base).__name__, "num_train": int(len(self.poison_mask)),
                 "num_poisons": int(len(p.indices)), "poisoned_indices": p.indices.tolist(),
-                "target_class": int(p.target_class), "source_class": p.source_class,
+                "target_class": None if p.target_class is None else int(p.target_class),
+                "source_class": p.source_class,
                 "target_index": p.target_index, "trigger": trigger, "info": _jsonable(p.info),
                 "cache": str(path), "checksum": path.with_name(path.name + ".sha256").read_text().strip()}
 
@@ -201,13 +202,13 @@ class PoisonedDataModule(WrappedDataModule):
         return self.poisons
 
     def triggered_test_dataset(self, multiplier: float = 1.0) -> TensorImageDataset:
-        """Test images the trigger should flip (non-target classes; the source class only for BadNets), trigger
-        applied ×``multiplier``, labelled with their true class."""
+        """Test images the trigger should flip (non-target classes; the source class only for BadNets; all of them
+        for a trigger of no class), trigger applied ×``multiplier``, labelled with their true class."""
         p = self._require("triggered_test_dataset")
         if p.trigger is None:
             raise ValueError(f"attack {self.attack!r} has no trigger; use target_dataset() for targeted attacks")
         images, labels = self._test
-        keep = labels != p.target_class
+        keep = torch.ones_like(labels, dtype=torch.bool) if p.target_class is None else labels != p.target_class
         if p.source_class is not None:
             keep &= labels == p.source_class
         return TensorImageDataset(apply_trigger(images[keep], p.trigger, multiplier), labels[keep])

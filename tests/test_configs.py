@@ -18,6 +18,7 @@ REQUIRED = {("train", "smoothed_vit_digits_finetune"): "model.weights_path",
             ("train", "smoothed_vit_imagenet"): "model.weights_path",
             ("train", "patchcleanser_imagenet"): "model.weights_path",
             ("train", "robust_transfer_digits"): "model.weights_path",
+            ("train", "bias_transfer_digits"): "model.weights_path",
             ("evaluate", "digits_classifier"): "ckpt_path"}
 
 

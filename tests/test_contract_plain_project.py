@@ -89,6 +89,7 @@ def test_logged_numbers_are_the_direct_ones_and_reach_metrics_json(tmp_path, tra
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert {key: written[key] for key in direct} == pytest.approx(direct, abs=1e-6)
     assert "poison/target_success" not in logged
+    assert "poison/bias_asr_x1" not in logged  # the project's own trigger format: no Eq. 7.1 from it
 
 
 def test_a_project_without_the_views_is_refused_at_setup_naming_them(trained):

@@ -62,7 +62,8 @@ def _model_of(experiment: str, *overrides: str) -> L.LightningModule:
 def weights(tmp_path_factory) -> dict[str, list[str]]:
     """The overrides giving each experiment the weights its config requires, in the format it asks for: an
     ImageNet ViT-S state dict (3 channels, 1000 classes; the smoothed ViT adds its mask channel and a new head), a
-    ``smoothed_vit_digits`` Lightning checkpoint, a ``ddpm_digits`` checkpoint, a ``digits_classifier`` checkpoint."""
+    ``smoothed_vit_digits`` Lightning checkpoint, a ``ddpm_digits`` checkpoint, a ``digits_classifier`` checkpoint, a
+    ``bias_source_digits`` one."""
     root = tmp_path_factory.mktemp("weights")
     vit_s = root / "vit_small_patch16_224.pth"
     torch.save(timm.create_model("vit_small_patch16_224", pretrained=False).state_dict(), vit_s)
@@ -75,11 +76,14 @@ def weights(tmp_path_factory) -> dict[str, list[str]]:
     source = root / "digits_source.ckpt"
     torch.save({"state_dict": ImageClassifier(backbone="small_cnn", backbone_kwargs={"widths": [8, 16, 32]}).state_dict()},
                source)
+    bias_source = root / "bias_source_digits.ckpt"
+    torch.save({"state_dict": _model_of("bias_source_digits").state_dict()}, bias_source)
     classifier = _model_of("digits_classifier")
     classifier_ckpt = root / "digits_classifier.ckpt"
     torch.save({"state_dict": classifier.state_dict(), "hyper_parameters": dict(classifier.hparams),
                 "pytorch-lightning_version": L.__version__}, classifier_ckpt)
     return {"robust_transfer_digits": [f"model.weights_path={source}"],
+            "bias_transfer_digits": [f"model.weights_path={bias_source}"],
             "smoothed_vit_cifar10": [f"model.weights_path={vit_s}"],
             "smoothed_vit_imagenet": [f"model.weights_path={vit_s}"],
             "patchcleanser_imagenet": [f"model.weights_path={vit_s}"],

@@ -1,4 +1,5 @@
 import lightning as L
+import pytest
 import torch
 
 from lit_robust import ImageClassifier, TransferClassifier
@@ -80,8 +81,62 @@ def test_a_source_models_lightning_checkpoint_gives_its_features(tmp_path):
     torch.manual_seed(1)
     target = TransferClassifier(mode="linear", weights_path=str(tmp_path / "src.ckpt"), **kwargs)
     for key, value in source.net.state_dict().items():
-        assert torch.equal(target.net.state_dict()[key], value), key
+        assert key.startswith("head.") or torch.equal(target.net.state_dict()[key], value), key
     images = torch.rand(4, 1, 28, 28)
     source.eval(), target.eval()
     with torch.no_grad():
         assert torch.equal(target.net.forward_features(images), source.net.forward_features(images))
+
+
+@pytest.mark.parametrize("freeze_bn_stats", [True, False])
+def test_fixed_feature_transfer_freezes_the_weights_and_moves_the_bn_statistics_only_when_asked(tmp_path,
+                                                                                                freeze_bn_stats):
+    """Fixed-feature transfer (mode=linear) for 2 SGD steps from a random extractor: the extractor's weights (convs
+    and BatchNorm affines) stay as loaded either way and the head trains. Its BatchNorm running statistics stay too
+    with ``freeze_bn_stats`` (BP's victim), and with ``freeze_bn_stats=False`` (Salman 2023 App. G.1.2) every
+    BatchNorm layer's running mean moves and counts the 2 batches. The SGD optimiser holds the head alone, with the
+    weight decay asked for. Catches the new mode freezing the statistics, the old one updating them, and the weight
+    decay or the frozen parameters not reaching the optimiser as configured."""
+    torch.manual_seed(0)
+    initial = ImageClassifier(backbone_kwargs={"widths": (4, 8)}).net.state_dict()
+    torch.save(initial, tmp_path / "extractor.pt")
+    model = TransferClassifier(mode="linear", freeze_bn_stats=freeze_bn_stats,
+                               weights_path=str(tmp_path / "extractor.pt"), backbone_kwargs={"widths": (4, 8)},
+                               optimizer="sgd", lr=0.1, weight_decay=0.05, scheduler="none")
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=DigitsDataModule(source="sklearn8x8", batch_size=64))
+    state = model.net.state_dict()
+    statistics = [k for k in initial if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    weights = [k for k in initial if not k.startswith("head") and k not in statistics]
+    assert len(statistics) == 12 and all(torch.equal(state[k], initial[k]) for k in weights)
+    assert not torch.equal(state["head.1.weight"], initial["head.1.weight"])
+    if freeze_bn_stats:
+        assert all(torch.equal(state[k], initial[k]) for k in statistics)
+    else:
+        assert all(not torch.equal(state[k], initial[k]) for k in statistics if k.endswith("running_mean"))
+        assert all(int(state[k]) == 2 for k in statistics if k.endswith("num_batches_tracked"))
+    (group,) = trainer.optimizers[0].param_groups
+    assert isinstance(trainer.optimizers[0], torch.optim.SGD) and group["weight_decay"] == 0.05
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.head().parameters()}
+
+
+def test_a_source_with_another_number_of_classes_gives_its_extractor_and_a_new_head(tmp_path):
+    """Bias transfer's target (the digits mod 5) starts from a 10-class source: every extractor tensor is the
+    source's, the head has 5 outputs and its own initial values. Loading the whole source network strictly fails on
+    the head's shape; ignoring the file leaves other features."""
+    torch.manual_seed(0)
+    source = ImageClassifier(backbone_kwargs={"widths": (4, 8)}, num_classes=10)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
+    torch.manual_seed(1)
+    fresh_head = TransferClassifier(backbone_kwargs={"widths": (4, 8)}, num_classes=5).net.head.state_dict()
+    torch.manual_seed(1)
+    target = TransferClassifier(weights_path=str(tmp_path / "source.ckpt"), backbone_kwargs={"widths": (4, 8)},
+                                num_classes=5)
+    assert target.head_keys() == ["head.1.weight", "head.1.bias"]
+    for key, value in source.net.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(target.net.state_dict()[key], value), key
+    assert all(torch.equal(target.net.head.state_dict()[k], v) for k, v in fresh_head.items())
+    assert target.net.head[1].out_features == 5 and target.hparams.weights_path == str(tmp_path / "source.ckpt")

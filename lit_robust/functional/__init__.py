@@ -1,1 +1,1 @@
-"""Pure tensor math of the methods — attacks, Langevin dynamics, ablations and certificates, double masking, OOD scores, LIME, ISPL and weak learners, shifts, poison success — with no Lightning state: each function is unit-tested on tensors."""
+"""Pure tensor math of the methods — attacks, Langevin dynamics, ablations and certificates, double masking, OOD scores, LIME, ISPL and weak learners, shifts, poison success and the bias-transfer ASR — with no Lightning state: each function is unit-tested on tensors."""

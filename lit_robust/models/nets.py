@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import timm
 import torch
 from timm.layers import create_act_layer, get_act_layer
@@ -111,15 +113,16 @@ def create_backbone(name: str, num_classes: int = 10, in_chans: int = 3, **kwarg
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
-def load_weights(model: nn.Module, path: str, strict: bool = True) -> nn.Module:
+def load_weights(model: nn.Module, path: str, strict: bool = True, keep: Sequence[str] = ()) -> nn.Module:
     """Load a state dict (or a Lightning checkpoint's ``state_dict``) from ``path``; the paper's pretrained weights
     enter this way, since nothing is downloaded at run time. A bare network takes the ``net.`` part of a lit_robust
-    module's checkpoint (a source model for transfer)."""
+    module's checkpoint (a source model for transfer). ``keep``: keys of ``model`` that keep their own values (a
+    transfer model's new head, whose class count may differ from the source's)."""
     state = load_plain(path, "weights")
     state = state.get("state_dict", state)
     own = model.state_dict()
     if own and not any(key.startswith("net.") for key in own) and any(key.startswith("net.") for key in state):
         # a lit_robust module's checkpoint (keys under ``net.``) into a bare network: take its network
         state = {key[4:]: value for key, value in state.items() if key.startswith("net.")}
-    model.load_state_dict(state, strict=strict)
+    model.load_state_dict({**state, **{key: own[key] for key in keep}}, strict=strict)
     return model

@@ -1,11 +1,13 @@
-"""The victim of Bullseye Polytope's transfer threat models (BP §4; thesis 000 App. D.3.3 "Transfer Linear" and
-"Transfer Fine-Tune"): start from a pretrained feature extractor, re-initialise the linear layer, then train only that
-layer on the (poisoned) data (``mode="linear"``) or fine-tune everything (``mode="finetune"``)."""
+"""Transfer from a pretrained feature extractor: re-initialise the linear layer, then train only that layer
+(``mode="linear"``, fixed-feature transfer) or fine-tune everything (``mode="finetune"``, full-network transfer).
+The victim of Bullseye Polytope's transfer threat models (BP §4; thesis 000 App. D.3.3 "Transfer Linear" and
+"Transfer Fine-Tune"), the robust-feature transfer of Salman 2023 ch. 2 and the bias transfer of its ch. 7."""
 from __future__ import annotations
 
 import torch
 
 from lit_robust.models.classifier import ImageClassifier
+from lit_robust.models.nets import load_weights
 
 MODES = ("linear", "finetune")
 
@@ -13,17 +15,30 @@ MODES = ("linear", "finetune")
 class TransferClassifier(ImageClassifier):
     """``ImageClassifier`` whose extractor comes from ``weights_path`` or, when that is null, from the datamodule's
     crafting extractor (``PoisonedDataModule.poisons.tensors["extractor_state"]``), so the victim sees the features
-    the poisons were crafted against. In linear mode the extractor is frozen and its BatchNorm statistics fixed."""
+    the poisons were crafted against. In linear mode the extractor's weights are frozen; its BatchNorm statistics are
+    too with ``freeze_bn_stats`` (the default: BP's victim, a fixed extractor in eval mode), or they follow the target
+    data with ``freeze_bn_stats=False`` (Salman 2023 App. G.1.2, note 1: "we do not freeze the batch norm statistics,
+    but only the weights", after Salman et al. 2020). Full fine-tuning always updates them. The optimiser and its
+    ``weight_decay`` (``ImageClassifier``'s ``optimizer``: ``sgd``, ℓ2 added to the gradient as in Eq. G.1, or
+    ``adamw``, decoupled) act on the trained parameters only."""
 
-    def __init__(self, mode: str = "linear", **kwargs):
+    def __init__(self, mode: str = "linear", freeze_bn_stats: bool = True, weights_path: str | None = None,
+                 **kwargs):
         if mode not in MODES:
             raise ValueError(f"model.mode={mode!r}: use one of {MODES}")
         super().__init__(**kwargs)
         self.save_hyperparameters()
+        if weights_path:  # the extractor only: the source's head may have another number of classes
+            load_weights(self.net, weights_path, keep=self.head_keys())
 
     def head(self) -> torch.nn.Module:
         net = self.net
         return net.get_classifier() if hasattr(net, "get_classifier") else net.head
+
+    def head_keys(self) -> list[str]:
+        """The keys of ``net.state_dict()`` that belong to the head."""
+        name = next(name for name, module in self.net.named_modules() if module is self.head())
+        return [key for key in self.net.state_dict() if key.startswith(f"{name}.")]
 
     def setup(self, stage: str) -> None:
         if stage != "fit":
@@ -44,7 +59,7 @@ class TransferClassifier(ImageClassifier):
                 p.requires_grad_(id(p) in head_params)
 
     def on_train_epoch_start(self) -> None:
-        if self.hparams.mode == "linear":  # a frozen extractor keeps its BatchNorm statistics
+        if self.hparams.mode == "linear" and self.hparams.freeze_bn_stats:
             for module in self.net.modules():
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                     module.eval()

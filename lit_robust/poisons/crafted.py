@@ -33,14 +33,15 @@ class Poisons:
     ``indices`` (P,) are unique training indices replaced by ``images`` (P, C, H, W) with ``labels`` (P,).
     Triggered attacks set ``trigger`` = {"kind": "stamp", "mask", "pattern"} or {"kind": "additive", "delta"}, and
     ``source_class`` when only one class is meant to flip (BadNets); targeted attacks set ``target_index`` (a test
-    image) and ``target_class`` (the adversarial class). ``info`` holds JSON-able facts for the manifest (losses,
+    image) and ``target_class`` (the adversarial class). A trigger planted on every class alike (target de-biasing,
+    ``planted``) points at no class: ``target_class`` None. ``info`` holds JSON-able facts for the manifest (losses,
     restarts), ``tensors`` any other tensors worth caching (a surrogate's weights).
     """
 
     indices: torch.Tensor
     images: torch.Tensor
     labels: torch.Tensor
-    target_class: int
+    target_class: int | None
     trigger: dict | None = None
     source_class: int | None = None
     target_index: int | None = None
