@@ -12,9 +12,10 @@ from lit_robust.poisons.crafted import CraftingData, Poisons, additive_trigger, 
 from lit_robust.poisons.narcissus import craft_narcissus
 from lit_robust.poisons.gradient_matching import craft_gradient_matching
 from lit_robust.poisons.bullseye import craft_bullseye_polytope
+from lit_robust.poisons.logo import craft_logo
 
 ATTACKS = {"badnets": craft_badnets, "narcissus": craft_narcissus, "gradient_matching": craft_gradient_matching,
-           "bullseye_polytope": craft_bullseye_polytope}
+           "bullseye_polytope": craft_bullseye_polytope, "logo": craft_logo}
 
 
 def attack_defaults(name: str) -> dict:
@@ -26,4 +27,5 @@ def attack_defaults(name: str) -> dict:
 
 
 __all__ = ["ATTACKS", "attack_defaults", "CraftingData", "Poisons", "apply_trigger", "additive_trigger",
-           "stamp_trigger", "craft_badnets", "craft_narcissus", "craft_gradient_matching", "craft_bullseye_polytope"]
+           "stamp_trigger", "craft_badnets", "craft_narcissus", "craft_gradient_matching", "craft_bullseye_polytope",
+           "craft_logo"]
