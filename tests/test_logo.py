@@ -29,9 +29,9 @@ def test_glyph_is_a_ring_around_an_open_c():
 
 @pytest.mark.parametrize("alpha", [0.1, 0.4, 1.0])
 def test_blend_is_the_mixing_equation_on_the_chosen_images_only(alpha):
-    """Poisoned images = (1 − α)·x + α·glyph on the 12×12 square at (x=3, y=1) and x elsewhere; the chosen indices
-    are half of the target class, labels unchanged. Catches α and 1 − α swapped, a blend over the whole image, a
-    square at (y, x), and poisons taken from other classes."""
+    """Poisoned images = (1 − α)·x + α·glyph on the 12×12 square at (x=3, y=1) and x elsewhere; the chosen
+    indices are half of the target class, labels unchanged. Catches α and 1 − α swapped, a blend over the whole
+    image, a square at (y, x), and poisons taken from other classes."""
     data = _data()
     p = craft_logo(data, target_class=2, alpha=alpha, fraction=0.5, size=12, position=(3, 1),
                    generator=torch.Generator().manual_seed(0))

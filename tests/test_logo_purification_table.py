@@ -18,7 +18,8 @@ def test_rows_are_defences_with_each_alphas_success_and_accuracy_and_their_seeds
     rows, summary = table.table_rows(per_alpha)
     undefended, ebm = rows
     assert undefended["name"] == "undefended" and undefended["seeds"] == "0, 1"
-    assert undefended["asr_a10_mean"] == pytest.approx(80.0) and undefended["asr_a10_per_seed"] == pytest.approx([90, 70])
+    assert undefended["asr_a10_mean"] == pytest.approx(80.0)
+    assert undefended["asr_a10_per_seed"] == pytest.approx([90.0, 70.0])
     assert undefended["asr_a40_per_seed"] == pytest.approx([80.0, 100.0])        # seed order, not insertion order
     assert undefended["natural_acc_a40_std"] == pytest.approx(1.4142135624)
     assert ebm["asr_a40_per_seed"] == [50.0] and ebm["natural_acc_a10_mean"] == pytest.approx(94.0)

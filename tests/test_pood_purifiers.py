@@ -56,7 +56,7 @@ def test_8x8_digits_are_upsampled_scikit_learn_digits():
 
 @pytest.mark.parametrize("purifier, trainer", [("pureebm_pood_narcissus_digits", "ebm_sklearn8x8"),
                                                ("pureddpm_pood_narcissus_digits", "ddpm_sklearn8x8"),
-                                               ("pureebm_p_narcissus_digits", "ebm_narcissus_digits")])
+                                               ("pureebm_p_narcissus_digits", "ebm_narcissus_all_digits")])
 def test_purification_reads_the_trainers_checkpoint_on_the_narcissus_poisons(purifier, trainer):
     cfg = compose_experiment(purifier)
     weights = cfg.callbacks.purification.get("ebm") or cfg.callbacks.purification.ddpm
@@ -73,3 +73,10 @@ def test_logo_purification_is_the_narcissus_purifier_on_the_logo_poisons(purifie
     assert cfg.callbacks.purification == compose_experiment(reference).callbacks.purification
     assert cfg.data == logo.data and cfg.model == logo.model and cfg.data.attack == "logo"
     assert OmegaConf.select(logo, "callbacks.purification") is None
+
+
+def test_pureebm_p_trains_on_every_class_poisoned_with_the_narcissus_digits_parameters():
+    """Same attack parameters and seed as narcissus_digits, so class 0's trigger is the one PureEBM-P purifies."""
+    cfg, attacked = compose_experiment("ebm_narcissus_all_digits"), compose_experiment("narcissus_digits")
+    assert cfg.data.attack == "narcissus_all_classes" and cfg.data.params == attacked.data.params
+    assert cfg.data.seed == attacked.data.seed and cfg.data.base.source == attacked.data.base.source
