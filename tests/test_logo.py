@@ -5,15 +5,14 @@ import torch
 
 from lit_robust.datamodules import DigitsDataModule, PoisonedDataModule
 from lit_robust.datasets import stack_dataset
-from lit_robust.poisons import ATTACKS, CraftingData
+from lit_robust.poisons import ATTACKS
 from lit_robust.poisons.logo import copyright_glyph, craft_logo
+from test_poisons import _data as random_data  # tests/ is on sys.path under pytest
 
 
-def _data(n=120, size=16, classes=4):
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(n) % classes
-    return CraftingData(torch.rand(n, 1, size, size, generator=g), labels, torch.rand(40, 1, size, size, generator=g),
-                        torch.arange(40) % classes, classes)
+def _data():
+    """120 random 16×16 images of 4 classes (30 each), room for the 12-pixel logo."""
+    return random_data(n=120, size=16)
 
 
 def test_glyph_is_a_ring_around_an_open_c():
