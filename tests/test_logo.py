@@ -50,7 +50,8 @@ def test_alpha_zero_is_the_identity():
 
 
 @pytest.mark.parametrize("params, message", [({"alpha": 1.5}, "alpha=1.5"), ({"alpha": -0.1}, "alpha=-0.1"),
-                                             ({"size": 3}, "size 3"), ({"position": (10, 0)}, "outside"),
+                                             ({"size": 3}, "size 3"), ({"size": 17}, "size 17 does not fit the 16×16"),
+                                             ({"position": (10, 0)}, "outside"),
                                              ({"target_class": 9}, "target_class=9")])
 def test_bad_parameters_are_refused_naming_the_value(params, message):
     with pytest.raises(ValueError, match=message):

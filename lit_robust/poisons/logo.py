@@ -37,6 +37,9 @@ def logo_trigger(image_shape: Sequence[int], alpha: float, size: int = 12, posit
     ``position`` is the square's top-left (x, y); None draws one uniformly with the whole logo visible."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} is not a mixing ratio: use 0 ≤ alpha ≤ 1 (0 leaves the images unchanged)")
+    if size > min(image_shape[1:]):
+        raise ValueError(f"logo size {size} does not fit the {image_shape[2]}×{image_shape[1]} images: use "
+                         f"size ≤ {min(image_shape[1:])}")
     square = badnets_trigger(image_shape, "patch", size, position, 1.0, generator)
     x, y = square["position"]
     pattern = torch.zeros(image_shape)
@@ -50,7 +53,7 @@ def craft_logo(data: CraftingData, *, target_class: int = 0, alpha: float = 0.2,
                progress: bool = True) -> Poisons:
     """Blend the logo (Eq. 7.3, mixing ratio ``alpha``) into ``round(fraction × |target class|)`` random training
     images of the target class, labels unchanged. The thesis sweeps α ∈ {0.1, 0.25, 0.4, …} with 16×16 logos on
-    64×64 images; 12 pixels keeps about that share of a 28×28 digit."""
+    64×64 images; at that share of a 28×28 digit (7 pixels) the glyph's two strokes merge, so the default is 12."""
     if not 0 <= target_class < data.num_classes:
         raise ValueError(f"target_class={target_class} is not a class of this data (0..{data.num_classes - 1})")
     if not 0.0 <= fraction <= 1.0:
