@@ -30,9 +30,15 @@ from lit_robust.models.ddpm import load_ddpm
 from lit_robust.models.ebm import load_ebm
 from lit_robust.run import runner
 
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
-# ebm_digits made the shipped EBM and feeds PureEBM-P; ddpm_digits feeds pureddpm_narcissus_digits
-LOADERS = {"ebm_digits": load_ebm, "ebm_narcissus_digits": load_ebm, "ddpm_digits": load_ddpm}
+# crafting one Narcissus surrogate per class takes minutes even under smoke=true: run with -m slow
+SLOW = {"ebm_narcissus_all_digits"}
+EXPERIMENTS = [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else name
+               for name in sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))]
+# ebm_digits made the shipped EBM, ebm_narcissus_(all_)digits feed PureEBM-P, the others the purifiers trained on
+# other data (pureebm/pureddpm_pood_narcissus_digits); ddpm_digits feeds pureddpm_narcissus_digits
+LOADERS = {"ebm_digits": load_ebm, "ebm_narcissus_digits": load_ebm, "ebm_narcissus_all_digits": load_ebm,
+           "ebm_sklearn8x8": load_ebm,
+           "ebm_natural": load_ebm, "ddpm_digits": load_ddpm, "ddpm_sklearn8x8": load_ddpm}
 
 
 @pytest.fixture(scope="session")
@@ -62,8 +68,8 @@ def _model_of(experiment: str, *overrides: str) -> L.LightningModule:
 def weights(tmp_path_factory) -> dict[str, list[str]]:
     """The overrides giving each experiment the weights its config requires, in the format it asks for: an
     ImageNet ViT-S state dict (3 channels, 1000 classes; the smoothed ViT adds its mask channel and a new head), a
-    ``smoothed_vit_digits`` Lightning checkpoint, a ``ddpm_digits`` checkpoint, a ``digits_classifier`` checkpoint, a
-    ``bias_source_digits`` one."""
+    ``smoothed_vit_digits`` Lightning checkpoint, ``ddpm_digits`` and ``ebm_digits`` checkpoints (for every purifier
+    read from ``outputs/``), a ``digits_classifier`` checkpoint, a ``bias_source_digits`` one."""
     root = tmp_path_factory.mktemp("weights")
     vit_s = root / "vit_small_patch16_224.pth"
     torch.save(timm.create_model("vit_small_patch16_224", pretrained=False).state_dict(), vit_s)
@@ -73,6 +79,10 @@ def weights(tmp_path_factory) -> dict[str, list[str]]:
     ddpm_ckpt = root / "ddpm_digits.ckpt"
     torch.save({"state_dict": ddpm.state_dict(), "hyper_parameters": dict(ddpm.hparams),
                 "pytorch-lightning_version": L.__version__}, ddpm_ckpt)
+    ebm = _model_of("ebm_digits")
+    ebm_ckpt = root / "ebm_digits.ckpt"
+    torch.save({"state_dict": ebm.state_dict(), "hyper_parameters": dict(ebm.hparams),
+                "pytorch-lightning_version": L.__version__}, ebm_ckpt)
     source = root / "digits_source.ckpt"
     torch.save({"state_dict": ImageClassifier(backbone="small_cnn", backbone_kwargs={"widths": [8, 16, 32]}).state_dict()},
                source)
@@ -88,7 +98,10 @@ def weights(tmp_path_factory) -> dict[str, list[str]]:
             "smoothed_vit_imagenet": [f"model.weights_path={vit_s}"],
             "patchcleanser_imagenet": [f"model.weights_path={vit_s}"],
             "smoothed_vit_digits_finetune": [f"model.weights_path={digits_vit}"],
-            "pureddpm_narcissus_digits": [f"callbacks.purification.ddpm={ddpm_ckpt}"],
+            **{name: [f"callbacks.purification.ddpm={ddpm_ckpt}"] for name in (
+                "pureddpm_narcissus_digits", "pureddpm_logo_digits", "pureddpm_pood_narcissus_digits")},
+            **{name: [f"callbacks.purification.ebm={ebm_ckpt}"] for name in (
+                "pureebm_pood_narcissus_digits", "pureebm_p_narcissus_digits")},
             "unadversarial_digits": [f"model.classifier_path={classifier_ckpt}"]}
 
 

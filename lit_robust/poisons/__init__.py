@@ -13,9 +13,12 @@ from lit_robust.poisons.narcissus import craft_narcissus
 from lit_robust.poisons.planted import craft_planted
 from lit_robust.poisons.gradient_matching import craft_gradient_matching
 from lit_robust.poisons.bullseye import craft_bullseye_polytope
+from lit_robust.poisons.logo import craft_logo
+from lit_robust.poisons.narcissus_all_classes import craft_narcissus_all_classes
 
 ATTACKS = {"badnets": craft_badnets, "narcissus": craft_narcissus, "gradient_matching": craft_gradient_matching,
-           "bullseye_polytope": craft_bullseye_polytope, "planted": craft_planted}
+           "bullseye_polytope": craft_bullseye_polytope, "planted": craft_planted, "logo": craft_logo,
+           "narcissus_all_classes": craft_narcissus_all_classes}
 
 
 def attack_defaults(name: str) -> dict:
@@ -28,4 +31,4 @@ def attack_defaults(name: str) -> dict:
 
 __all__ = ["ATTACKS", "attack_defaults", "CraftingData", "Poisons", "apply_trigger", "additive_trigger",
            "stamp_trigger", "craft_badnets", "craft_narcissus", "craft_gradient_matching", "craft_bullseye_polytope",
-           "craft_planted"]
+           "craft_planted", "craft_logo", "craft_narcissus_all_classes"]
