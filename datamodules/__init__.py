@@ -1,6 +1,7 @@
-"""DataModules of [0, 1] images: embedded (digits, pendulum), torchvision datasets, and wrappers; and tables of
-causal variables (the SCNN exam SEMs, the tabular pendulum, random linear DAGs)."""
+"""DataModules of [0, 1] images: embedded (digits, pendulum), torchvision datasets, and wrappers (poisoned, shifted,
+controlled scenes); and tables of causal variables (the SCNN exam SEMs, the tabular pendulum, random linear DAGs)."""
 from lit_robust.datamodules.base import ImageDataModule
+from lit_robust.datamodules.controlled_scenes import ControlledScenesDataModule
 from lit_robust.datamodules.digits import DigitsDataModule
 from lit_robust.datamodules.ood import OODPairDataModule
 from lit_robust.datamodules.pendulum import PendulumDataModule
@@ -11,6 +12,6 @@ from lit_robust.datamodules.tabular import (ExamSEMDataModule, PendulumTableData
 from lit_robust.datamodules.torchvision_sets import TorchvisionDataModule
 from lit_robust.datasets import TensorImageDataset, stack_dataset
 
-__all__ = ["DigitsDataModule", "ExamSEMDataModule", "ImageDataModule", "OODPairDataModule", "PendulumDataModule",
+__all__ = ["ControlledScenesDataModule", "DigitsDataModule", "ExamSEMDataModule", "ImageDataModule", "OODPairDataModule", "PendulumDataModule",
            "PendulumTableDataModule", "PoisonedDataModule", "RandomDAGDataModule", "ShiftedDataModule",
            "TabularDataModule", "TensorImageDataset", "TorchvisionDataModule", "stack_dataset"]
