@@ -9,17 +9,17 @@ backgrounds, the Spearman correlation of per-background accuracy with background
 and the shares of cue-conflict predictions that follow the shape or the texture; columns: the two trainings, mean
 over seeds. Runs land in ``<out>/<training>_seed<s>/`` and are reused when finished; the record is
 ``<out>/controlled_variation_digits.json`` (``benchmarks/records.py``). Extra arguments are Hydra overrides for every
-run. About 3 min per run on 2 cores.
+run. About 3 min per run on 2 cores; ``--only no_cue`` and ``--only cue`` in two shells share one ``--out`` (one per
+core), and the one that finishes last writes the table.
 
     python benchmarks/controlled_variation_table.py --out outputs/controlled_variation_table [--seeds 0 1]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 
-from records import ROOT, TableRecord, recorded_runs
+from records import TableRecord, recorded_runs, table_arguments
 
 DEPENDS_ON = ["lit_robust/functional/scene_controls.py", "lit_robust/functional/shifts.py", "lit_robust/datasets.py",
               "datamodules/controlled_scenes.py", "callbacks/controlled_variation.py",
@@ -55,17 +55,14 @@ def rows_of(metrics: dict[str, list[dict]], seeds: list[int]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="outputs/controlled_variation_table")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    args, extra = parser.parse_known_args()
-    out = (ROOT / args.out).resolve()
+    args, extra, out = table_arguments(__doc__, "outputs/controlled_variation_table", TRAININGS, seeds=[0, 1])
     record = TableRecord("controlled_variation_digits", depends_on=DEPENDS_ON,
                          title="Controlled-variation sweep (3DB in 2D), digit scenes")
     metrics = {}
-    for training, overrides in TRAININGS.items():
-        runs = [(out / f"{training}_seed{seed}", ["experiment=controlled_digits", f"seed={seed}", *overrides, *extra],
-                 "controls/acc") for seed in args.seeds]
+    for training in [*args.only, *(name for name in TRAININGS if name not in args.only)]:  # --only's first
+        runs = [(out / f"{training}_seed{seed}", ["experiment=controlled_digits", f"seed={seed}",
+                                                  *TRAININGS[training], *extra], "controls/acc")
+                for seed in args.seeds]
         metrics[training] = recorded_runs(record, runs)
         if metrics[training] is None:
             return

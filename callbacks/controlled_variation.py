@@ -21,12 +21,13 @@ from typing_extensions import override
 
 from lit_robust.callbacks.contract import ContractCallback, evaluated_split, shard_map
 from lit_robust.datasets import HELD_OUT_BACKGROUNDS, photo_backgrounds
-from lit_robust.functional.scene_controls import (CONTROLS, NO_CORRUPTION, SceneControls, conflicting_classes,
-                                                     control_grid, cue_decisions, grouped_accuracy,
-                                                     pairwise_accuracy, sobel_complexity)
+from lit_robust.functional.scene_controls import (CONTROLS, NO_CORRUPTION, SceneControls, check_cue_textures,
+                                                  conflicting_classes, control_grid, cue_decisions, grouped_accuracy,
+                                                  pairwise_accuracy, sobel_complexity)
 
 
 def value_name(value) -> str:
+    """A control value as the logged keys spell it: ``45``, ``0.6``, ``stripes_h``."""
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -58,8 +59,8 @@ class ControlledVariationReport(ContractCallback):
         if len(backgrounds) * crops_per_photo < 2:
             raise ValueError(f"{len(backgrounds)} background photographs × crops_per_photo={crops_per_photo}: the "
                              "complexity correlation needs at least 2 backgrounds")
-        if cue_textures is not None and len(set(cue_textures)) < len(cue_textures):
-            raise ValueError(f"cue_textures {list(cue_textures)}: one different texture per class")
+        if cue_textures is not None:
+            check_cue_textures(cue_textures, len(cue_textures))
         self.conflict_controls = None if cue_textures is None else SceneControls((0,), (1,), cue_textures)
         self.backgrounds, self.crops_per_photo = list(backgrounds), crops_per_photo
         self.seen_backgrounds = set(seen_backgrounds)

@@ -17,14 +17,7 @@ from torch.utils.data import Dataset
 from lit_robust.datamodules.base import ImageDataModule
 from lit_robust.datamodules.wrapper import WrappedDataModule
 from lit_robust.datasets import TRAINING_BACKGROUNDS, TensorImageDataset, photo_backgrounds, stack_dataset
-from lit_robust.functional.scene_controls import NO_CORRUPTION, TEXTURES, SceneControls
-
-
-def check_cue_textures(cue_textures: Sequence[str], num_classes: int) -> None:
-    """One texture per class, all different, so that a texture names one class."""
-    if len(cue_textures) < num_classes or len(set(cue_textures)) < len(cue_textures):
-        raise ValueError(f"cue_textures {list(cue_textures)}: give {num_classes} different textures, one per class "
-                         f"(names from {sorted(TEXTURES)})")
+from lit_robust.functional.scene_controls import NO_CORRUPTION, TEXTURES, SceneControls, check_cue_textures
 
 
 class ControlledScenesDataModule(WrappedDataModule):
@@ -49,7 +42,7 @@ class ControlledScenesDataModule(WrappedDataModule):
         if not 0.0 <= cue_strength <= 1.0:
             raise ValueError(f"cue_strength={cue_strength}: a probability in [0, 1] (0: no cue, 0.9: the planted cue)")
         self.controls = SceneControls(rotations, scales, [*textures, *cue_textures], corruptions, severity)
-        check_cue_textures(cue_textures, self.num_classes or 10)
+        check_cue_textures(cue_textures, self.num_classes)
         self.backgrounds, self.crops_per_photo = list(backgrounds), crops_per_photo
         self.texture_count, self.cue_strength = len(textures), cue_strength
         self.digits_test: Dataset | None = None

@@ -248,7 +248,7 @@ def accuracies(model: L.LightningModule, scenes: torch.Tensor, factors: torch.Te
 
 @pytest.mark.parametrize("options, message", [
     (dict(backgrounds=["grass"], crops_per_photo=1), "the complexity correlation needs at least 2 backgrounds"),
-    (dict(cue_textures=["solid", "solid"]), r"cue_textures \['solid', 'solid'\]: one different texture per class"),
+    (dict(cue_textures=["solid", "solid"]), r"cue_textures \['solid', 'solid'\]: give 2 different textures, one per class"),
     (dict(textures=["velvet"]), r"textures \['velvet'\]"),
 ])
 def test_bad_settings_are_refused_at_construction(options, message):

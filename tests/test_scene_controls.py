@@ -45,7 +45,8 @@ def ink_spread(scene: torch.Tensor) -> tuple[float, float, float]:
     ink = scene[0, 0]
     total = ink.sum()
     rows, columns = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
-    spread = [((ink * (axis - (ink * axis).sum() / total) ** 2).sum() / total).sqrt().item() for axis in (rows, columns)]
+    spread = [((ink * (axis - (ink * axis).sum() / total) ** 2).sum() / total).sqrt().item()
+              for axis in (rows, columns)]
     return total.item(), *spread
 
 

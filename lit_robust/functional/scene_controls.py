@@ -78,6 +78,13 @@ def check_controls(rotations: Sequence[float], scales: Sequence[float], textures
         raise ValueError(f"severity={severity}: use an integer from 1 to 5 (the common corruptions' scale)")
 
 
+def check_cue_textures(cue_textures: Sequence[str], num_classes: int) -> None:
+    """One texture per class, all different, so that a texture names one class."""
+    if len(cue_textures) < num_classes or len(set(cue_textures)) < len(cue_textures):
+        raise ValueError(f"cue_textures {list(cue_textures)}: give {num_classes} different textures, one per class "
+                         f"(names from {sorted(TEXTURES)})")
+
+
 class SceneControls:
     """The values of each control and the renderer of scenes given, per scene, the index of each control's value
     and of its background."""
