@@ -183,14 +183,16 @@ class TableRecord:
         return path
 
 
-def table_arguments(doc: str, default_out: str, runs) -> tuple[object, list[str], Path]:
-    """A table command's ``--out`` (resolved under the repository) and ``--only`` (a subset of ``runs``); the
-    remaining arguments are Hydra overrides for every run."""
+def table_arguments(doc: str, default_out: str, runs, seeds: list[int] | None = None) -> tuple[object, list[str], Path]:
+    """A table command's ``--out`` (resolved under the repository), ``--only`` (a subset of ``runs``) and, given
+    default ``seeds``, ``--seeds``; the remaining arguments are Hydra overrides for every run."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", default=default_out, help="folder for the runs and the table")
     parser.add_argument("--only", nargs="*", choices=list(runs), default=list(runs), help="subset of the runs")
+    if seeds is not None:
+        parser.add_argument("--seeds", type=int, nargs="+", default=seeds, help="a run per seed")
     args, extra = parser.parse_known_args()
     return args, extra, (ROOT / args.out).resolve()
 

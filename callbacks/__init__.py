@@ -3,6 +3,7 @@ from lit_robust.callbacks.adversarial_evaluation import AdversarialEvaluation
 from lit_robust.callbacks.baseline_filters import (ActivationClusteringFilter, SpectralSignatureFilter,
                                                    TrimmedLossFilter)
 from lit_robust.callbacks.certification import Certification
+from lit_robust.callbacks.controlled_variation import ControlledVariationReport
 from lit_robust.callbacks.patchcleanser import PatchCleanserCertification
 from lit_robust.callbacks.counterfactual_report import CounterfactualReport
 from lit_robust.callbacks.exact_resume import CSVHistory, RNGState
@@ -19,7 +20,7 @@ from lit_robust.callbacks.shift_sweep import ShiftSweep
 from lit_robust.callbacks.weak_learner_filter import TrainingSetFilter, WeakLearnerFilter
 
 __all__ = ["ActivationClusteringFilter", "AdversarialEvaluation", "AdversarialRobustnessReport", "Certification",
-           "CounterfactualReport", "CSVHistory", "LastCheckpoint", "DDPMPurification", "EBMPurification",
+           "ControlledVariationReport", "CounterfactualReport", "CSVHistory", "LastCheckpoint", "DDPMPurification", "EBMPurification",
            "JPEGPurification", "LatentAugmentationGrid", "MetricsFile", "MissingnessReport", "OODDetection",
            "PatchCleanserCertification", "PoisonMetrics", "PureGenFilt", "PureGenNaive", "PureGenReps", "Purification",
            "RNGState", "ShiftRobustnessReport", "ShiftSweep", "SpectralSignatureFilter", "TrainingSetFilter",

@@ -1,7 +1,8 @@
-"""DataModules of [0, 1] images: embedded (digits, pendulum), torchvision datasets, and wrappers; and tables of
-causal variables (the SCNN exam SEMs, the tabular pendulum, random linear DAGs)."""
+"""DataModules of [0, 1] images: embedded (digits, pendulum), torchvision datasets, and wrappers (poisoned, shifted,
+controlled scenes); and tables of causal variables (the SCNN exam SEMs, the tabular pendulum, random linear DAGs)."""
 from lit_robust.datamodules.base import ImageDataModule
 from lit_robust.datamodules.class_subsets import ClassSubsetsDataModule, ClassSubsetsDataset
+from lit_robust.datamodules.controlled_scenes import ControlledScenesDataModule
 from lit_robust.datamodules.digits import DigitsDataModule
 from lit_robust.datamodules.ood import OODPairDataModule
 from lit_robust.datamodules.pendulum import PendulumDataModule
@@ -13,7 +14,7 @@ from lit_robust.datamodules.tabular import (ExamSEMDataModule, PendulumTableData
 from lit_robust.datamodules.torchvision_sets import TorchvisionDataModule
 from lit_robust.datasets import TensorImageDataset, stack_dataset
 
-__all__ = ["ClassSubsetsDataModule", "ClassSubsetsDataset", "DigitsDataModule", "ExamSEMDataModule", "ImageDataModule",
-           "OODPairDataModule", "PendulumDataModule", "PendulumTableDataModule", "PoisonedDataModule",
-           "RandomDAGDataModule", "RelabelledDataModule", "ShiftedDataModule", "TabularDataModule",
+__all__ = ["ClassSubsetsDataModule", "ClassSubsetsDataset", "ControlledScenesDataModule", "DigitsDataModule",
+           "ExamSEMDataModule", "ImageDataModule", "OODPairDataModule", "PendulumDataModule", "PendulumTableDataModule",
+           "PoisonedDataModule", "RandomDAGDataModule", "RelabelledDataModule", "ShiftedDataModule", "TabularDataModule",
            "TensorImageDataset", "TorchvisionDataModule", "stack_dataset"]

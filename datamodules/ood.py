@@ -24,36 +24,21 @@ from torch.utils.data import Dataset, Subset
 
 from lit_robust.datamodules.base import ImageDataModule, stratified_split
 from lit_robust.datamodules.torchvision_sets import TORCHVISION_SETS, open_torchvision_split
-from lit_robust.datasets import TensorImageDataset, load_digits_source, resize_images
+from lit_robust.datasets import (NATURAL_IMAGES, TensorImageDataset, load_digits_source, natural_photo,
+                                 photo_crop, resize_images)
 
 EMBEDDED_SOURCES = ("digits", "sklearn_digits", "natural", "noise", "constant")
 OOD_SOURCES = EMBEDDED_SOURCES + ("mnist", "fashion_mnist", "cifar10", "svhn")
-# scikit-image sample photographs bundled with the wheel (no pooch download); documents and binary masks left out
-NATURAL_IMAGES = ("camera", "astronaut", "coffee", "chelsea", "rocket", "coins", "moon", "grass", "gravel", "brick",
-                  "clock", "hubble_deep_field", "immunohistochemistry", "cell", "retina")
 
 
 def natural_image_crops(count: int, img_size: int, seed: int, min_crop: int = 32,
                         max_crop: int = 128) -> torch.Tensor:
     """``count`` grayscale crops (N, 1, img_size, img_size) in [0, 1] from scikit-image's bundled photographs:
     random photo, random square side in [min_crop, max_crop], random position, antialiased resize; fixed by seed."""
-    from skimage import data
-    from skimage.color import rgb2gray
-
-    photos = []
-    for name in NATURAL_IMAGES:
-        image = np.asarray(getattr(data, name)(), dtype=np.float32)
-        image = rgb2gray(image[..., :3]) if image.ndim == 3 else image
-        photos.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / (255.0 if image.max() > 1 else 1.0)))
+    photos = [natural_photo(name) for name in NATURAL_IMAGES]
     rng = np.random.default_rng(seed)
-    crops = []
-    for _ in range(count):
-        photo = photos[rng.integers(len(photos))]
-        side = int(rng.integers(min_crop, min(max_crop, *photo.shape) + 1))
-        top, left = rng.integers(photo.shape[0] - side + 1), rng.integers(photo.shape[1] - side + 1)
-        crop = photo[top:top + side, left:left + side][None, None]
-        crops.append(resize_images(crop, img_size)[0])
-    return torch.stack(crops).clamp_(0.0, 1.0)
+    return torch.stack([photo_crop(photos[rng.integers(len(photos))], img_size, rng, min_crop, max_crop)
+                        for _ in range(count)])
 
 
 def synthetic_images(source: str, count: int, img_size: int, in_chans: int, seed: int) -> torch.Tensor:

@@ -22,10 +22,17 @@ def rotate(images: torch.Tensor, degrees: float = 0.0) -> torch.Tensor:
     of deep CAMA's robustness tests, 002 §4)."""
     if degrees == 0:
         return images
-    theta = torch.deg2rad(torch.tensor(float(degrees)))
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype, device=images.device)
-    grid = F.affine_grid(matrix.expand(len(images), 2, 3), list(images.shape), align_corners=False)
+    return rotate_and_scale(images, torch.full((len(images),), float(degrees)), torch.ones(len(images)))
+
+
+def rotate_and_scale(images: torch.Tensor, degrees: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Image i rotated by ``degrees[i]`` counter-clockwise and magnified by ``scales[i]`` about its centre (0.5: half
+    the size), bilinear, zero fill, one batched resampling — the pose and zoom controls of a controlled sweep."""
+    theta = torch.deg2rad(degrees.to(images.dtype))
+    cos, sin = torch.cos(theta) / scales, torch.sin(theta) / scales  # output → input coordinates: R(θ) / s
+    zeros = torch.zeros_like(cos)
+    matrix = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+    grid = F.affine_grid(matrix.to(images.device, images.dtype), list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0.0, 1.0)
 
 
