@@ -1,5 +1,5 @@
-"""Tables of causal variables (thesis 000 §2.3 and ch. 4): the SCNN exam SEMs, the tabular pendulum and random
-linear DAGs, split at random or deliberately out of distribution (a column cut at a quantile, the larger side
+"""Tables of causal variables (thesis 000 §2.3, ch. 3 and ch. 4): the SCNN exam SEMs, the tabular pendulum, random
+linear DAGs and the Learning Mindsets stand-in, split at random or deliberately out of distribution (a column cut at a quantile, the larger side
 trains). Items are ``(row,)``: one float vector of all variables, in ``columns`` order."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from torch.utils.data import TensorDataset
 from lit_robust.datamodules.base import ImageDataModule
 from lit_robust.datamodules.pendulum import FACTORS, add_shadow_noise, factors_from, sample_exogenous
 from lit_robust.functional.causal_structure import deliberate_split
-from lit_robust.functional.structural_equations import (SCNN_NODES, random_dag, sample_linear_sem,
-                                                         sample_scnn_sem)
+from lit_robust.functional.structural_equations import (MINDSET_CORRELATIONS, MINDSET_NODES, SCNN_NODES, random_dag,
+                                                         sample_linear_sem, sample_mindset_scm, sample_scnn_sem)
 
 
 class TabularDataModule(ImageDataModule):
@@ -107,3 +107,21 @@ class RandomDAGDataModule(TabularDataModule):
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         return sample_linear_sem(self.weights, self.n_samples, self.snr_db, generator)
+
+
+class MindsetDataModule(TabularDataModule):
+    """A stand-in for the Learning Mindsets sample (thesis 000 §3.4.2; the ACIC-2018 CSV is in no installable
+    package): rows [SM, SE, D, Y] of a linear SCM (:func:`mindset_coefficients`) whose population correlations are
+    Table 3.1's (``correlations``, "A-B" pairs), with a known treatment effect ``tau`` of D on Y and a
+    ``treated_fraction`` of treated units; n = 10,391 as the sample's."""
+
+    columns = MINDSET_NODES
+
+    def __init__(self, tau: float = 0.4, treated_fraction: float = 0.3, correlations: dict[str, float] | None = None,
+                 n_samples: int = 10391, **kwargs):
+        super().__init__(n_samples=n_samples, **kwargs)
+        self.tau, self.treated_fraction = tau, treated_fraction
+        self.correlations = dict(correlations or MINDSET_CORRELATIONS)
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        return sample_mindset_scm(self.n_samples, generator, self.tau, self.treated_fraction, self.correlations)
