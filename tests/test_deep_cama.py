@@ -72,7 +72,7 @@ def test_architecture_follows_appendix_c():
     assert model.decoder.project_y.out_features == 4 * 4 * 64
     strides = [m.stride for m in model.decoder.deconv if isinstance(m, torch.nn.ConvTranspose2d)]
     assert strides == [(2, 2)] * 3
-    assert model.q_m.features.out_features == 4 * 4 * 64 and model.q_z.cnn.out_features == 4 * 4 * 64
+    assert model.q_m.features.out_features == 4 * 4 * 64 and model.q_z.trunk.out_features == 4 * 4 * 64
     x = torch.rand(2, 1, 28, 28)
     assert model.decoder(torch.eye(10)[:2], torch.randn(2, 64), torch.randn(2, 32)).shape == (2, 1, 28, 28)
     log_probs = model.predict_log_probs(x, num_samples=2)

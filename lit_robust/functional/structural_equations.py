@@ -1,6 +1,6 @@
 """Structural equation models to sample from: the SCNN exam model (thesis 000 §2.3.3.1, Eqs. 2.8–2.9), random
-linear DAGs after NOTEARS (thesis 000 §4.2.3, App. B.3) and a stand-in for the Learning Mindsets data (thesis 000
-§3.4.2, Table 3.1) with a known treatment effect."""
+linear DAGs after NOTEARS (thesis 000 §4.2.3, App. B.3), a stand-in for the Learning Mindsets data (thesis 000
+§3.4.2, Table 3.1) with a known treatment effect, and deep CAMA's generic measurement data (seed 002 §4.2, App.)."""
 from __future__ import annotations
 
 import math
@@ -166,3 +166,28 @@ def sample_mindset_scm(n_samples: int, generator: torch.Generator, tau: float = 
     y = k["beta_sm"] * sm + k["beta_se"] * se + k["tau"] * d + k["noise_std"] * torch.randn(n_samples,
                                                                                              generator=generator)
     return torch.stack([sm, se, d, y], dim=1)
+
+
+def measurement_labels(parents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Y = argmax_k (g(A)_k + σ_Y ε_k) with g(A) = 0.2A² − 0.8A (seed 002 App., "Measurement data generation"): one
+    parent column per class; ``noise`` is σ_Y ε, of A's shape."""
+    return (0.2 * parents ** 2 - 0.8 * parents + noise).argmax(-1)
+
+
+def measurement_mechanism(num_classes: int, coparent_dim: int, child_dim: int,
+                          generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The random parameters of the children's mechanism f(Y, C) (:func:`measurement_children`): per child, a
+    linear and a quadratic direction on v = [onehot(y), c], drawn N(0, 1 / len(v)) as the paper draws them from a
+    Gaussian."""
+    width = num_classes + coparent_dim
+    linear, quadratic = torch.randn(2, width, child_dim, generator=generator) / math.sqrt(width)
+    return {"linear": linear, "quadratic": quadratic}
+
+
+def measurement_children(mechanism: dict[str, torch.Tensor], labels: torch.Tensor,
+                         coparents: torch.Tensor) -> torch.Tensor:
+    """X = f(Y, C) before normalisation and noise: f_j(v) = w_jᵀv + (u_jᵀv)², quadratic in v = [onehot(y), c], so
+    the children depend on the label, the co-parents and their interactions."""
+    num_classes = mechanism["linear"].shape[0] - coparents.shape[-1]
+    v = torch.cat([torch.nn.functional.one_hot(labels, num_classes).to(coparents.dtype), coparents], dim=-1)
+    return v @ mechanism["linear"] + (v @ mechanism["quadratic"]) ** 2
