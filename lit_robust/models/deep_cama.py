@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from lit_robust.functional.augment import random_shift
 
@@ -496,6 +497,13 @@ class DeepCAMA(L.LightningModule):
         return model.eval()
 
     # -- Lightning -------------------------------------------------------------------------------------------------
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints that name q(z|·)'s trunk ``q_z.cnn`` (its name when only images were modelled) load too."""
+        state = checkpoint.get("state_dict", {})
+        for key in [key for key in state if key.startswith("q_z.cnn.")]:
+            state["q_z.trunk." + key.removeprefix("q_z.cnn.")] = state.pop(key)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class log-probabilities (Eq. 6) of [0, 1] images."""
         return self.predict_log_probs(x)
