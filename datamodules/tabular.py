@@ -134,14 +134,14 @@ class MeasurementDataModule(ImageDataModule):
     C ~ N(0, I); Y = argmax(0.2A² − 0.8A + σ_Y ε) (:func:`measurement_labels`); children X = f(Y, C), quadratic
     with Gaussian parameters drawn from ``mechanism_seed``, normalised by the unshifted units' mean and std, plus
     N(0, σ_X²). Items are (row [a, c, x], y); the units split ``test_size`` / ``val_size`` / rest for training
-    (the paper: 1,000 units, 500 / 50 / 450). ``coparent_shift`` is §4.2's manipulation: it is added to every C of
-    the test units and X is recomputed through the same f and noise (Y, its cause A, and the mechanism unchanged);
-    :meth:`shifted_test` gives the test units at any shift."""
+    (the paper: 1,000 units, 500 / 50 / 450). ``coparent_offset`` is §4.2's shift (up or down): it is added to
+    every C of the test units and X is recomputed through the same f and noise (Y, its cause A, and the mechanism
+    unchanged); :meth:`shifted_test` gives the test units at any shift."""
 
     in_chans = None   # rows, not images
 
     def __init__(self, n_samples: int = 1000, num_classes: int = 5, coparent_dim: int = 5, child_dim: int = 10,
-                 label_noise_std: float = 1.0, child_noise_std: float = 0.1, coparent_shift: float = 0.0,
+                 label_noise_std: float = 1.0, child_noise_std: float = 0.1, coparent_offset: float = 0.0,
                  mechanism_seed: int = 0, val_size: int = 50, test_size: int = 500, **loader_kwargs):
         super().__init__(**loader_kwargs)
         if val_size + test_size >= n_samples:
@@ -150,7 +150,7 @@ class MeasurementDataModule(ImageDataModule):
         self.n_samples, self.num_classes = n_samples, num_classes
         self.coparent_dim, self.child_dim = coparent_dim, child_dim
         self.label_noise_std, self.child_noise_std = label_noise_std, child_noise_std
-        self.coparent_shift = coparent_shift
+        self.coparent_offset = coparent_offset
         self.mechanism_seed, self.val_size, self.test_size = mechanism_seed, val_size, test_size
         self.units: dict[str, torch.Tensor] = {}
 
@@ -173,17 +173,17 @@ class MeasurementDataModule(ImageDataModule):
         self.test_units, val, train = order[:self.test_size], order[self.test_size:self.test_size + self.val_size], \
             order[self.test_size + self.val_size:]
         self.train_dataset, self.val_dataset = self.dataset(train, 0.0), self.dataset(val, 0.0)
-        self.test_dataset = self.shifted_test(self.coparent_shift)
+        self.test_dataset = self.shifted_test(self.coparent_offset)
 
-    def dataset(self, units: torch.Tensor, coparent_shift: float) -> TensorDataset:
-        """(rows [a, c, x], labels) of ``units`` with ``coparent_shift`` added to every co-parent."""
+    def dataset(self, units: torch.Tensor, coparent_offset: float) -> TensorDataset:
+        """(rows [a, c, x], labels) of ``units`` with ``coparent_offset`` added to every co-parent."""
         u = {name: values[units] for name, values in self.units.items()}
-        coparents = u["coparents"] + coparent_shift
+        coparents = u["coparents"] + coparent_offset
         children = (measurement_children(self.mechanism, u["labels"], coparents) - self.child_mean) / self.child_std
         return TensorDataset(torch.cat([u["parents"], coparents, children + u["child_noise"]], dim=1), u["labels"])
 
-    def shifted_test(self, coparent_shift: float) -> TensorDataset:
-        """The test units with their co-parents shifted by ``coparent_shift`` (0: the unshifted test set)."""
+    def shifted_test(self, coparent_offset: float) -> TensorDataset:
+        """The test units with their co-parents shifted by ``coparent_offset`` (0: the unshifted test set)."""
         if not self.units:
             self.setup("test")
-        return self.dataset(self.test_units, coparent_shift)
+        return self.dataset(self.test_units, coparent_offset)

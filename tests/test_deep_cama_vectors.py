@@ -58,7 +58,7 @@ def test_the_coparent_shift_moves_c_and_x_of_the_same_test_units_only():
     assert torch.equal(shifted[1], clean[1]) and torch.equal(shifted[0][:, A], clean[0][:, A])
     assert torch.allclose(shifted[0][:, C] - clean[0][:, C], torch.full((80, 5), 1.5))
     assert (shifted[0][:, X] - clean[0][:, X]).abs().mean() > 0.1
-    configured = data(coparent_shift=1.5)
+    configured = data(coparent_offset=1.5)
     assert torch.equal(configured.test_dataset.tensors[0], shifted[0])
     assert torch.equal(configured.train_dataset.tensors[0], module.train_dataset.tensors[0])   # training unshifted
     with pytest.raises(ValueError, match="val_size=150"):
