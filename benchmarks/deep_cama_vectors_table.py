@@ -23,7 +23,7 @@ DEPENDS_ON = ["lit_robust/models/deep_cama.py", "lit_robust/models/classifier.py
               "conf/experiment/deep_cama_vectors.yaml", "benchmarks/causal_fits.py"]
 SEEDS = (0, 1, 2)
 SHIFTS = (-2.0, -1.0, 0.0, 1.0, 2.0)
-MODELS = {"deep CAMA": [], "DNN [64, 16, 32]": ["model=dense_rows"]}
+MODELS = {"cama": ("deep CAMA", []), "dnn": ("DNN [64, 16, 32]", ["model=dense_rows"])}   # --only: cama, dnn
 COLUMNS = [("model", "{model}"), ("C shift", "{shift:+.1f}"), ("accuracy (%)", "{acc_mean:.1f} ± {acc_std:.1f}")]
 
 
@@ -55,13 +55,14 @@ def main() -> None:
     record = TableRecord("deep_cama_vectors", depends_on=DEPENDS_ON,
                          title="Deep CAMA vs DNN on measurement data with shifted co-parents C")
     per_seed: dict[str, list[dict[float, float]]] = {}
-    for name in args.only:
+    for key in args.only:
+        name, overrides = MODELS[key]
         for seed in SEEDS:
-            config = composed("deep_cama_vectors", [f"seed={seed}", *MODELS[name], *extra])
+            config = composed("deep_cama_vectors", [f"seed={seed}", *overrides, *extra])
             data, model, seconds = fit(config)
             per_seed.setdefault(name, []).append(shifted_accuracies(model, data, SHIFTS))
-            record.add_config(f"{name}/seed{seed}", config)
-            record.add_run(f"{name}/seed{seed}", seconds=round(seconds, 1))
+            record.add_config(f"{key}/seed{seed}", config)
+            record.add_run(f"{key}/seed{seed}", seconds=round(seconds, 1))
     print(record.write(out, COLUMNS, table_rows(per_seed, SHIFTS)))
 
 

@@ -28,10 +28,10 @@ image size, since three stride-2 steps from 4×4 cannot give 28; the KL terms of
 (same expectation as the paper's Monte Carlo form, lower variance) while Eq. 6 keeps the sampled importance weights;
 the Bernoulli pixel probabilities can be kept in [δ, 1 − δ] (``pixel_floor``, measured reason in the class docstring);
 Eq. 6 can refine each class's q(z|x, y, m) on the test image before weighting (``refine_steps``, ditto).
-The measurement networks (paper: "similar" to the image ones, sizes unstated) are MLPs of width ``hidden``: NN_Y^p,
-NN_C^p, NN_Z^p [·, h, h], NN_M^p [·, h, h, h], merged like the image decoder's projection, then [h, h, dim x] to the
-mean of x with a learned per-dimension variance; q(m|x) an MLP [dim x, h] on x, q(z|·) an MLP [a + c + x, h, h] on
-the whole row, then the image model's head.
+The measurement networks (the paper states no sizes for them) are MLPs of width h = ``hidden``: NN_Y^p, NN_C^p,
+NN_Z^p [·, h, h], NN_M^p [·, h, h, h], merged like the image decoder's projection, then [h, h, dim x] to the mean of
+x with a learned per-dimension variance; q(m|x) an MLP [dim x, h, h, 2·dim m] on x alone, q(z|·) an MLP
+[a + c + x, h, h] on the whole row followed by the image model's head with y and m.
 Everything runs in float32: the Bernoulli log-likelihood sums 784 terms per image and decides the class by small
 differences, which bf16 would blur.
 """
