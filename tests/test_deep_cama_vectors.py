@@ -11,7 +11,7 @@ import torch
 import deep_cama_vectors_table as table
 from lit_robust.datamodules.tabular import MeasurementDataModule
 from lit_robust.functional.structural_equations import measurement_children, measurement_labels
-from lit_robust.models.classifier import ImageClassifier
+from lit_robust.models.measurement_classifier import MeasurementClassifier
 from lit_robust.models.deep_cama import DeepCAMA
 
 A, C, X = slice(0, 5), slice(5, 10), slice(10, 20)
@@ -125,8 +125,8 @@ def test_bad_rows_and_settings_name_the_fix():
 
 def test_the_dense_dnn_classifies_rows_with_the_plain_mlp():
     torch.manual_seed(0)
-    dnn = ImageClassifier(backbone="dense", num_classes=5, mean=[0.5], std=[2.0],
-                          backbone_kwargs={"widths": [64, 16, 32], "drop_rates": [0.0] * 3, "in_features": 20}).eval()
+    dnn = MeasurementClassifier(backbone="dense", num_classes=5, mean=[0.5], std=[2.0],
+                                backbone_kwargs={"widths": [64, 16, 32], "drop_rates": [0.0] * 3, "in_features": 20}).eval()
     rows = torch.randn(7, 20)
     linears = [m for m in dnn.net.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(20, 64), (64, 16), (16, 32), (32, 5)]

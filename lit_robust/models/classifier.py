@@ -51,9 +51,7 @@ class ImageClassifier(L.LightningModule):
                                       for split in ("train", "val", "test")})
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits for [0, 1] images (B, C, H, W), or for rows (B, F) of measurements with the ``dense`` backbone."""
-        if images.dim() == 2:
-            return self.net((images - self.mean.flatten()) / self.std.flatten())
+        """Logits for [0, 1] images."""
         return self.net((images - self.mean) / self.std)
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
