@@ -1,5 +1,5 @@
-"""Tables of causal variables (thesis 000 §2.3 and ch. 4): the SCNN exam SEMs, the tabular pendulum and random
-linear DAGs, split at random or deliberately out of distribution (a column cut at a quantile, the larger side
+"""Tables of causal variables (thesis 000 §2.3, ch. 3 and ch. 4; seed 002 §4.2): the SCNN exam SEMs, the tabular
+pendulum, random linear DAGs, the Learning Mindsets stand-in and deep CAMA's labelled measurement rows, split at random or deliberately out of distribution (a column cut at a quantile, the larger side
 trains). Items are ``(row,)``: one float vector of all variables, in ``columns`` order."""
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from torch.utils.data import TensorDataset
 from lit_robust.datamodules.base import ImageDataModule
 from lit_robust.datamodules.pendulum import FACTORS, add_shadow_noise, factors_from, sample_exogenous
 from lit_robust.functional.causal_structure import deliberate_split
-from lit_robust.functional.structural_equations import (SCNN_NODES, random_dag, sample_linear_sem,
-                                                         sample_scnn_sem)
+from lit_robust.functional.structural_equations import (MINDSET_CORRELATIONS, MINDSET_NODES, SCNN_NODES,
+                                                         measurement_children, measurement_labels,
+                                                         measurement_mechanism, random_dag, sample_linear_sem,
+                                                         sample_mindset_scm, sample_scnn_sem)
 
 
 class TabularDataModule(ImageDataModule):
@@ -107,3 +109,81 @@ class RandomDAGDataModule(TabularDataModule):
 
     def sample(self, generator: torch.Generator) -> torch.Tensor:
         return sample_linear_sem(self.weights, self.n_samples, self.snr_db, generator)
+
+
+class MindsetDataModule(TabularDataModule):
+    """A stand-in for the Learning Mindsets sample (thesis 000 §3.4.2; the ACIC-2018 CSV is in no installable
+    package): rows [SM, SE, D, Y] of a linear SCM (:func:`mindset_coefficients`) whose population correlations are
+    Table 3.1's (``correlations``, "A-B" pairs), with a known treatment effect ``tau`` of D on Y and a
+    ``treated_fraction`` of treated units; n = 10,391 as the sample's."""
+
+    columns = MINDSET_NODES
+
+    def __init__(self, tau: float = 0.4, treated_fraction: float = 0.3, correlations: dict[str, float] | None = None,
+                 n_samples: int = 10391, **kwargs):
+        super().__init__(n_samples=n_samples, **kwargs)
+        self.tau, self.treated_fraction = tau, treated_fraction
+        self.correlations = dict(correlations or MINDSET_CORRELATIONS)
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        return sample_mindset_scm(self.n_samples, generator, self.tau, self.treated_fraction, self.correlations)
+
+
+class MeasurementDataModule(ImageDataModule):
+    """Deep CAMA's generic measurement data (seed 002 §4.2 and App.): parents A (one column per class) and co-parents
+    C ~ N(0, I); Y = argmax(0.2A² − 0.8A + σ_Y ε) (:func:`measurement_labels`); children X = f(Y, C), quadratic
+    with Gaussian parameters drawn from ``mechanism_seed``, normalised by the unshifted units' mean and std, plus
+    N(0, σ_X²). Items are (row [a, c, x], y); the units split ``test_size`` / ``val_size`` / rest for training
+    (the paper: 1,000 units, 500 / 50 / 450). ``coparent_offset`` is §4.2's shift (up or down): it is added to
+    every C of the test units and X is recomputed through the same f and noise (Y, its cause A, and the mechanism
+    unchanged); :meth:`shifted_test` gives the test units at any shift."""
+
+    in_chans = None   # rows, not images
+
+    def __init__(self, n_samples: int = 1000, num_classes: int = 5, coparent_dim: int = 5, child_dim: int = 10,
+                 label_noise_std: float = 1.0, child_noise_std: float = 0.1, coparent_offset: float = 0.0,
+                 mechanism_seed: int = 0, val_size: int = 50, test_size: int = 500, **loader_kwargs):
+        super().__init__(**loader_kwargs)
+        if val_size + test_size >= n_samples:
+            raise ValueError(f"data.val_size={val_size} + test_size={test_size} leave no training units of "
+                             f"n_samples={n_samples}: raise n_samples or shrink the held-out splits")
+        self.n_samples, self.num_classes = n_samples, num_classes
+        self.coparent_dim, self.child_dim = coparent_dim, child_dim
+        self.label_noise_std, self.child_noise_std = label_noise_std, child_noise_std
+        self.coparent_offset = coparent_offset
+        self.mechanism_seed, self.val_size, self.test_size = mechanism_seed, val_size, test_size
+        self.units: dict[str, torch.Tensor] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is not None:
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        n = self.n_samples
+        self.mechanism = measurement_mechanism(self.num_classes, self.coparent_dim, self.child_dim,
+                                               torch.Generator().manual_seed(self.mechanism_seed))
+        parents = torch.randn(n, self.num_classes, generator=generator)
+        coparents = torch.randn(n, self.coparent_dim, generator=generator)
+        labels = measurement_labels(parents, self.label_noise_std * torch.randn(n, self.num_classes,
+                                                                                 generator=generator))
+        child_noise = self.child_noise_std * torch.randn(n, self.child_dim, generator=generator)
+        clean = measurement_children(self.mechanism, labels, coparents)
+        self.child_mean, self.child_std = clean.mean(0), clean.std(0).clamp_min(1e-8)
+        self.units = {"parents": parents, "coparents": coparents, "labels": labels, "child_noise": child_noise}
+        order = torch.randperm(n, generator=generator)
+        self.test_units, val, train = order[:self.test_size], order[self.test_size:self.test_size + self.val_size], \
+            order[self.test_size + self.val_size:]
+        self.train_dataset, self.val_dataset = self.dataset(train, 0.0), self.dataset(val, 0.0)
+        self.test_dataset = self.shifted_test(self.coparent_offset)
+
+    def dataset(self, units: torch.Tensor, coparent_offset: float) -> TensorDataset:
+        """(rows [a, c, x], labels) of ``units`` with ``coparent_offset`` added to every co-parent."""
+        u = {name: values[units] for name, values in self.units.items()}
+        coparents = u["coparents"] + coparent_offset
+        children = (measurement_children(self.mechanism, u["labels"], coparents) - self.child_mean) / self.child_std
+        return TensorDataset(torch.cat([u["parents"], coparents, children + u["child_noise"]], dim=1), u["labels"])
+
+    def shifted_test(self, coparent_offset: float) -> TensorDataset:
+        """The test units with their co-parents shifted by ``coparent_offset`` (0: the unshifted test set)."""
+        if not self.units:
+            self.setup("test")
+        return self.dataset(self.test_units, coparent_offset)

@@ -122,3 +122,19 @@ def test_a_cut_edge_stops_the_child_from_moving_and_leaves_the_other_child_alone
     assert moved[:, 3].abs().mean() > 0.05 and torch.equal(moved_cut[:, 3], torch.zeros(len(x)))
     assert torch.equal(moved_cut[:, 2], moved[:, 2])            # the width still follows θ
     assert model.nets.masks[0, 3, 0] == 1                          # the cut is made on a copy
+
+
+def test_generation_feeds_children_their_generated_parents_and_keeps_the_exogenous_columns():
+    # a chain theta → shadow_length → shadow_position: one reconstruction pass would read the observed length
+    chain = {"chain": [["theta", "shadow_length"], ["shadow_length", "shadow_position"]]}
+    model, x = CSHTest(NODES, chain, ["theta", "sun"], seed=3), rows(100)[:32]
+    noise = 0.1 * torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        generated = model.generate(x, noise)[0]
+        length = model.nets(torch.cat([x[:, :2], generated[:, 2:]], 1))[0]
+    assert torch.equal(generated[:, :2], x[:, :2])
+    assert torch.allclose(generated[:, 2:], length[:, 2:] + noise[:, 2:], atol=1e-6)
+    one_pass = model.reconstruction(x)[0] + noise
+    assert (generated[:, 3] - one_pass[:, 3]).abs().max() > 1e-3   # the child saw the generated, not the observed
+    binary = model.generate(x, noise, lambda rows: rows.round())[0]
+    assert torch.equal(binary[:, 2:], binary[:, 2:].round())

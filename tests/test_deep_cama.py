@@ -72,7 +72,7 @@ def test_architecture_follows_appendix_c():
     assert model.decoder.project_y.out_features == 4 * 4 * 64
     strides = [m.stride for m in model.decoder.deconv if isinstance(m, torch.nn.ConvTranspose2d)]
     assert strides == [(2, 2)] * 3
-    assert model.q_m.features.out_features == 4 * 4 * 64 and model.q_z.cnn.out_features == 4 * 4 * 64
+    assert model.q_m.features.out_features == 4 * 4 * 64 and model.q_z.trunk.out_features == 4 * 4 * 64
     x = torch.rand(2, 1, 28, 28)
     assert model.decoder(torch.eye(10)[:2], torch.randn(2, 64), torch.randn(2, 32)).shape == (2, 1, 28, 28)
     log_probs = model.predict_log_probs(x, num_samples=2)
@@ -316,3 +316,15 @@ def test_eq8_fine_tuning_on_shifted_digits_raises_its_objective_on_held_out_imag
     gain_eq8, gain_eq7 = after[0] - before[0], after[1] - before[1]
     assert gain_eq8 >= 1.0 and gain_eq7 >= 1.5, (gain_eq8, gain_eq7)
     assert eq8_objective(model, shifted_held_out, *clean_held_out) == before    # the original is left alone
+
+
+def test_a_checkpoint_naming_the_z_trunk_q_z_cnn_loads(tmp_path):
+    """Image checkpoints whose q(z|x, y, m) CNN is stored under ``q_z.cnn`` restore into ``q_z.trunk``."""
+    source = tiny()
+    state = {key.replace("q_z.trunk.", "q_z.cnn."): value for key, value in source.state_dict().items()}
+    assert any(key.startswith("q_z.cnn.") for key in state)
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": dict(source.hparams),
+                "pytorch-lightning_version": L.__version__}, path)
+    restored = DeepCAMA.load_from_checkpoint(path, weights_only=True)
+    assert all(torch.equal(value, source.state_dict()[key]) for key, value in restored.state_dict().items())

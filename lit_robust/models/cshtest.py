@@ -11,7 +11,7 @@ hypotheses start from the same weights, so within a seed only the structure diff
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -83,6 +83,20 @@ class CSHTest(ReconstructionModels):
     def per_model_loss(self, rows: torch.Tensor) -> torch.Tensor:
         """(M,) ‖x − x̂‖² per model (Eq. 4.3, the mean over rows and variables)."""
         return (self.reconstruction(rows) - rows).pow(2).mean((1, 2))
+
+    def generate(self, rows: torch.Tensor, noise: torch.Tensor,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """(M, B, D) rows generated through every model's η networks, CCGM's use of its causal layer as a generator
+        (thesis 000 §3.6.4): exogenous columns are taken from ``rows`` (B, D); every other column is ηᵢ(Sᵢ ∘ x) plus
+        its ``noise`` ((B, D) or (M, B, D), e.g. resampled residuals), children computed from generated parents.
+        ``transform`` maps the generated rows before their children read them (a binary treatment from a
+        continuous score); D passes settle any DAG of D nodes."""
+        exogenous = self.nets.masks.diagonal(dim1=-2, dim2=-1).bool().unsqueeze(1)       # (M, 1, D)
+        generated = rows.expand(len(self.replica_of), -1, -1)
+        for _ in range(rows.shape[-1]):
+            generated = torch.where(exogenous, generated, self.nets(generated) + noise)
+            generated = transform(generated) if transform is not None else generated
+        return generated
 
     def without_edges(self, edges: Sequence[Sequence[str]]) -> "CSHTest":
         """The counterfactual model of CCGM (thesis 000 §3.5.2): a copy whose η networks no longer read the given

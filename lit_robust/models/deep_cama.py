@@ -1,9 +1,19 @@
-"""Deep CAMA, the causal manipulation augmented model (seed 002, §3.1, App. A and C).
+"""Deep CAMA, the causal manipulation augmented model (seed 002, §3.1–3.2, App. A and C).
 
 A generative classifier that follows the causal graph Y → X ← Z, M → X:
 
     p_θ(x, y, z, m) = p(m) p(z) p(y) p_θ(x | y, z, m)                      (Eq. 1)
     q_φ(z, m | x, y) = q_φ1(z | x, y, m) q_φ2(m | x)                         (Eq. 2)
+
+and, for generic measurement data (§3.2), its Markov blanket version with parents A and co-parents C of Y:
+
+    p_θ(x, y, z, m, a, c) = p(a) p(m) p(z) p(c) p_θ1(y | a) p_θ2(x | y, c, z, m)    (Eq. 9)
+    q_φ(z, m | x, y, a, c) = q_φ1(z | x, y, m, a, c) q_φ2(m | x)                   (Eq. 10)
+
+whose Bayes rule p(y | a, x, c) ∝ p(y | a) p(x | y, c) (Eq. 11) ignores how C was set: shifting C changes X only
+through the mechanism p(x | y, c) the model has learned. Images use a Bernoulli decoder and a uniform p(y);
+measurement rows [a, c, x] (``child_dim`` > 0) a Gaussian decoder over x and an MLP p(y | a). Everything else —
+the ELBOs, Eq. 6's importance weights, fine-tuning — is the same code for both.
 
 Clean data is fitted with the intervention ELBO under do(m = 0) (Eq. 3), manipulated data with the joint ELBO
 (Eq. 4), mixed by λ (Eq. 5); prediction is Bayes' rule with K importance samples per class (Eq. 6); at test time
@@ -18,6 +28,10 @@ image size, since three stride-2 steps from 4×4 cannot give 28; the KL terms of
 (same expectation as the paper's Monte Carlo form, lower variance) while Eq. 6 keeps the sampled importance weights;
 the Bernoulli pixel probabilities can be kept in [δ, 1 − δ] (``pixel_floor``, measured reason in the class docstring);
 Eq. 6 can refine each class's q(z|x, y, m) on the test image before weighting (``refine_steps``, ditto).
+The measurement networks (the paper states no sizes for them) are MLPs of width h = ``hidden``: NN_Y^p, NN_C^p,
+NN_Z^p [·, h, h], NN_M^p [·, h, h, h], merged like the image decoder's projection, then [h, h, dim x] to the mean of
+x with a learned per-dimension variance; q(m|x) an MLP [dim x, h, h, 2·dim m] on x alone, q(z|·) an MLP
+[a + c + x, h, h] on the whole row followed by the image model's head with y and m.
 Everything runs in float32: the Bernoulli log-likelihood sums 784 terms per image and decides the class by small
 differences, which bf16 would blur.
 """
@@ -31,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from lit_robust.functional.augment import random_shift
 
@@ -97,14 +112,34 @@ class ConvFeatures(nn.Module):
         return self.net(x)
 
 
+class RowFeatures(nn.Module):
+    """The measurement counterpart of :class:`ConvFeatures`: an MLP [len(columns), hidden] with ReLU on the selected
+    ``columns`` of a row."""
+
+    def __init__(self, columns: slice, width: int, hidden: int):
+        super().__init__()
+        self.columns, self.out_features = columns, hidden
+        self.net = mlp([width, hidden])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x[..., self.columns])
+
+
+def row_layout(parent_dim: int, coparent_dim: int, child_dim: int) -> tuple[slice, slice, slice]:
+    """The columns of a measurement row [a, c, x]: parents A, co-parents C, children X of Y (§3.2)."""
+    return (slice(0, parent_dim), slice(parent_dim, parent_dim + coparent_dim),
+            slice(parent_dim + coparent_dim, parent_dim + coparent_dim + child_dim))
+
+
 class CamaDecoder(nn.Module):
     """p_θ(x | y, z, m): feature nets NN_Y^p, NN_Z^p, NN_M^p and the shallow NN_merge^p (projection to 4×4×64 and
     three stride-2 deconvolutions). The projection of the concatenated features is written as a sum of three
     linear maps, so that each feature can be computed once and broadcast (classes × samples × batch in Eq. 6)."""
 
     def __init__(self, num_classes: int, dim_z: int, dim_m: int, in_chans: int, img_size: int, hidden: int = 500,
-                 channels: int = 64):
+                 channels: int = 64, pixel_floor: float = 0.0):
         super().__init__()
+        self.pixel_floor = pixel_floor
         self.nn_y = mlp([num_classes, hidden, hidden])
         self.nn_z = mlp([dim_z, hidden, hidden])
         self.nn_m = mlp([dim_m, hidden, hidden, hidden, hidden])
@@ -130,18 +165,69 @@ class CamaDecoder(nn.Module):
         out = out[..., crop:crop + self.img_size, crop:crop + self.img_size]
         return out.reshape(*lead, *out.shape[1:])
 
-    def forward(self, y_onehot: torch.Tensor, z: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    def forward(self, y_onehot: torch.Tensor, z: torch.Tensor, m: torch.Tensor,
+                inputs: torch.Tensor | None = None) -> torch.Tensor:
+        """Bernoulli logits; ``inputs`` (the images) are not read: an image's parents are y, z and m only."""
         h_y, h_z, h_m = self.nn_y(y_onehot), self.nn_z(z), self.nn_m(m)
         shape = torch.broadcast_shapes(h_y.shape, h_z.shape, h_m.shape)
         return self.merge(h_y.expand(shape), h_z.expand(shape), h_m.expand(shape))
 
+    def log_likelihood(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | y, z, m), summed over the pixels (``pixel_floor``: see :func:`bernoulli_log_likelihood`)."""
+        return bernoulli_log_likelihood(logits, x, self.pixel_floor)
+
+
+class RowDecoder(nn.Module):
+    """p_θ2(x | y, c, z, m) of Eq. 9 on measurement rows [a, c, x]: NN_Y^p, NN_C^p, NN_Z^p, NN_M^p, their features
+    merged as W_y h_y + W_c h_c + W_z h_z + W_m h_m (as :class:`CamaDecoder`), then an MLP to the mean of a Gaussian
+    over the children x with a learned per-dimension log-variance."""
+
+    def __init__(self, num_classes: int, dim_z: int, dim_m: int, layout: tuple[slice, slice, slice], hidden: int):
+        super().__init__()
+        self.coparent_columns, self.child_columns = layout[1], layout[2]
+        coparent_dim, child_dim = (part.stop - part.start for part in layout[1:])
+        self.nn_y, self.nn_z = mlp([num_classes, hidden, hidden]), mlp([dim_z, hidden, hidden])
+        self.nn_c, self.nn_m = mlp([coparent_dim, hidden, hidden]), mlp([dim_m, hidden, hidden, hidden])
+        self.project_y = nn.Linear(hidden, hidden)
+        self.project_c, self.project_z, self.project_m = (nn.Linear(hidden, hidden, bias=False) for _ in range(3))
+        self.head = mlp([hidden, hidden, child_dim], last_activation=False)
+        self.logvar = nn.Parameter(torch.zeros(child_dim))
+
+    def forward(self, y_onehot: torch.Tensor, z: torch.Tensor, m: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The mean of x (..., dim x), broadcast over the leading dimensions of y, z, m and the rows ``inputs``."""
+        h = F.relu(self.project_y(self.nn_y(y_onehot)) + self.project_c(self.nn_c(inputs[..., self.coparent_columns]))
+                   + self.project_z(self.nn_z(z)) + self.project_m(self.nn_m(m)))
+        return self.head(h)
+
+    def log_likelihood(self, mean: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """log N(x; mean, diag(exp(logvar))) of the rows' children, summed over them."""
+        return log_normal(inputs[..., self.child_columns], mean, self.logvar.expand_as(mean))
+
+
+class ClassPrior(nn.Module):
+    """log p(y): uniform without parents (images, Eq. 1), else p_θ1(y | a) of Eq. 9, an MLP [dim a, hidden, classes]
+    of the parent columns."""
+
+    def __init__(self, num_classes: int, parents: slice, hidden: int):
+        super().__init__()
+        self.num_classes, self.parent_columns = num_classes, parents
+        width = parents.stop - parents.start
+        self.net = mlp([width, hidden, num_classes], last_activation=False) if width else None
+
+    def forward(self, y_onehot: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """log p(y | a) of the one-hot classes ``y_onehot`` (..., C) for the rows ``inputs``, broadcast."""
+        if self.net is None:
+            return y_onehot.new_full(y_onehot.shape[:-1], -math.log(self.num_classes))
+        return (y_onehot * torch.log_softmax(self.net(inputs[..., self.parent_columns]), dim=-1)).sum(-1)
+
 
 class GaussianEncoder(nn.Module):
-    """q(m | x) (NN_M^q): CNN + MLP [features, 500, 2·dim] → mean and log-variance."""
+    """q(m | x) (NN_M^q): ``features`` (CNN for images, MLP for rows) + MLP [features, 500, 2·dim] → mean and
+    log-variance."""
 
-    def __init__(self, in_chans: int, img_size: int, dim: int, kernel_size: int = 3, hidden: int = 500):
+    def __init__(self, features: nn.Module, dim: int, hidden: int = 500):
         super().__init__()
-        self.features = ConvFeatures(in_chans, img_size, kernel_size)
+        self.features = features
         self.head = mlp([self.features.out_features, hidden, 2 * dim], last_activation=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,17 +235,18 @@ class GaussianEncoder(nn.Module):
 
 
 class ZEncoder(nn.Module):
-    """q(z | x, y, m): CNN (5×5) + MLP [features, 500] on x, then with y and m an MLP [500 + dim y + dim m, 500,
-    2·dim z]. ``features`` and ``head`` are separate so Eq. 6 runs the CNN once per image for all classes."""
+    """q(z | x, y, m): ``trunk`` (CNN 5×5 for images; for rows an MLP on [a, c, x], Eq. 10) + MLP [features, 500]
+    on x, then with y and m an MLP [500 + dim y + dim m, 500, 2·dim z]. ``features`` and ``head`` are separate so
+    Eq. 6 runs the trunk once per input for all classes."""
 
-    def __init__(self, in_chans: int, img_size: int, num_classes: int, dim_z: int, dim_m: int, hidden: int = 500):
+    def __init__(self, trunk: nn.Module, num_classes: int, dim_z: int, dim_m: int, hidden: int = 500):
         super().__init__()
-        self.cnn = ConvFeatures(in_chans, img_size, kernel_size=5)
-        self.embed = mlp([self.cnn.out_features, hidden])
+        self.trunk = trunk
+        self.embed = mlp([self.trunk.out_features, hidden])
         self.head_net = mlp([hidden + num_classes + dim_m, hidden, 2 * dim_z], last_activation=False)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed(self.cnn(x))
+        return self.embed(self.trunk(x))
 
     def head(self, h_x: torch.Tensor, y_onehot: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = torch.broadcast_shapes(h_x.shape[:-1], y_onehot.shape[:-1], m.shape[:-1])
@@ -169,9 +256,13 @@ class ZEncoder(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------- module
 class DeepCAMA(L.LightningModule):
-    """Deep CAMA on [0, 1] images with a Bernoulli decoder (seed 002 §3.1).
+    """Deep CAMA on [0, 1] images with a Bernoulli decoder (seed 002 §3.1), or on measurement rows [a, c, x] with a
+    Gaussian decoder and p(y | a) (§3.2) when ``child_dim`` > 0.
 
     Args:
+        parent_dim, coparent_dim, child_dim: the widths of a measurement row's parents A, co-parents C and children
+            X of Y (§3.2; ``in_chans`` and ``img_size`` unused, null in the config); ``child_dim`` 0: images of
+            ``in_chans`` × ``img_size`` × ``img_size``.
         pixel_floor: δ of the decoder's pixel probabilities δ + (1 − 2δ) σ(logits) (0 = the paper's plain Bernoulli).
             Deviation, measured on the embedded MNIST digits, whose backgrounds are exact zeros: the plain Bernoulli
             rewards ever more negative background logits (trained: mean −12.9, 1 % below −30), so a 0.05 change of a
@@ -208,12 +299,14 @@ class DeepCAMA(L.LightningModule):
             q(m|x) — lost 7 points), and lr 1e-4 × 100 steps changed nothing.
     """
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, dim_z: int = 64, dim_m: int = 32,
+    def __init__(self, num_classes: int = 10, in_chans: int | None = 1, img_size: int | None = 28, dim_z: int = 64,
+                 dim_m: int = 32,
                  hidden: int = 500, pixel_floor: float = 0.0, lam: float = 0.5, augment_shift: int = 0,
                  kl_warmup_steps: int = 0, num_samples: int = 10, val_num_samples: int = 2, refine_steps: int = 0,
                  refine_lr: float = 0.05, lr: float = 1e-3,
                  weight_decay: float = 0.0, ft_steps: int = 200, ft_lr: float = 1e-3, ft_batch_size: int = 32,
-                 ft_alpha: float = 0.5, ft_intervention: bool = False):
+                 ft_alpha: float = 0.5, ft_intervention: bool = False, parent_dim: int = 0, coparent_dim: int = 0,
+                 child_dim: int = 0):
         super().__init__()
         if not 0.0 <= lam <= 1.0 or not 0.0 <= ft_alpha <= 1.0:
             raise ValueError(f"model.lam={lam} and model.ft_alpha={ft_alpha} are mixing weights: use values in [0, 1]")
@@ -223,11 +316,23 @@ class DeepCAMA(L.LightningModule):
             raise ValueError(f"model.refine_steps={refine_steps}: use 0 (the encoder's q(z|x, y, m) as is) or more")
         if num_samples < 1 or val_num_samples < 1:
             raise ValueError(f"model.num_samples={num_samples}, val_num_samples={val_num_samples}: K must be ≥ 1")
+        if min(parent_dim, coparent_dim, child_dim) < 0 or (child_dim == 0 and parent_dim + coparent_dim > 0):
+            raise ValueError(f"model.parent_dim={parent_dim}, coparent_dim={coparent_dim}, child_dim={child_dim}: "
+                             "measurement rows need child_dim > 0 (and widths ≥ 0); images leave all three 0")
+        if child_dim and augment_shift:
+            raise ValueError(f"model.augment_shift={augment_shift} translates images: use 0 for measurement rows")
         self.save_hyperparameters()
-        self.decoder = CamaDecoder(num_classes, dim_z, dim_m, in_chans, img_size, hidden)
-        self.q_m = GaussianEncoder(in_chans, img_size, dim_m, kernel_size=3, hidden=hidden)
-        self.q_z = ZEncoder(in_chans, img_size, num_classes, dim_z, dim_m, hidden)
-        self.log_prior_y = -math.log(num_classes)
+        layout = row_layout(parent_dim, coparent_dim, child_dim)
+        if child_dim:
+            self.decoder = RowDecoder(num_classes, dim_z, dim_m, layout, hidden)
+            self.q_m = GaussianEncoder(RowFeatures(layout[2], child_dim, hidden), dim_m, hidden)
+            whole_row = slice(0, layout[2].stop)
+            self.q_z = ZEncoder(RowFeatures(whole_row, layout[2].stop, hidden), num_classes, dim_z, dim_m, hidden)
+        else:
+            self.decoder = CamaDecoder(num_classes, dim_z, dim_m, in_chans, img_size, hidden, pixel_floor=pixel_floor)
+            self.q_m = GaussianEncoder(ConvFeatures(in_chans, img_size, kernel_size=3), dim_m, hidden)
+            self.q_z = ZEncoder(ConvFeatures(in_chans, img_size, kernel_size=5), num_classes, dim_z, dim_m, hidden)
+        self.prior = ClassPrior(num_classes, layout[0], hidden)
         self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(num_classes, average="micro")
                                       for s in ("val", "test")})
 
@@ -242,8 +347,14 @@ class DeepCAMA(L.LightningModule):
     def _onehot(self, y: torch.Tensor) -> torch.Tensor:
         return F.one_hot(y, self.hparams.num_classes).float()
 
-    def _check_images(self, x: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor) -> None:
         hp = self.hparams
+        if hp.child_dim:
+            width = hp.parent_dim + hp.coparent_dim + hp.child_dim
+            if x.dim() != 2 or x.shape[1] != width:
+                raise ValueError(f"DeepCAMA expects rows (B, {width}) of [a, c, x], got {tuple(x.shape)}: set "
+                                 "model.parent_dim/coparent_dim/child_dim to the data's")
+            return
         if x.dim() != 4 or tuple(x.shape[1:]) != (hp.in_chans, hp.img_size, hp.img_size):
             raise ValueError(f"DeepCAMA expects images (B, {hp.in_chans}, {hp.img_size}, {hp.img_size}), got "
                              f"{tuple(x.shape)}: set model.img_size/in_chans to the data's (or data.img_size)")
@@ -251,9 +362,9 @@ class DeepCAMA(L.LightningModule):
     def _elbo_given_m(self, x, y_onehot, h_x, m, kl_m, kl_weight: float = 1.0):
         z_mean, z_logvar = self.q_z.head(h_x, y_onehot, m)
         z = reparameterise(z_mean, z_logvar)
-        logits = self.decoder(y_onehot, z, m)
+        decoded = self.decoder(y_onehot, z, m, x)
         kl = kl_to_standard_normal(z_mean, z_logvar) + kl_m
-        return bernoulli_log_likelihood(logits, x, self.hparams.pixel_floor) + self.log_prior_y - kl_weight * kl
+        return self.decoder.log_likelihood(decoded, x) + self.prior(y_onehot, x) - kl_weight * kl
 
     # -- equations -------------------------------------------------------------------------------------------------
     def intervention_elbo(self, x: torch.Tensor, y: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
@@ -296,11 +407,12 @@ class DeepCAMA(L.LightningModule):
 
     def predict_log_probs(self, x: torch.Tensor, num_samples: int | None = None,
                           refine_steps: int | None = None) -> torch.Tensor:
-        """Eq. 6: log p(y | x) ≈ log-softmax_c log Σ_k p(x|y_c, z_c^k, m^k) p(y_c) p(z_c^k) / q(z_c^k|x, y_c, m^k),
+        """Eq. 6: log p(y | x) ≈ log-softmax_c log Σ_k p(x|y_c, z_c^k, m^k) p(y_c) p(z_c^k) / q(z_c^k|x, y_c, m^k)
+        (for rows, Eq. 11: p(y_c | a) and p(x | y_c, c, z, m) in their places),
         with m^k ~ q(m|x) shared across classes and z_c^k ~ q(z|x, y_c, m^k); batched over (K, C, B). With
         ``refine_steps`` > 0 (default: the hyperparameter), one m ~ q(m|x) per image (Eq. 6's single m^u) and each
         class's q(z|x, y_c, m) refined on x first (``refine_posterior``)."""
-        self._check_images(x)
+        self._check_inputs(x)
         k, c = num_samples or self.hparams.num_samples, self.hparams.num_classes
         m_mean, m_logvar = self.q_m(x)
         refine_steps = self.hparams.refine_steps if refine_steps is None else refine_steps
@@ -312,8 +424,8 @@ class DeepCAMA(L.LightningModule):
         if refine:
             z_mean, z_logvar = self.refine_posterior(x, classes, m, z_mean, z_logvar, refine_steps)
         z = reparameterise(z_mean.expand(k, -1, -1, -1), z_logvar.expand(k, -1, -1, -1))        # (K, C, B, dz)
-        logits = self.decoder(classes, z, m)                                                     # (K, C, B, ...)
-        log_w = (bernoulli_log_likelihood(logits, x, self.hparams.pixel_floor) + self.log_prior_y
+        decoded = self.decoder(classes, z, m, x)                                                 # (K, C, B, ...)
+        log_w = (self.decoder.log_likelihood(decoded, x) + self.prior(classes, x)
                  + log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, z_mean, z_logvar))
         log_px_y = torch.logsumexp(log_w, dim=0) - math.log(k)                                  # (C, B)
         return torch.log_softmax(log_px_y.t(), dim=-1)
@@ -330,7 +442,7 @@ class DeepCAMA(L.LightningModule):
             optimizer = torch.optim.Adam([mean, logvar], lr=hp.refine_lr)
             for _ in range(steps):
                 z = reparameterise(mean, logvar)
-                elbo = (bernoulli_log_likelihood(self.decoder(classes, z, m), x, hp.pixel_floor)
+                elbo = (self.decoder.log_likelihood(self.decoder(classes, z, m, x), x)
                         - kl_to_standard_normal(mean, logvar))
                 mean.grad, logvar.grad = torch.autograd.grad(-elbo.sum(), [mean, logvar])
                 optimizer.step()
@@ -385,13 +497,20 @@ class DeepCAMA(L.LightningModule):
         return model.eval()
 
     # -- Lightning -------------------------------------------------------------------------------------------------
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints that name q(z|·)'s trunk ``q_z.cnn`` (its name when only images were modelled) load too."""
+        state = checkpoint.get("state_dict", {})
+        for key in [key for key in state if key.startswith("q_z.cnn.")]:
+            state["q_z.trunk." + key.removeprefix("q_z.cnn.")] = state.pop(key)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Class log-probabilities (Eq. 6) of [0, 1] images."""
         return self.predict_log_probs(x)
 
     def training_step(self, batch, batch_idx):
         x, y = batch[0], batch[1]
-        self._check_images(x)
+        self._check_inputs(x)
         x_manip = x
         if self.hparams.augment_shift > 0:
             x_manip = random_shift(x, self.hparams.augment_shift)

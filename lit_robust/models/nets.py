@@ -56,15 +56,17 @@ class SmallCNN(nn.Module):
 
 class DenseNet(nn.Module):
     """Flatten + ReLU dense layers with per-layer dropout: the discriminative DNN of deep CAMA's MNIST experiments
-    (002 App. C: widths 512-256-126-512, dropout 0.25/0.25/0.25/0.5). ``img_size`` fixes the input width."""
+    (002 App. C: widths 512-256-126-512, dropout 0.25/0.25/0.25/0.5). ``img_size`` fixes the input width, or
+    ``in_features`` for rows of measurements (the [64, 16, 32] DNN of §4.2)."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 28,
-                 widths: tuple[int, ...] = (512, 256, 126, 512), drop_rates: tuple[float, ...] = (0.25, 0.25, 0.25, 0.5)):
+                 widths: tuple[int, ...] = (512, 256, 126, 512), drop_rates: tuple[float, ...] = (0.25, 0.25, 0.25, 0.5),
+                 in_features: int | None = None):
         super().__init__()
         if len(widths) != len(drop_rates):
             raise ValueError(f"widths {widths} and drop_rates {drop_rates} differ in length: give one rate per layer")
         layers: list[nn.Module] = [nn.Flatten()]
-        features = in_chans * img_size * img_size
+        features = in_features or in_chans * img_size * img_size
         for width, rate in zip(widths, drop_rates):
             layers += [nn.Linear(features, width), nn.ReLU(inplace=True), nn.Dropout(rate)]
             features = width
