@@ -5,23 +5,19 @@ table cell, so one fit is one cell and a whole table takes minutes on one core."
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from lit_robust.run.runner import CONFIG_MODULE
+from lit_robust.run.runner import compose_experiment
 
 
 def composed(experiment: str, overrides: list[str]) -> dict:
-    """The resolved config of ``experiment=<experiment>`` with ``overrides``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", "output_dir=unused", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The resolved config of ``experiment=<experiment>`` with ``overrides`` (nothing is written: no output folder)."""
+    return OmegaConf.to_container(compose_experiment(experiment, overrides, Path("unused")), resolve=True)
 
 
 def fit(config: dict) -> tuple[L.LightningDataModule, L.LightningModule, float]:
