@@ -136,6 +136,12 @@ def hand_measurements(text: str) -> list[str]:
     return [match.group(0) for match in MEASURED.finditer(outside_rendered(text))]
 
 
+def spans_opening_a_line(text: str) -> list[str]:
+    """Lines that begin with a value span: markdown reads a line opening with ``<!--`` as a raw HTML block, which
+    breaks the paragraph and shows the line unformatted; start the line with a word instead."""
+    return [line for line in text.splitlines() if line.startswith("<!-- value:")]
+
+
 def rendered_records(text: str) -> set[str]:
     """The names of the records a document's blocks and value spans render."""
     return {match["name"] for match in BLOCK.finditer(text)} | {match["name"] for match in VALUE.finditer(text)}
@@ -265,6 +271,8 @@ def main() -> None:
         else:
             problems += [f"{document.name}: table row with numbers outside a rendered block: {row.strip()[:100]}"
                          for row in hand_table_rows(text)]
+        problems += [f"{document.name}: a line begins with a value span (markdown ends the paragraph there): "
+                     f"{line[:80]}" for line in spans_opening_a_line(text)]
     problems += unrendered_records(names, args.records)
     try:
         problems += stale_records(names, args.records, GitHistory(args.records.resolve()))

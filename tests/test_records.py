@@ -250,4 +250,10 @@ def test_the_docs_and_readme_render_without_a_missing_record_or_hand_numbers():
         assert render.render_results(text, ROOT / "docs" / "records")[1] == [], document
         if document.name != "README.md":  # the README's method tables cite chapters, not measurements
             assert render.hand_table_rows(text) == [], document
+        assert render.spans_opening_a_line(text) == [], document
     assert render.hand_measurements((ROOT / "README.md").read_text()) == []
+
+
+def test_a_line_opening_with_a_value_span_is_found():
+    text = "acc\n<!-- value:toy/0/c_acc|.1f -->1<!-- /value --> %\nof <!-- value:toy/0/c_acc|.1f -->1<!-- /value -->"
+    assert render.spans_opening_a_line(text) == ["<!-- value:toy/0/c_acc|.1f -->1<!-- /value --> %"]
