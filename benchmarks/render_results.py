@@ -206,12 +206,16 @@ def staleness(record: dict, history: GitHistory) -> list[str]:
     last_changes = {path: history.last_change(path) for path in depends_on}
     unknown = [path for path, last in last_changes.items() if not last]
     reasons += [f"depends on {', '.join(unknown)}, which no commit holds"] if unknown else []
-    newer = [f"{path} (in {last[:10]})" for path, last in last_changes.items()
-             if last and not history.descends(commit, last)]
+    newer = [f"{path} (in {last_changes[path][:10]})" for path in changed_after(commit, last_changes, history)]
     reasons += [f"changed after its commit {commit[:10]}: {', '.join(newer)}"] if newer else []
     reasons += [f"its run {name} {why}" for name, why in stale_runs(record, last_changes, history)]
     lacking = missing_provenance(record)
     return reasons + ([f"lacks {'; '.join(lacking)}"] if lacking else [])
+
+
+def changed_after(commit: str, last_changes: dict[str, str], history: GitHistory) -> list[str]:
+    """The paths whose last change (``last_changes``: path → commit) ``commit`` does not descend from."""
+    return [path for path, last in last_changes.items() if last and not history.descends(commit, last)]
 
 
 def stale_runs(record: dict, last_changes: dict[str, str], history: GitHistory) -> list[tuple[str, str]]:
@@ -227,7 +231,7 @@ def stale_runs(record: dict, last_changes: dict[str, str], history: GitHistory) 
         if not history.has_commit(commit):
             stale.append((name, f"was trained at {commit[:10]}, not in this repository's history"))
             continue
-        newer = [path for path, last in last_changes.items() if last and not history.descends(commit, last)]
+        newer = changed_after(commit, last_changes, history)
         if newer:
             stale.append((name, f"was trained at {commit[:10]}, before {', '.join(newer)} changed"))
     return stale
